@@ -1,0 +1,170 @@
+"""The gradient compiler: dreamable model + objective → a graph with ``objective`` and ``grad``.
+
+Pure onnx + numpy: importable and runnable with no deep learning framework installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from onnxdream.errors import ModelError
+from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate
+from onnxdream.exporters.graph.builder import GraphBuilder
+from onnxdream.exporters.graph.layers import (
+    image_input, layer_table, load_model, opset_of, pre_activation, resolve_layer)
+from onnxdream.exporters.graph.objective import LayerSpec, Objective, emit_term
+
+COMPILED_KEY = "onnxdream.compiled"
+
+
+def _needed_nodes(nodes: Sequence[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProto]:
+    """The nodes needed to compute ``targets``, in their original (topological) order."""
+    prod = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    keep: set[int] = set()
+    stack = [t for t in targets if t in prod]
+    while stack:
+        i = prod[stack.pop()]
+        if i in keep:
+            continue
+        keep.add(i)
+        stack.extend(x for x in nodes[i].input if x in prod and prod[x] not in keep)
+    return [nodes[i] for i in sorted(keep)]
+
+
+def _upstream_of(nodes: Sequence[onnx.NodeProto], tensor: str) -> set[int]:
+    return {id(n) for n in _needed_nodes(nodes, {tensor})}
+
+
+def compile_gradient(
+    model: str | os.PathLike | onnx.ModelProto,
+    layers: Sequence[str | LayerSpec] | Objective = (),
+    objective: str = "mean",
+    *,
+    pre_relu: bool = False,
+    border: int = 0,
+) -> onnx.ModelProto:
+    """Truncate ``model`` at the layer(s), attach the objective, append its input gradient.
+
+    ``layers`` are names (``"inception4c"``, ``"mixed4:2.0"``) combined with ``objective``
+    (``mean``, ``l2``, ``channel:K``, ``neuron:K``, ``class:K``), or an :class:`Objective` built
+    in Python. ``pre_relu`` reads layers that come out of a Relu/Clip before the activation;
+    ``border`` drops that many pixels at each spatial edge of 4-D layers before reducing.
+
+    The result has the model's input ``image`` and outputs ``objective`` ([N]) and ``grad``
+    (shaped like ``image``), uses default-domain ops only, and serves every input size the
+    model does.
+    """
+    proto = load_model(model)
+    obj = layers if isinstance(layers, Objective) else Objective.build(list(layers), objective)
+    table = layer_table(proto)
+    image = image_input(proto)
+    opset = max(opset_of(proto), 18)
+
+    extra_nodes: list[onnx.NodeProto] = []
+    layer_tensor: dict[str, str] = {}
+    for name in obj.layers:
+        if name == "logits" and name not in table:
+            outs = [o.name for o in proto.graph.output]
+            if "logits" not in outs:
+                raise ModelError("the model has no 'logits' output, so class objectives do not "
+                                 f"apply (outputs: {', '.join(outs)})")
+        tensor = resolve_layer(table, name, proto)
+        if pre_relu and name != "logits":
+            tensor = pre_activation(tensor, proto, extra_nodes)
+        layer_tensor[name] = tensor
+
+    all_nodes = list(proto.graph.node) + extra_nodes
+    forward = [onnx.NodeProto() for _ in range(0)]
+    for n in _needed_nodes(all_nodes, set(layer_tensor.values())):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        forward.append(copy)
+
+    taken = {o for n in all_nodes for o in n.output} | {n.name for n in all_nodes}
+    taken |= {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    fwd_builder = GraphBuilder(opset, "objective", taken)
+
+    # shapes of the forward tensors (including the pre-relu concat)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.node[:]
+    probe.graph.node.extend(forward)
+    info = GraphInfo.from_model(probe)
+
+    terms = [emit_term(fwd_builder, t, layer_tensor[t.layer], info.shapes.get(layer_tensor[t.layer]),
+                       border if t.kind != "class" else 0) for t in obj.terms]
+    total = fwd_builder.add_all(terms) if len(terms) > 1 else fwd_builder.op("Identity", terms)
+    objective_nodes = fwd_builder.nodes
+    objective_nodes.append(helper.make_node("Identity", [total], ["objective"],
+                                            name="objective/output"))
+    forward_all = forward + objective_nodes
+
+    # shapes again, now with the objective nodes, for the rules
+    probe2 = onnx.ModelProto()
+    probe2.CopyFrom(proto)
+    del probe2.graph.node[:]
+    probe2.graph.node.extend(forward_all)
+    probe2.graph.initializer.extend(fwd_builder.initializers)
+    info = GraphInfo.from_model(probe2)
+
+    bwd = GraphBuilder(opset, "grad", taken)
+    seed = bwd.ones_of_shape(bwd.shape("objective"))
+    upstream = {name: _upstream_of(forward_all, t) for name, t in layer_tensor.items()}
+
+    def blame(node: onnx.NodeProto) -> str:
+        names = [n for n, ids in upstream.items() if id(node) in ids]
+        return "layer " + ", ".join(f"'{n}'" for n in names) if names else "the objective"
+
+    grad = differentiate(forward_all, image.name, "objective", seed, bwd, info, blame)
+    bwd.nodes.append(helper.make_node("Identity", [grad], ["grad"], name="grad/output"))
+
+    used = {i for n in forward_all + bwd.nodes for i in n.input}
+    inits = [i for i in proto.graph.initializer if i.name in used]
+    obj_out = helper.make_tensor_value_info("objective", onnx.TensorProto.FLOAT, [_batch(image)])
+    grad_out = onnx.ValueInfoProto()
+    grad_out.CopyFrom(image)
+    grad_out.name = "grad"
+    graph = helper.make_graph(forward_all + bwd.nodes, "onnxdream_gradient", [image],
+                              [obj_out, grad_out],
+                              inits + fwd_builder.initializers + bwd.initializers)
+    opsets = [helper.make_opsetid("", opset)]
+    out = helper.make_model(graph, opset_imports=opsets, producer_name="onnxdream",
+                            ir_version=proto.ir_version)
+    for p in proto.metadata_props:
+        out.metadata_props.add(key=p.key, value=p.value)
+    out.metadata_props.add(key=COMPILED_KEY, value=json.dumps({
+        "objective": obj.describe(), "terms": [t.__dict__ for t in obj.terms],
+        "layers": layer_tensor, "pre_relu": pre_relu, "border": border}))
+    return out
+
+
+def _batch(image: onnx.ValueInfoProto):
+    d = image.type.tensor_type.shape.dim
+    if d and d[0].HasField("dim_value"):
+        return d[0].dim_value
+    return d[0].dim_param if d and d[0].dim_param else "batch"
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically (temp file + rename); large models keep their weights beside the file."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise ModelError(f"cannot write {path}: the directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if model.ByteSize() > 1_800_000_000:
+            onnx.save(model, str(tmp), save_as_external_data=True,
+                      location=path.name + ".data")
+        else:
+            onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,187 @@
+"""Objectives: what to maximise at a layer, as small values that add and scale.
+
+``mean`` (mean of the layer output), ``l2`` (mean of squares), ``channel:K`` (mean of channel
+K), ``neuron:K`` (channel K at the centre position), ``class:K`` (logit K, before softmax).
+Several layers combine as a weighted sum: ``Objective.parse`` and ``LayerSpec.parse`` read the
+CLI's spelling; in Python, ``mean("inception4c") + 0.5 * channel("inception4d", 97)`` reads the
+same.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from onnxdream.errors import LayerError, ObjectiveError
+from onnxdream.exporters.graph.builder import GraphBuilder
+
+KINDS = ("mean", "l2", "channel", "neuron", "class")
+_SPEC = re.compile(r"^(mean|l2|channel|neuron|class)(?::(-?\d+))?$")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted term: ``weight * kind(layer, index)``."""
+
+    layer: str
+    kind: str = "mean"
+    index: int | None = None
+    weight: float = 1.0
+
+    def __mul__(self, k: float) -> "Objective":
+        return Objective((replace(self, weight=self.weight * float(k)),))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: "Term | Objective") -> "Objective":
+        return Objective((self,)) + other
+
+    def describe(self) -> str:
+        kind = self.kind if self.index is None else f"{self.kind}:{self.index}"
+        return f"{self.weight:g}*{kind}({self.layer})"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A weighted sum of terms."""
+
+    terms: tuple[Term, ...]
+
+    def __add__(self, other: "Term | Objective") -> "Objective":
+        other_terms = (other,) if isinstance(other, Term) else other.terms
+        return Objective(self.terms + other_terms)
+
+    def __mul__(self, k: float) -> "Objective":
+        return Objective(tuple(replace(t, weight=t.weight * float(k)) for t in self.terms))
+
+    __rmul__ = __mul__
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(t.layer for t in self.terms))
+
+    def describe(self) -> str:
+        return " + ".join(t.describe() for t in self.terms)
+
+    @classmethod
+    def build(cls, layers: list["LayerSpec | str"], objective: str = "mean") -> "Objective":
+        """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``."""
+        kind, index = parse_objective(objective)
+        if kind == "class":
+            specs = [LayerSpec.parse(s) if isinstance(s, str) else s for s in layers]
+            extra = [s.name for s in specs if s.name != "logits"]
+            if extra:
+                raise ObjectiveError(f"--objective class:{index} uses the logits; drop --layer "
+                                     f"{' '.join(extra)}")
+            return Objective((Term("logits", "class", index, 1.0),))
+        if not layers:
+            raise LayerError("name at least one layer (--layer NAME); `onnxdream layers MODEL` "
+                             "lists them")
+        terms = []
+        for spec in layers:
+            spec = LayerSpec.parse(spec) if isinstance(spec, str) else spec
+            terms.append(Term(spec.name, kind, index, spec.weight))
+        return cls(tuple(terms))
+
+
+def mean(layer: str) -> Objective:
+    return Objective((Term(layer, "mean"),))
+
+
+def l2(layer: str) -> Objective:
+    return Objective((Term(layer, "l2"),))
+
+
+def channel(layer: str, k: int) -> Objective:
+    return Objective((Term(layer, "channel", int(k)),))
+
+
+def neuron(layer: str, k: int) -> Objective:
+    return Objective((Term(layer, "neuron", int(k)),))
+
+
+def class_logit(k: int) -> Objective:
+    return Objective((Term("logits", "class", int(k)),))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerSpec":
+        """``NAME`` or ``NAME:WEIGHT`` (the weight a number)."""
+        text = text.strip()
+        if not text:
+            raise LayerError("empty layer name")
+        if ":" in text:
+            name, _, w = text.rpartition(":")
+            try:
+                weight = float(w)
+            except ValueError:
+                return cls(text)
+            if not name:
+                raise LayerError(f"layer spec '{text}' has a weight but no name")
+            if not np.isfinite(weight):
+                raise LayerError(f"layer weight in '{text}' must be a finite number")
+            return cls(name, weight)
+        return cls(text)
+
+
+def parse_objective(spec: str) -> tuple[str, int | None]:
+    m = _SPEC.match(spec.strip())
+    if not m:
+        raise ObjectiveError(f"bad objective '{spec}': use mean, l2, channel:K, neuron:K or "
+                             "class:K (K a non-negative integer)")
+    kind, k = m.group(1), m.group(2)
+    if kind in ("mean", "l2") and k is not None:
+        raise ObjectiveError(f"bad objective '{spec}': {kind} takes no index")
+    if kind in ("channel", "neuron", "class"):
+        if k is None:
+            raise ObjectiveError(f"bad objective '{spec}': {kind} needs an index, e.g. {kind}:0")
+        if int(k) < 0:
+            raise ObjectiveError(f"bad objective '{spec}': the index must be >= 0")
+        return kind, int(k)
+    return kind, None
+
+
+def _channel_axis(rank: int) -> int:
+    # NCHW feature maps and [N, C] vectors: axis 1; transformer tokens [N, L, C]: the last axis
+    return 2 if rank == 3 else 1
+
+
+def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
+              border: int = 0) -> str:
+    """Nodes computing one term's value per image ([N]); returns the tensor name."""
+    if shape is None:
+        raise ObjectiveError(f"the rank of layer '{term.layer}' is unknown")
+    rank = len(shape)
+    t = tensor
+    if border and rank == 4:
+        t = b.slice(t, [border, border], [-border, -border], [2, 3])
+    if term.kind in ("channel", "neuron", "class"):
+        axis = _channel_axis(rank) if term.kind != "class" else rank - 1
+        n = shape[axis]
+        if isinstance(n, int) and term.index >= n:
+            raise ObjectiveError(f"{term.kind}:{term.index} is out of range for layer "
+                                 f"'{term.layer}', which has {n} "
+                                 f"{'classes' if term.kind == 'class' else 'channels'} "
+                                 f"(0..{n - 1})")
+        t = b.op("Gather", [t, b.const(term.index, np.int64)], axis=axis)
+        rank -= 1
+        if term.kind == "neuron" and rank >= 2:
+            for _ in range(rank - 1):  # take the centre along each remaining spatial axis
+                size = b.op("Squeeze", [b.dim(t, 1), b.ints([0])])
+                centre = b.op("Div", [size, b.const(2, np.int64)])
+                t = b.op("Gather", [t, centre], axis=1)
+            rank = 1
+    elif term.kind == "l2":
+        t = b.mul(t, t)
+    if rank > 1:
+        t = b.reduce_mean(b.op("Flatten", [t], axis=1), [1], keepdims=0)
+    if term.weight != 1.0:
+        t = b.mul(t, b.scalar(term.weight))
+    return t
