@@ -171,13 +171,27 @@ class RuleContext:
         return g
 
 
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus the outer-scope tensors its subgraphs (If/Loop/Scan) read."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
+            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
+        for g in graphs:
+            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                names.extend(i for i in node_inputs(n) if i not in defined)
+                defined.update(n.output)
+    return names
+
+
 def active_tensors(nodes: Sequence[onnx.NodeProto], wrt: str, info: GraphInfo) -> set[str]:
     """Tensors that depend differentiably on ``wrt``."""
     active = {wrt}
     for node in nodes:
         if node.op_type in NON_DIFFERENTIABLE:
             continue
-        if not any(i in active for i in node.input if i):
+        if not any(i in active for i in node_inputs(node)):
             continue
         for j, out in enumerate(node.output):
             if not out:
@@ -218,7 +232,7 @@ def differentiate(
     for index in range(len(nodes) - 1, -1, -1):
         node = nodes[index]
         outs = [o for o in node.output if o in grads]
-        if not outs or not any(i in active for i in node.input if i):
+        if not outs or not any(i in active for i in node_inputs(node)):
             continue
         fn = RULES.get(node.op_type)
         if fn is None or node.domain not in ("", "ai.onnx"):

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from onnxdream.errors import ModelError
-from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate
+from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.layers import (
     image_input, layer_table, load_model, opset_of, pre_activation, resolve_layer)
@@ -33,7 +33,7 @@ def _needed_nodes(nodes: Sequence[onnx.NodeProto], targets: set[str]) -> list[on
         if i in keep:
             continue
         keep.add(i)
-        stack.extend(x for x in nodes[i].input if x in prod and prod[x] not in keep)
+        stack.extend(x for x in node_inputs(nodes[i]) if x in prod and prod[x] not in keep)
     return [nodes[i] for i in sorted(keep)]
 
 
@@ -75,12 +75,12 @@ def compile_gradient(
                 raise ModelError("the model has no 'logits' output, so class objectives do not "
                                  f"apply (outputs: {', '.join(outs)})")
         tensor = resolve_layer(table, name, proto)
-        if pre_relu and name != "logits":
+        if pre_relu and not any(t.kind == "class" for t in obj.terms if t.layer == name):
             tensor = pre_activation(tensor, proto, extra_nodes)
         layer_tensor[name] = tensor
 
     all_nodes = list(proto.graph.node) + extra_nodes
-    forward = [onnx.NodeProto() for _ in range(0)]
+    forward: list[onnx.NodeProto] = []
     for n in _needed_nodes(all_nodes, set(layer_tensor.values())):
         copy = onnx.NodeProto()
         copy.CopyFrom(n)

@@ -70,12 +70,13 @@ class Objective:
         """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``."""
         kind, index = parse_objective(objective)
         if kind == "class":
+            # the logits, or the one layer named as the class scores
             specs = [LayerSpec.parse(s) if isinstance(s, str) else s for s in layers]
-            extra = [s.name for s in specs if s.name != "logits"]
-            if extra:
-                raise ObjectiveError(f"--objective class:{index} uses the logits; drop --layer "
-                                     f"{' '.join(extra)}")
-            return Objective((Term("logits", "class", index, 1.0),))
+            if len(specs) > 1:
+                raise ObjectiveError(f"--objective class:{index} reads one tensor of class "
+                                     "scores (the logits); name at most one --layer")
+            name = specs[0].name if specs else "logits"
+            return Objective((Term(name, "class", index, 1.0),))
         if not layers:
             raise LayerError("name at least one layer (--layer NAME); `onnxdream layers MODEL` "
                              "lists them")
