@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 
 from onnxdream.exporters.graph import compile_gradient
 
@@ -52,6 +54,78 @@ def torch_objective(out: torch.Tensor, objective: str) -> torch.Tensor:
     return ch
 
 
+def onnx_decisions(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """onnxruntime's discrete choices for input ``x``: MaxPool argmax indices and Relu masks.
+
+    Both lists are in node order, which for a traced export is torch's call order.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    fetch: dict[str, list[str]] = {"maxpool": [], "relu": []}
+    for k, node in enumerate(m.graph.node):
+        if node.op_type == "MaxPool":
+            while len(node.output) < 2:
+                node.output.append("")
+            if not node.output[1]:
+                node.output[1] = f"__maxpool_indices_{k}"
+            fetch["maxpool"].append(node.output[1])
+            m.graph.output.append(onnx.helper.make_tensor_value_info(
+                node.output[1], onnx.TensorProto.INT64, None))
+        elif node.op_type == "Relu":
+            fetch["relu"].append(node.input[0])
+            m.graph.output.append(onnx.helper.make_tensor_value_info(
+                node.input[0], onnx.TensorProto.FLOAT, None))
+    names = fetch["maxpool"] + fetch["relu"]
+    if not names:
+        return {"maxpool": [], "relu": []}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = dict(zip(names, sess.run(names, {"image": x})))
+    return {"maxpool": [values[n] for n in fetch["maxpool"]],
+            "relu": [values[n] > 0 for n in fetch["relu"]]}
+
+
+@contextlib.contextmanager
+def shared_decisions(decisions: dict[str, list[np.ndarray]]):
+    """Make torch's max_pool2d and relu take the same discrete choices as onnxruntime did.
+
+    Max pooling and ReLU are discontinuous: where a window's two best entries, or a unit's
+    pre-activation and zero, are within float32 rounding of each other, torch and onnxruntime
+    (which folds BatchNorm into Conv and sums in another order) can decide differently, and one
+    flipped unit moves the gradient of a deep ReLU network by 1e-3 of its maximum over the unit's
+    whole receptive field. Sharing the choices keeps the comparison about the gradient rules;
+    autograd still differentiates everything else.
+    """
+    original_pool, original_relu = F.max_pool2d, (torch.relu, torch.relu_)
+    pools, relus = list(decisions["maxpool"]), list(decisions["relu"])
+
+    # Past the layer, the export pruned the graph: torch's later calls run unshared.
+    def pooled(inp, *args, return_indices=False, **kwargs):
+        if not pools:
+            return original_pool(inp, *args, return_indices=return_indices, **kwargs)
+        idx = torch.from_numpy(pools.pop(0))
+        n, c, h, w = inp.shape
+        local = idx - (torch.arange(n * c).view(n, c, 1, 1) * h * w)
+        out = inp.flatten(2).gather(2, local.flatten(2)).view(idx.shape)
+        return (out, local) if return_indices else out
+
+    def relu(inp):
+        if not relus:
+            return original_relu[0](inp)
+        mask = torch.from_numpy(relus.pop(0))
+        assert mask.shape == inp.shape, "torch's relu calls do not follow the ONNX node order"
+        return inp * mask
+
+    F.max_pool2d = pooled
+    torch.relu = torch.relu_ = relu
+    try:
+        yield
+    finally:
+        F.max_pool2d = original_pool
+        torch.relu, torch.relu_ = original_relu
+
+
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
@@ -68,7 +142,8 @@ def compare(module, sizes, objective="l2", layers=("y",), torch_fn=None, batch=2
     for size in sizes:
         shape = (batch, channels) + tuple(size) if len(size) == 2 else (batch,) + tuple(size)
         x = torch.rand(*shape, generator=gen, requires_grad=True)
-        out = torch_fn(x) if torch_fn is not None else module(x)
+        with shared_decisions(onnx_decisions(model, x.detach().numpy())):
+            out = torch_fn(x) if torch_fn is not None else module(x)
         obj = torch_objective(out, objective)
         obj.sum().backward()
         got_obj, got_grad = sess.run(None, {"image": x.detach().numpy()})

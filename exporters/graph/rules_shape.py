@@ -129,23 +129,30 @@ def _gather(ctx, dys):
     """Scatter-add dY into zeros shaped like X, along the gathered axis."""
     b = ctx.b
     x, idx = ctx.inputs
-    rank = ctx.rank(x)
-    axis = int(ctx.attr("axis", 0)) % rank
-    q = ctx.rank(idx)
+    axis = int(ctx.attr("axis", 0))
+    rank = ctx.rank(x) if axis != 0 else None  # axis 0 needs no transposes, so no rank
+    if rank is not None:
+        axis %= rank
+    const_idx = ctx.const(1)
+    q = const_idx.ndim if const_idx is not None else ctx.rank(idx)
     dim = b.dim(x, axis)
     idx = b.where(b.op("Less", [idx, b.const(0, np.int64)]),
                   b.op("Add", [idx, b.op("Squeeze", [dim, b.ints([0])])]), idx)
     g = dys[0]
-    to_front = [axis] + [i for i in range(rank) if i != axis]
-    # dY axes: x[:axis] + idx dims + x[axis+1:]; bring the idx dims to the front
-    g_perm = (list(range(axis, axis + q)) + list(range(axis))
-              + list(range(axis + q, rank - 1 + q)))
+    if axis == 0:
+        to_front = g_perm = []
+    else:
+        to_front = [axis] + [i for i in range(rank) if i != axis]
+        # dY axes: x[:axis] + idx dims + x[axis+1:]; bring the idx dims to the front
+        g_perm = (list(range(axis, axis + q)) + list(range(axis))
+                  + list(range(axis + q, rank - 1 + q)))
     if g_perm != list(range(len(g_perm))):
         g = b.op("Transpose", [g], perm=g_perm)
     zeros = b.zeros_like(x)
-    if to_front != list(range(rank)):
+    moved = to_front != list(range(len(to_front)))
+    if moved:
         zeros = b.op("Transpose", [zeros], perm=to_front)
     out = b.op("ScatterND", [zeros, b.unsqueeze(idx, [-1] if q else [0]), g], reduction="add")
-    if to_front != list(range(rank)):
+    if moved:
         out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(to_front)])
     return [out, None]
