@@ -309,6 +309,185 @@ def export_torchvision_cmd(
         typer.echo(f"wrote {result.path}", err=True)
 
 
+# -- serve ------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Dreams run at once (threads sharing the sessions). Default: 1 on a CPU with "
+        "fewer than 8 cores, else 2 \\[env ONNXDREAM_WORKERS].", min=1, max=64)] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+        help="Dreams that may wait beyond the running ones; more get 503 + Retry-After "
+        "(default 16) \\[env ONNXDREAM_MAX_QUEUE].", min=0)] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(
+        help="Largest image accepted, width x height (default 16000000) "
+        "\\[env ONNXDREAM_MAX_PIXELS].", min=1)] = None,
+    max_body: Annotated[Optional[float], typer.Option(
+        help="Largest request body in MB (default 32) \\[env ONNXDREAM_MAX_BODY_MB].",
+        min=0.001)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="Most ascent steps (octaves x steps) per dream (default 1000) "
+        "\\[env ONNXDREAM_MAX_STEPS].", min=1)] = None,
+    model_path: Annotated[Optional[list[Path]], typer.Option(
+        "--model-path", help="A dreamable .onnx file to offer, by its file stem; repeatable "
+        "\\[env ONNXDREAM_MODEL_PATHS]. Requests can name only these and the zoo.")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help=DEVICE_HELP + " \\[env ONNXDREAM_DEVICE]")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+):
+    r"""Serve dreams over HTTP, with a web page at / (needs onnxdream\[serve]).
+
+    POST /dream (multipart: image + fields named like dream's options) returns the image;
+    POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID for long dreams.
+    """
+    with _user_errors():
+        import importlib.util
+
+        from onnxdream.errors import DependencyError
+
+        missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+        if missing or not (importlib.util.find_spec("python_multipart")
+                           or importlib.util.find_spec("multipart")):
+            raise DependencyError("the server needs the [serve] extra: pip install 'onnxdream[serve]'")
+        from onnxdream.server import ServerConfig, run
+
+        config = ServerConfig.from_env(workers=workers, max_queue=max_queue,
+                                       max_pixels=max_pixels, max_body_mb=max_body,
+                                       max_steps=max_steps, device=device,
+                                       model_paths=model_path)
+        typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
+                   f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
+                   f"{config.max_queue}, device {config.device})", err=True)
+        run(config, host=host, port=port, log_level=log_level)
+
+# -- visualize --------------------------------------------------------------------------------
+
+
+@app.command()
+def visualize(
+    class_: Annotated[Optional[str], typer.Option(
+        "--class", "-c", help="Class(es) to render: numbers or names from the model's labels, "
+        "comma-separated (--class 130,zebra,banana).")] = None,
+    channel: Annotated[Optional[list[str]], typer.Option(
+        help="A channel to render, LAYER:K (e.g. blocks.9:12); repeatable.")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option(
+        "--layer", "-l", help="A whole layer to render (the mean of its channels); repeatable.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Where to write; with several targets and no --grid, one file "
+        "each (OUT-1-NAME.png, …). Default: visualize-NAME.png in the current directory.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "efficientnet-lite0",
+    size: Annotated[int, typer.Option(help="Side of the square image in pixels.")] = 224,
+    steps: Annotated[int, typer.Option(help="Optimisation steps (in all octaves together).")] = 128,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Random seed; the one used is stored in the PNG.")] = None,
+    grid: Annotated[bool, typer.Option(
+        "--grid", help="Put all targets in one labelled image.")] = False,
+    columns: Annotated[Optional[int], typer.Option(help="Images per row with --grid.", min=1)] = None,
+    param: Annotated[str, typer.Option(
+        help="Image parameterisation: fft (1/f Fourier spectrum) or pixel.")] = "fft",
+    decorrelate: Annotated[bool, typer.Option(
+        "--decorrelate/--no-decorrelate", help="Decorrelated (ImageNet) colour space.")] = True,
+    transforms: Annotated[str, typer.Option(
+        help="Random transforms each step: standard (pad, jitter, scale, rotate) or none.")] = "standard",
+    octaves: Annotated[int, typer.Option(help="Render small first, then enlarge: how many sizes.")] = 2,
+    octave_scale: Annotated[float, typer.Option(help="Size ratio between octaves.")] = 1.4,
+    tv: Annotated[float, typer.Option(
+        help="Total-variation penalty weight (0: none; try 0.5 to 5).")] = 0.0,
+    normalize: Annotated[str, typer.Option(
+        help="Gradient normalisation before the optimiser: none or lapnorm.")] = "none",
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 0.05,
+    pre_relu: Annotated[bool, typer.Option(
+        "--pre-relu/--post-relu", help="Channels and layers before their ReLU/Clip.")] = True,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Feature visualisation: render an image that a class, channel or layer responds to.
+
+    Example:  onnxdream visualize --class flamingo -o flamingo.png
+    """
+    with _user_errors():
+        import re
+
+        from onnxdream.errors import ObjectiveError
+        from onnxdream.imageio import check_output_path, save_image
+        from onnxdream.visualize import (BatchObjective, VisualizeSettings, channel_target,
+                                         class_targets, describe, grid as make_grid,
+                                         layer_target, render)
+
+        settings = VisualizeSettings(size=size, steps=steps, lr=lr, param=param,
+                                     decorrelate=decorrelate, transforms=transforms,
+                                     octaves=octaves, octave_scale=octave_scale, tv=tv,
+                                     normalize=normalize, pre_relu=pre_relu, seed=seed
+                                     ).validate().with_seed()
+        if not (class_ or channel or layer):
+            raise ObjectiveError("say what to visualise: --class K|NAME, --channel LAYER:K or "
+                                 "--layer LAYER")
+        cache: dict = {}
+        targets = []
+        if class_:
+            cache["logits"] = BatchObjective(model, "logits", pre_relu=pre_relu, device=device)
+            targets += class_targets(class_, cache["logits"].labels)
+        targets += [channel_target(c) for c in channel or []]
+        targets += [layer_target(n) for n in layer or []]
+
+        def slug(t) -> str:
+            return re.sub(r"[^A-Za-z0-9.]+", "-", t.caption).strip("-")[:60] or "target"
+
+        single = grid or len(targets) == 1
+        name = slug(targets[0]) if len(targets) == 1 else "grid"
+        out = output or Path.cwd() / f"visualize-{name}.png"
+        outs = [out] if single else [out.with_name(f"{out.stem}-{i + 1}-{slug(t)}{out.suffix}")
+                                     for i, t in enumerate(targets)]
+        for o in outs:
+            check_output_path(o)
+        t0 = time.perf_counter()
+        groups = len({t.layer for t in targets})
+        with _maybe_progress(quiet) as bar:
+            task = bar.add_task("rendering", total=settings.steps * groups, info="") if bar else None
+
+            def progress(p):
+                if bar:
+                    bar.update(task, completed=p.done,
+                               info=f"{p.size}px  objective {float(p.objective.mean()):.3g}")
+
+            images = render(model, targets, settings, progress, device=device, objectives=cache)
+        provider = next(iter(cache.values())).provider
+        argv = ["visualize", "-o", str(out), "--model", model]
+        argv += ["--class", ",".join(str(t.index) for t in targets if t.kind == "class")] \
+            if class_ else []
+        argv += [a for c in channel or [] for a in ("--channel", c)]
+        argv += [a for n in layer or [] for a in ("--layer", n)]
+        argv += ["--size", str(size), "--steps", str(steps), "--seed", str(settings.seed),
+                 "--param", param, "--transforms", transforms, "--octaves", str(octaves),
+                 "--octave-scale", str(octave_scale), "--tv", str(tv), "--normalize", normalize,
+                 "--lr", str(lr), "--decorrelate" if decorrelate else "--no-decorrelate",
+                 "--pre-relu" if pre_relu else "--post-relu"] + (["--grid"] if grid else [])
+        meta = {
+            "onnxdream:version": __version__,
+            "onnxdream:model": model,
+            "onnxdream:provider": provider,
+            "onnxdream:command": "onnxdream " + shlex.join(argv),
+        }
+        meta.update({f"onnxdream:{k}": v for k, v in describe(settings).items()})
+        if single:
+            img = (make_grid(images, [t.caption for t in targets], columns) if grid
+                   else images[0])
+            meta["onnxdream:targets"] = json.dumps([t.describe() for t in targets])
+            save_image(out, img, metadata=meta)
+        else:
+            for o, t, img in zip(outs, targets, images):
+                save_image(o, img, metadata={**meta, "onnxdream:targets": json.dumps([t.describe()])})
+        elapsed = time.perf_counter() - t0
+        for o in outs:
+            typer.echo(f"wrote {o}", err=True)
+        typer.echo(f"{len(targets)} image(s) at {size}px in {elapsed:.1f}s on {provider}, "
+                   f"seed {settings.seed}", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

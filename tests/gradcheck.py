@@ -61,7 +61,7 @@ def onnx_decisions(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[np.n
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    fetch: dict[str, list[str]] = {"maxpool": [], "relu": []}
+    fetch: dict[str, list[str]] = {"maxpool": [], "relu": [], "clip": []}
     for k, node in enumerate(m.graph.node):
         if node.op_type == "MaxPool":
             while len(node.output) < 2:
@@ -71,24 +71,25 @@ def onnx_decisions(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[np.n
             fetch["maxpool"].append(node.output[1])
             m.graph.output.append(onnx.helper.make_tensor_value_info(
                 node.output[1], onnx.TensorProto.INT64, None))
-        elif node.op_type == "Relu":
-            fetch["relu"].append(node.input[0])
+        elif node.op_type in ("Relu", "Clip"):
+            fetch[node.op_type.lower()].append(node.input[0])
             m.graph.output.append(onnx.helper.make_tensor_value_info(
                 node.input[0], onnx.TensorProto.FLOAT, None))
-    names = fetch["maxpool"] + fetch["relu"]
+    names = fetch["maxpool"] + fetch["relu"] + fetch["clip"]
     if not names:
-        return {"maxpool": [], "relu": []}
+        return {"maxpool": [], "relu": [], "clip": []}
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     values = dict(zip(names, sess.run(names, {"image": x})))
     return {"maxpool": [values[n] for n in fetch["maxpool"]],
-            "relu": [values[n] > 0 for n in fetch["relu"]]}
+            "relu": [values[n] > 0 for n in fetch["relu"]],
+            "clip": [values[n] for n in fetch["clip"]]}
 
 
 @contextlib.contextmanager
 def shared_decisions(decisions: dict[str, list[np.ndarray]]):
-    """Make torch's max_pool2d and relu take the same discrete choices as onnxruntime did.
+    """Make torch's max_pool2d, relu and hardtanh take the discrete choices onnxruntime took.
 
     Max pooling and ReLU are discontinuous: where a window's two best entries, or a unit's
     pre-activation and zero, are within float32 rounding of each other, torch and onnxruntime
@@ -98,7 +99,9 @@ def shared_decisions(decisions: dict[str, list[np.ndarray]]):
     autograd still differentiates everything else.
     """
     original_pool, original_relu = F.max_pool2d, (torch.relu, torch.relu_)
+    original_hardtanh = F.hardtanh
     pools, relus = list(decisions["maxpool"]), list(decisions["relu"])
+    clips = list(decisions.get("clip", []))
 
     # Past the layer, the export pruned the graph: torch's later calls run unshared.
     def pooled(inp, *args, return_indices=False, **kwargs):
@@ -117,12 +120,22 @@ def shared_decisions(decisions: dict[str, list[np.ndarray]]):
         assert mask.shape == inp.shape, "torch's relu calls do not follow the ONNX node order"
         return inp * mask
 
+    def hardtanh(inp, min_val=-1.0, max_val=1.0, inplace=False):  # ReLU6, Hardtanh
+        if not clips:
+            return original_hardtanh(inp, min_val, max_val)
+        pre = torch.from_numpy(clips.pop(0))
+        assert pre.shape == inp.shape, "torch's clip calls do not follow the ONNX node order"
+        inside = (pre > min_val) & (pre < max_val)
+        return torch.where(inside, inp, torch.where(pre >= max_val, max_val, min_val))
+
     F.max_pool2d = pooled
+    F.hardtanh = hardtanh
     torch.relu = torch.relu_ = relu
     try:
         yield
     finally:
         F.max_pool2d = original_pool
+        F.hardtanh = original_hardtanh
         torch.relu, torch.relu_ = original_relu
 
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real test photos, and a private model home for the whole session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# CI clones the repository with shared/ beside it; examples/ holds a copy of chelsea.png
+IMAGE_DIRS = [REPO.parent / "shared" / "images", REPO / "examples"]
+
+
+def photo(name: str) -> Path:
+    for d in IMAGE_DIRS:
+        if (d / name).exists():
+            return d / name
+    pytest.skip(f"test photo {name} not found in {', '.join(map(str, IMAGE_DIRS))}")
+
+
+@pytest.fixture(scope="session")
+def model_home(tmp_path_factory) -> Path:
+    """One ONNXDREAM_HOME for the session, so zoo models are built once and never in ~/.cache."""
+    home = tmp_path_factory.mktemp("onnxdream-home")
+    old = os.environ.get("ONNXDREAM_HOME")
+    os.environ["ONNXDREAM_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("ONNXDREAM_HOME", None)
+    else:
+        os.environ["ONNXDREAM_HOME"] = old
+
+
+NO_FRAMEWORKS = (
+    "import sys\n"
+    "for m in ('torch', 'torchvision', 'tensorflow', 'keras', 'jax'):\n"
+    "    sys.modules[m] = None  # importing any of them now fails\n"
+    "from onnxdream.cli import main\n"
+    "sys.argv = ['onnxdream'] + sys.argv[1:]\n"
+    "main()\n"
+)
+
+
+def run_cli(*args: str, home: Path, frameworks: bool = False, check: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the onnxdream CLI in a subprocess; without deep learning frameworks by default."""
+    env = {**os.environ, "ONNXDREAM_HOME": str(home), "COLUMNS": "120"}
+    cmd = [sys.executable, "-m", "onnxdream.cli", *args] if frameworks else [
+        sys.executable, "-c", NO_FRAMEWORKS, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"onnxdream {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
