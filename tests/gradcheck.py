@@ -155,7 +155,8 @@ def compare(module, sizes, objective="l2", layers=("y",), torch_fn=None, batch=2
     for size in sizes:
         shape = (batch, channels) + tuple(size) if len(size) == 2 else (batch,) + tuple(size)
         x = torch.rand(*shape, generator=gen, requires_grad=True)
-        with shared_decisions(onnx_decisions(model, x.detach().numpy())):
+        # decisions from the compiled graph itself: the forward onnxruntime really ran
+        with shared_decisions(onnx_decisions(grad_model, x.detach().numpy())):
             out = torch_fn(x) if torch_fn is not None else module(x)
         obj = torch_objective(out, objective)
         obj.sum().backward()
