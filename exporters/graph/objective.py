@@ -149,22 +149,32 @@ def parse_objective(spec: str) -> tuple[str, int | None]:
     return kind, None
 
 
-def _channel_axis(rank: int) -> int:
-    # NCHW feature maps and [N, C] vectors: axis 1; transformer tokens [N, L, C]: the last axis
+def _channel_axis(rank: int, layout: str) -> int:
+    # NCHW feature maps and [N, C] vectors: axis 1; channels-last maps (Keras' NHWC) and
+    # transformer tokens [N, L, C]: the last axis
+    if rank == 4 and layout == "NHWC":
+        return 3
     return 2 if rank == 3 else 1
 
 
 def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
-              border: int = 0) -> str:
-    """Nodes computing one term's value per image ([N]); returns the tensor name."""
+              border: int = 0, layout: str = "NCHW") -> str:
+    """Nodes computing one term's value per image ([N]); returns the tensor name.
+
+    ``layout`` is the layer's axis order, "NCHW" (default) or "NHWC" (channels last).
+    """
     if shape is None:
         raise ObjectiveError(f"the rank of layer '{term.layer}' is unknown")
     rank = len(shape)
     t = tensor
     if border and rank == 4:
-        t = b.slice(t, [border, border], [-border, -border], [2, 3])
+        spatial = [1, 2] if layout == "NHWC" else [2, 3]
+        t = b.slice(t, [border, border], [-border, -border], spatial)
+    if rank == 4 and layout == "NHWC" and term.kind == "neuron":
+        t = b.op("Transpose", [t], perm=[0, 3, 1, 2])  # the centre search walks axes 1..
+        layout = "NCHW"
     if term.kind in ("channel", "neuron", "class"):
-        axis = _channel_axis(rank) if term.kind != "class" else rank - 1
+        axis = _channel_axis(rank, layout) if term.kind != "class" else rank - 1
         n = shape[axis]
         if isinstance(n, int) and term.index >= n:
             raise ObjectiveError(f"{term.kind}:{term.index} is out of range for layer "
