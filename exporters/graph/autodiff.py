@@ -207,6 +207,16 @@ def active_tensors(nodes: Sequence[onnx.NodeProto], wrt: str, info: GraphInfo) -
     return active
 
 
+def _rule_for(node: onnx.NodeProto, blame: Callable[[onnx.NodeProto], str]) -> Rule:
+    fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if fn is None:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        raise UnsupportedOpError(
+            f"no gradient rule for op {op} (node '{node.name or node.output[0]}'), "
+            f"needed by {blame(node) or 'the objective'}")
+    return fn
+
+
 def differentiate(
     nodes: list[onnx.NodeProto],
     wrt: str,
@@ -228,18 +238,20 @@ def differentiate(
     active = active_tensors(nodes, wrt, info)
     if target not in active:
         raise UnsupportedOpError(f"the objective '{target}' does not depend on '{wrt}'")
+    # Fail early, naming the op, on any node of the path that has no rule: later rules may
+    # need shapes that inference could not see past an unknown op.
+    upstream = {target}
+    for node in reversed(nodes):
+        if any(o in upstream and o in active for o in node.output):
+            upstream.update(i for i in node_inputs(node) if i in active)
+            _rule_for(node, blame)
     grads: dict[str, list[str]] = {target: [seed]}
     for index in range(len(nodes) - 1, -1, -1):
         node = nodes[index]
         outs = [o for o in node.output if o in grads]
         if not outs or not any(i in active for i in node_inputs(node)):
             continue
-        fn = RULES.get(node.op_type)
-        if fn is None or node.domain not in ("", "ai.onnx"):
-            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            raise UnsupportedOpError(
-                f"no gradient rule for op {op} (node '{node.name or node.output[0]}'), "
-                f"needed by {blame(node) or 'the objective'}")
+        fn = _rule_for(node, blame)
         dys = [builder.add_all(grads[o]) if o in grads else None for o in node.output]
         ctx = RuleContext(node, builder, info, active, node_index=index)
         dxs = fn(ctx, dys)

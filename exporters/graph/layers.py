@@ -101,7 +101,9 @@ def resolve_layer(table: dict[str, str], name: str, model: onnx.ModelProto) -> s
     if name in produced:
         return name
     near = closest(name, list(table))
-    hint = f"; closest: {', '.join(near)}" if near else ""
+    names = list(table)
+    hint = (f"; closest: {', '.join(near)}" if near else
+            f"; layers: {', '.join(names[:8])}{', …' if len(names) > 8 else ''}")
     raise LayerError(f"unknown layer '{name}'{hint} (run `onnxdream layers MODEL` for the list)")
 
 
