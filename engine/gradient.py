@@ -26,7 +26,7 @@ from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_laye
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.session import Session, create_session
 
-COMPILER_VERSION = "1"
+COMPILER_VERSION = "2"  # 2: optimised graphs (exporters/graph/optimize.py)
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -66,8 +66,10 @@ class GradientModel:
         self.model_path = resolve_model_path(model)
         proto = load_model(self.model_path)
         self.metadata = metadata(proto)
+        if not isinstance(layers, Objective) and not layers and not objective.startswith("class"):
+            layers = default_layers(self.metadata)  # class objectives read the logits instead
         self.objective = layers if isinstance(layers, Objective) else Objective.build(
-            list(layers) or default_layers(self.metadata), objective)
+            list(layers), objective)
         graph = self._compiled(proto, pre_relu, border, cache)
         self.session: Session = create_session(graph, device=device, threads=threads)
         self.tile_info = self._tile_info(proto, pre_relu)
@@ -128,7 +130,12 @@ class GradientModel:
         return self.tiled(img, tile_size)
 
     def tiled(self, img: np.ndarray, tile_size: int, batch: int = 4) -> tuple[float, np.ndarray]:
-        """The gradient assembled from tiles of at most tile_size pixels (core + halo)."""
+        """The gradient assembled from tiles of at most tile_size pixels (core + halo).
+
+        The gradient is exact where the halo covers the receptive field; the objective returned
+        is an estimate (each tile's mean, weighted by its core's share of the image), since a
+        tile's mean also counts its halo.
+        """
         _, h, w = img.shape
         halo = self.tile_info.halo(tile_size)
         stride = self.tile_info.stride

@@ -17,10 +17,11 @@ from onnxdream.errors import ModelError
 from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.layers import (
-    image_input, layer_table, load_model, opset_of, pre_activation, resolve_layer)
+    image_input, layer_table, load_model, metadata, opset_of, pre_activation, resolve_layer)
 from onnxdream.exporters.graph.objective import LayerSpec, Objective, emit_term
 
 COMPILED_KEY = "onnxdream.compiled"
+LAYOUTS_KEY = "onnxdream.layer_layouts"  # {layer: "NHWC"} for channels-last layers
 
 
 def _needed_nodes(nodes: Sequence[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProto]:
@@ -48,6 +49,7 @@ def compile_gradient(
     *,
     pre_relu: bool = False,
     border: int = 0,
+    optimize: bool = True,
 ) -> onnx.ModelProto:
     """Truncate ``model`` at the layer(s), attach the objective, append its input gradient.
 
@@ -97,8 +99,10 @@ def compile_gradient(
     probe.graph.node.extend(forward)
     info = GraphInfo.from_model(probe)
 
+    layouts = json.loads(metadata(proto).get(LAYOUTS_KEY, "{}") or "{}")
     terms = [emit_term(fwd_builder, t, layer_tensor[t.layer], info.shapes.get(layer_tensor[t.layer]),
-                       border if t.kind != "class" else 0) for t in obj.terms]
+                       border if t.kind != "class" else 0, layouts.get(t.layer, "NCHW"))
+             for t in obj.terms]
     total = fwd_builder.add_all(terms) if len(terms) > 1 else fwd_builder.op("Identity", terms)
     objective_nodes = fwd_builder.nodes
     objective_nodes.append(helper.make_node("Identity", [total], ["objective"],
@@ -141,6 +145,10 @@ def compile_gradient(
     out.metadata_props.add(key=COMPILED_KEY, value=json.dumps({
         "objective": obj.describe(), "terms": [t.__dict__ for t in obj.terms],
         "layers": layer_tensor, "pre_relu": pre_relu, "border": border}))
+    if optimize:  # same values, fewer/faster nodes (see optimize.py)
+        from onnxdream.exporters.graph.optimize import optimize as _optimize
+
+        return _optimize(out)
     return out
 
 

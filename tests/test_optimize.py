@@ -1,0 +1,188 @@
+"""The optimised gradient graph computes what the unoptimised one does, with fewer/faster nodes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradcheck import export, session
+from onnxdream.exporters.graph import compile_gradient
+from onnxdream.exporters.graph.optimize import DEFAULT_PASSES, PASSES, OptimizeReport, optimize
+
+torch.manual_seed(0)
+
+
+class MiniInception(nn.Module):
+    """GoogLeNet's shapes in small: strided 7x7 stem + BN + ReLU, strided and stride-1 max-pools,
+    a branch concat, BN with non-trivial statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.b1 = nn.Conv2d(8, 6, 1)
+        self.b2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.b4 = nn.Conv2d(8, 4, 1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        for bn in (self.bn1, self.bn2):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.bn1(self.stem(x))), 3, 2, ceil_mode=True)
+        a = torch.relu(self.b1(x))
+        b = torch.relu(self.bn2(self.b2(x)))
+        c = torch.relu(self.b4(F.max_pool2d(x, 3, 1, padding=1)))
+        y = torch.cat([a, b, c], 1)
+        return torch.clamp(self.dw(y), 0, 6)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    """Exported without constant folding, so BatchNormalization stays in the graph."""
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(MiniInception().eval(), (torch.randn(1, 3, 37, 41),), buf, dynamo=False,
+                          opset_version=18, input_names=["image"], output_names=["y"],
+                          do_constant_folding=False,
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _run(model, x):
+    return session(model).run(["objective", "grad"], {"image": x})
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+@pytest.mark.parametrize("size", [(37, 41), (64, 64), (33, 50)])
+@pytest.mark.parametrize("objective", ["mean", "l2", "channel:3"])
+def test_same_values(mini, size, objective):
+    graph = compile_gradient(mini, ["y"], objective, optimize=False)
+    fast = optimize(graph)
+    x = np.random.default_rng(1).random((2, 3, *size), dtype=np.float32)
+    o0, g0 = _run(graph, x)
+    o1, g1 = _run(fast, x)
+    np.testing.assert_allclose(o1, o0, rtol=1e-5, atol=1e-7)
+    assert _rel(g1, g0) < 1e-5
+
+
+def test_graph_is_rewritten(mini):
+    graph = compile_gradient(mini, ["y"], "mean", optimize=False)
+    rep = OptimizeReport()
+    fast = optimize(graph, report=rep)
+    before = Counter(n.op_type for n in graph.graph.node)
+    after = Counter(n.op_type for n in fast.graph.node)
+    assert before["BatchNormalization"] == 2 and after["BatchNormalization"] == 0
+    assert before["Where"] > 0 and after["Where"] == 0  # Relu/Clip masks: Mul by Cast
+    assert after["ConvTranspose"] == before["ConvTranspose"] - 1  # the dense stem; depthwise stays
+    assert after["DepthToSpace"] == 1
+    # the stride-1 pool lost its Indices output, the strided one keeps it
+    pools = [n for n in fast.graph.node if n.op_type == "MaxPool"]
+    assert sorted(len([o for o in n.output if o]) for n in pools) == [1, 2]
+    assert after["ScatterElements"] == before["ScatterElements"] - 1
+    assert rep.rewrites["batchnorm"] == 2 and rep.rewrites["maxpool"] == 1
+    assert rep.rewrites["strided_conv"] == 1
+    onnx.checker.check_model(fast, full_check=True)
+    assert all(n.domain in ("", "ai.onnx") for n in fast.graph.node)
+
+
+def test_activation_masks_read_outputs(mini):
+    """Opt-in: forward Conv outputs feed only their activation (onnxruntime fuses them)."""
+    graph = compile_gradient(mini, ["y"], "mean", optimize=False)
+    fast = optimize(graph, passes=[*DEFAULT_PASSES, "activation_masks"])
+    x = np.random.default_rng(3).random((1, 3, 40, 44), dtype=np.float32)
+    o0, g0 = _run(graph, x)
+    o1, g1 = _run(fast, x)
+    np.testing.assert_allclose(o1, o0, rtol=1e-5)
+    assert _rel(g1, g0) < 1e-5
+    consumers = Counter(i for n in fast.graph.node for i in n.input)
+    for n in fast.graph.node:
+        if n.op_type == "Conv" and not n.output[0].startswith(("grad/", "opt/")):
+            assert consumers[n.output[0]] <= 1, n.name
+    onnx.checker.check_model(fast, full_check=True)
+    assert all(n.domain in ("", "ai.onnx") for n in fast.graph.node)
+
+
+def test_compile_optimizes_by_default(mini):
+    layers = ["y"]
+    fast = compile_gradient(mini, layers, "mean")
+    plain = compile_gradient(mini, layers, "mean", optimize=False)
+    assert Counter(n.op_type for n in fast.graph.node)["BatchNormalization"] == 0
+    assert len(fast.graph.node) != len(plain.graph.node)
+    assert [o.name for o in fast.graph.output] == ["objective", "grad"]
+    assert {p.key for p in fast.metadata_props} == {p.key for p in plain.metadata_props}
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", [(3, 1, 1, False), (2, 1, 0, False),
+                                                     (3, 2, 1, True), (3, 2, 0, True),
+                                                     (2, 2, 0, False), (3, 3, 1, True)])
+def test_maxpool_backward_with_ties(kernel, stride, pad, ceil):
+    """Flat regions make ties at positive values; the first maximum must get the gradient."""
+    mod = _Lambda(lambda x, conv: F.max_pool2d(torch.relu(conv(x)), kernel, stride, padding=pad,
+                                               ceil_mode=ceil) * torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1))
+    model = export(mod, shape=(1, 3, 17, 19))
+    graph = compile_gradient(model, ["y"], "l2", optimize=False)
+    fast = _optimize_all_strides(graph)
+    x = np.zeros((1, 3, 17, 19), np.float32)
+    x[:, :, :9] = 0.7  # flat block -> ties at a positive value
+    x[:, :, 9:] = np.random.default_rng(2).random((1, 3, 8, 19), dtype=np.float32)
+    o0, g0 = _run(graph, x)
+    o1, g1 = _run(fast, x)
+    np.testing.assert_allclose(o1, o0, rtol=1e-6)
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-9)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out = mod(xt)
+    (out * out).flatten(1).mean(1).sum().backward()
+    np.testing.assert_allclose(g1, xt.grad.numpy(), rtol=1e-4, atol=1e-8)
+
+
+def _optimize_all_strides(graph):
+    """optimize(), with the MaxPool rewrite enabled for strided pools too (off by default)."""
+    import onnxdream.exporters.graph.optimize as opt_mod
+
+    original = opt_mod._emit_maxpool_backward
+
+    def emit(g, mp, dy, out, max_stride=8):
+        return original(g, mp, dy, out, max_stride=max_stride)
+
+    opt_mod._emit_maxpool_backward = emit
+    try:
+        rep = OptimizeReport()
+        out = optimize(graph, report=rep)
+    finally:
+        opt_mod._emit_maxpool_backward = original
+    assert rep.rewrites["maxpool"] == 1
+    return out
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.fn(x, self.conv)
+
+
+def test_unknown_pass():
+    with pytest.raises(ValueError, match="unknown optimisation"):
+        optimize(onnx.ModelProto(), passes=["nope"])
+    assert list(PASSES)[-1] == "dead_code"
