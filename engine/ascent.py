@@ -95,27 +95,42 @@ def _resize_chw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def ascend(gm: GradientModel, img: np.ndarray, settings: DreamSettings, rng: np.random.Generator,
            steps: int, on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
-    """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place where possible."""
+    """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
+
+    One gradient buffer is reused across steps; jitter rolls the network's view, not the image.
+    """
+    grad = np.empty_like(img)
     for i in range(steps):
         if settings.jitter:
             oy, ox = (int(v) for v in rng.integers(-settings.jitter, settings.jitter + 1, 2))
-            shifted = np.roll(img, (oy, ox), axis=(1, 2))
         else:
             oy = ox = 0
-            shifted = img
-        obj, g = gm.gradient(shifted, settings.tile_size)
-        g = normalize(g, settings.normalize)
-        shifted += settings.step_size * g
-        np.clip(shifted, 0.0, 1.0, out=shifted)
-        img = np.roll(shifted, (-oy, -ox), axis=(1, 2)) if (oy or ox) else shifted
+        obj, g = gm.gradient(img, settings.tile_size, (oy, ox), out=grad)
+        if settings.normalize == "mean-abs":
+            g *= settings.step_size / (mean_abs(g) + 1e-8)
+        else:
+            g = normalize(g, settings.normalize) * settings.step_size
+        img += g
+        np.clip(img, 0.0, 1.0, out=img)
         if on_step is not None and on_step(i, obj):
             break
     return img
 
 
+def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
+    """mean(|a|) without a full-size temporary."""
+    flat = a.reshape(-1)
+    total = 0.0
+    for i in range(0, flat.size, chunk):
+        total += float(np.abs(flat[i:i + chunk]).sum(dtype=np.float64))
+    return total / max(flat.size, 1)
+
+
 def dream(gm: GradientModel, rgb: np.ndarray, settings: DreamSettings = DreamSettings(),
           progress: ProgressFn | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
+
+    The result is an HxWx3 view of a [3,H,W] array (``np.ascontiguousarray`` it if needed).
 
     Pass a settings with a seed for a reproducible result (``settings.with_seed()``).
     """
@@ -124,6 +139,8 @@ def dream(gm: GradientModel, rgb: np.ndarray, settings: DreamSettings = DreamSet
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")
     rng = np.random.default_rng(settings.seed)
     base = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+    if base is rgb or np.shares_memory(base, rgb):
+        base = base.copy()
     sizes = octave_sizes(base.shape[1], base.shape[2], settings.octaves, settings.octave_scale)
     total = len(sizes) * settings.steps
     done = 0
@@ -131,12 +148,15 @@ def dream(gm: GradientModel, rgb: np.ndarray, settings: DreamSettings = DreamSet
     detail = None
     img = base
     for octave, size in enumerate(reversed(sizes), start=1):
+        last = octave == len(sizes)
         octave_base = _resize_chw(base, size)
         if detail is None:
-            img = octave_base.copy()
+            # the last (full-size) octave may work on base itself: nothing needs it afterwards
+            img = octave_base if last else octave_base.copy()
         else:
             img = octave_base + _resize_chw(detail, size)
             np.clip(img, 0.0, 1.0, out=img)
+            detail = None
 
         def on_step(i: int, obj: float, octave=octave, size=size) -> bool:
             nonlocal done, stop
@@ -149,8 +169,9 @@ def dream(gm: GradientModel, rgb: np.ndarray, settings: DreamSettings = DreamSet
 
         if not stop:
             img = ascend(gm, img, settings, rng, settings.steps, on_step)
-        detail = img - octave_base
-    return np.ascontiguousarray(img.transpose(1, 2, 0))
+        if not last:
+            detail = img - octave_base
+    return img.transpose(1, 2, 0)  # a view: HxWx3, no full-size copy
 
 
 def steps_total(h: int, w: int, settings: DreamSettings) -> int:

@@ -120,27 +120,42 @@ class GradientModel:
                                  f"{str(exc).splitlines()[0][:200]}") from None
         return obj, grad
 
-    def gradient(self, img: np.ndarray, tile_size: int = 0) -> tuple[float, np.ndarray]:
-        """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than tile_size."""
-        _, h, w = img.shape
-        tileable = all(t.kind not in ("class", "neuron") for t in self.objective.terms)
-        if not tileable or tile_size <= 0 or (h <= tile_size and w <= tile_size):
-            obj, grad = self(img[None])
-            return float(obj[0]), grad[0]
-        return self.tiled(img, tile_size)
+    def gradient(self, img: np.ndarray, tile_size: int = 0, shift: tuple[int, int] = (0, 0),
+                 out: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than tile_size.
 
-    def tiled(self, img: np.ndarray, tile_size: int, batch: int = 4) -> tuple[float, np.ndarray]:
-        """The gradient assembled from tiles of at most tile_size pixels (core + halo).
-
-        The gradient is exact where the halo covers the receptive field; the objective returned
-        is an estimate (each tile's mean, weighted by its core's share of the image), since a
-        tile's mean also counts its halo.
+        ``shift`` evaluates the network on the image rolled by (dy, dx) pixels (the jitter) and
+        returns the gradient in the unrolled frame; big images are never copied whole for it.
+        ``out``, if given, receives the gradient (no new full-size array).
         """
         _, h, w = img.shape
+        dy, dx = shift[0] % h, shift[1] % w
+        tileable = all(t.kind not in ("class", "neuron") for t in self.objective.terms)
+        if not tileable or tile_size <= 0 or (h <= tile_size and w <= tile_size):
+            x = np.roll(img, (dy, dx), axis=(1, 2)) if (dy or dx) else img
+            obj, grad = self(x[None])
+            g = np.roll(grad[0], (-dy, -dx), axis=(1, 2)) if (dy or dx) else grad[0]
+            if out is None:
+                return float(obj[0]), g
+            out[...] = g
+            return float(obj[0]), out
+        return self.tiled(img, tile_size, (dy, dx), out)
+
+    def tiled(self, img: np.ndarray, tile_size: int, shift: tuple[int, int] = (0, 0),
+              out: np.ndarray | None = None, budget: int = 512 * 512) -> tuple[float, np.ndarray]:
+        """The gradient assembled from tiles of at most tile_size pixels (core + halo).
+
+        Tiles of one shape run in batches of at most ``budget`` pixels. The gradient is exact
+        where the halo covers the receptive field; the objective returned is an estimate (each
+        tile's mean, weighted by its core's share of the image), since a tile's mean also counts
+        its halo. With a shift, tiles are cut from the rolled image by index arithmetic.
+        """
+        _, h, w = img.shape
+        dy, dx = shift
         halo = self.tile_info.halo(tile_size)
         stride = self.tile_info.stride
         core = max(stride, (tile_size - 2 * halo) // stride * stride)
-        grad = np.zeros_like(img)
+        grad = np.zeros_like(img) if out is None else out
         total = 0.0
         tiles: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
         for y0 in range(0, h, core):
@@ -149,20 +164,29 @@ class GradientModel:
                 ty0, tx0 = max(0, y0 - halo), max(0, x0 - halo)
                 ty1, tx1 = min(h, y1 + halo), min(w, x1 + halo)
                 tiles.setdefault((ty1 - ty0, tx1 - tx0), []).append((y0, y1, x0, x1, ty0, tx0))
+
         def positions(a: int, b: int) -> float:  # layer positions over an a x b window
             return float(-(-a // stride) * -(-b // stride))
 
+        def rows(a: int, b: int) -> np.ndarray:  # rolled-frame rows a..b-1 in the image frame
+            return (np.arange(a, b) - dy) % h
+
+        def cols(a: int, b: int) -> np.ndarray:
+            return (np.arange(a, b) - dx) % w
+
         area = positions(h, w)
         for (th, tw), group in tiles.items():
+            batch = max(1, budget // (th * tw))
             for i in range(0, len(group), batch):
                 chunk = group[i:i + batch]
-                xb = np.stack([img[:, ty0:ty0 + th, tx0:tx0 + tw]
+                xb = np.stack([img[:, rows(ty0, ty0 + th)[:, None], cols(tx0, tx0 + tw)]
                                for (_, _, _, _, ty0, tx0) in chunk])
                 obj, gb = self(xb)
                 # each tile's objective is a mean over its own extent: rescale to the image's
                 scale = positions(th, tw) / area
                 for (y0, y1, x0, x1, ty0, tx0), o, g in zip(chunk, obj, gb):
-                    grad[:, y0:y1, x0:x1] = g[:, y0 - ty0:y1 - ty0, x0 - tx0:x1 - tx0] * scale
+                    core_g = g[:, y0 - ty0:y1 - ty0, x0 - tx0:x1 - tx0] * scale
+                    grad[:, rows(y0, y1)[:, None], cols(x0, x1)] = core_g
                     total += float(o) * scale * (y1 - y0) * (x1 - x0) / (th * tw)
         return total, grad
 

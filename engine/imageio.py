@@ -351,11 +351,15 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
     a = np.asarray(rgb)
     if a.dtype == np.uint8:
         return a
-    scaled = a.astype(np.float32) * np.float32(255.0)
-    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint8)
+    out = np.empty(a.shape, np.uint8)
+    rows = max(1, (1 << 22) // max(1, a[0].size))  # ~16 MB of float32 at a time
+    for i in range(0, a.shape[0], rows):
+        scaled = a[i:i + rows].astype(np.float32) * np.float32(255.0)
+        np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        np.rint(scaled, out=scaled)
+        out[i:i + rows] = scaled
+    return out
 
 
 def resize(
