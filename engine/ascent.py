@@ -99,6 +99,20 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: DreamSettings, rng: np.
 
     One gradient buffer is reused across steps; jitter rolls the network's view, not the image.
     """
+    _, h, w = img.shape
+    fits = settings.tile_size <= 0 or (h <= settings.tile_size and w <= settings.tile_size)
+    if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs":
+        # keep the image on the GPU: the whole step runs as one graph with IO binding
+        def shifts():
+            while True:
+                if settings.jitter:
+                    yield tuple(int(v) for v in rng.integers(-settings.jitter,
+                                                             settings.jitter + 1, 2))
+                else:
+                    yield 0, 0
+
+        img[...] = gm.device_ascent().run(img, steps, settings.step_size, shifts(), on_step)
+        return img
     grad = np.empty_like(img)
     for i in range(steps):
         if settings.jitter:

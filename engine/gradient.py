@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from onnxdream.errors import OnnxDreamError
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
@@ -72,6 +73,7 @@ class GradientModel:
             list(layers), objective)
         graph = self._compiled(proto, pre_relu, border, cache)
         self.session: Session = create_session(graph, device=device, threads=threads)
+        self._graph, self._threads, self._device_ascent = graph, threads, None
         self.tile_info = self._tile_info(proto, pre_relu)
         self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
 
@@ -109,6 +111,17 @@ class GradientModel:
             fields.append(rf[0])
             strides.append(rf[1])
         return TileInfo(max(fields), int(np.lcm.reduce(strides)))
+
+    def device_ascent(self):
+        """The step graph on this model's device (built on first use); see device_loop.py."""
+        if self._device_ascent is None:
+            from onnxdream.device_loop import DeviceAscent
+
+            graph = self._graph
+            proto = onnx.load(graph) if isinstance(graph, str) else onnx.load_from_string(graph)
+            self._device_ascent = DeviceAscent(proto, device=self.session.device,
+                                               threads=self._threads)
+        return self._device_ascent
 
     # -- evaluation ---------------------------------------------------------------------------
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
