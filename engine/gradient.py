@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxdream.errors import OnnxDreamError
+from onnxdream.errors import ModelError, OnnxDreamError
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
 from onnxdream.exporters.graph.compiler import COMPILED_KEY, save_model
 from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
@@ -72,7 +72,14 @@ class GradientModel:
         self.objective = layers if isinstance(layers, Objective) else Objective.build(
             list(layers), objective)
         graph = self._compiled(proto, pre_relu, border, cache)
-        self.session: Session = create_session(graph, device=device, threads=threads)
+        try:
+            self.session: Session = create_session(graph, device=device, threads=threads)
+        except ModelError:
+            if not isinstance(graph, str):
+                raise
+            Path(graph).unlink(missing_ok=True)  # a corrupt cached graph: compile it again
+            graph = self._compiled(proto, pre_relu, border, cache)
+            self.session = create_session(graph, device=device, threads=threads)
         self._graph, self._threads, self._device_ascent = graph, threads, None
         self.tile_info = self._tile_info(proto, pre_relu)
         self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")

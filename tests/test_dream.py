@@ -240,3 +240,16 @@ def test_models_and_layers_listing(model_home):
     assert list(layers)[:2] == ["stem", "blocks.0"] and "logits" in layers
     assert layers["blocks.5"]["shape"] == [1, 80, 14, 14]
     assert layers["stem"]["op_type"] == "Clip"
+
+
+def test_corrupt_compiled_graph_is_rebuilt(model_home):
+    from onnxdream.gradient import GradientModel, _cache_dir
+
+    GradientModel("efficientnet-lite0", ["blocks.3"])
+    cached = [p for p in _cache_dir().glob("*.onnx")]
+    assert cached
+    for p in cached:
+        p.write_bytes(b"\x00garbage")
+    gm = GradientModel("efficientnet-lite0", ["blocks.3"])
+    obj, grad = gm(np.random.rand(1, 3, 64, 64).astype(np.float32))
+    assert grad.shape == (1, 3, 64, 64) and np.isfinite(grad).all()
