@@ -28,17 +28,7 @@ from onnxdream.models.registry import ZOO, ZooEntry
 
 ort = pytest.importorskip("onnxruntime")
 
-REPO = Path(__file__).resolve().parents[1]
-# the shared test photos sit beside the repository (CI clones shared/ next to it); the lead
-# also commits chelsea.png under examples/
-IMAGE_DIRS = [REPO.parent / "shared" / "images", REPO / "examples"]
-
-
-def image_path(name: str) -> Path:
-    for folder in IMAGE_DIRS:
-        if (folder / name).is_file():
-            return folder / name
-    pytest.skip(f"test photo {name} not found in {', '.join(map(str, IMAGE_DIRS))}")
+from conftest import photo as image_path  # noqa: E402  (tests/ is on sys.path)
 
 
 def installed(name: str) -> bool:

@@ -479,42 +479,35 @@ def _batchnorm(ctx, dys):
     return [b.mul(dys[0], factor)]
 
 
-@rule("LayerNormalization")
-def _layernorm(ctx, dys):
+def _normalized_grad(ctx: RuleContext, x: str, gx: str, axes: list[int], eps: float) -> str:
+    """dX of (x - mean) / sqrt(var + eps) over ``axes``, given gx = dY * scale."""
     b = ctx.b
-    x = ctx.inputs[0]
-    rank = ctx.rank(x)
-    axis = int(ctx.attr("axis", -1)) % rank
-    axes = list(range(axis, rank))
-    eps = float(ctx.attr("epsilon", 1e-5))
     mu = b.reduce_mean(x, axes)
     xc = b.op("Sub", [x, mu])
     var = b.reduce_mean(b.mul(xc, xc), axes)
     rstd = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.scalar(eps)])])])
     xhat = b.mul(xc, rstd)
-    gx = b.mul(dys[0], ctx.inputs[1])
     m1 = b.reduce_mean(gx, axes)
     m2 = b.reduce_mean(b.mul(gx, xhat), axes)
-    inner = b.op("Sub", [b.op("Sub", [gx, m1]), b.mul(xhat, m2)])
-    return [b.mul(rstd, inner)]
+    return b.mul(rstd, b.op("Sub", [b.op("Sub", [gx, m1]), b.mul(xhat, m2)]))
+
+
+@rule("LayerNormalization")
+def _layernorm(ctx, dys):
+    x = ctx.inputs[0]
+    rank = ctx.rank(x)
+    axis = int(ctx.attr("axis", -1)) % rank
+    gx = ctx.b.mul(dys[0], ctx.inputs[1])
+    return [_normalized_grad(ctx, x, gx, list(range(axis, rank)),
+                             float(ctx.attr("epsilon", 1e-5)))]
 
 
 @rule("InstanceNormalization")
 def _instancenorm(ctx, dys):
-    b = ctx.b
     x = ctx.inputs[0]
     rank = ctx.rank(x)
-    axes = list(range(2, rank))
-    eps = float(ctx.attr("epsilon", 1e-5))
-    mu = b.reduce_mean(x, axes)
-    xc = b.op("Sub", [x, mu])
-    var = b.reduce_mean(b.mul(xc, xc), axes)
-    rstd = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.scalar(eps)])])])
-    xhat = b.mul(xc, rstd)
-    gx = b.mul(dys[0], _channel_view(ctx, ctx.inputs[1], rank))
-    m1 = b.reduce_mean(gx, axes)
-    m2 = b.reduce_mean(b.mul(gx, xhat), axes)
-    return [b.mul(rstd, b.op("Sub", [b.op("Sub", [gx, m1]), b.mul(xhat, m2)]))]
+    gx = ctx.b.mul(dys[0], _channel_view(ctx, ctx.inputs[1], rank))
+    return [_normalized_grad(ctx, x, gx, list(range(2, rank)), float(ctx.attr("epsilon", 1e-5)))]
 
 
 @rule("LRN")
