@@ -79,6 +79,15 @@ CASES = {
     "gelu_erf": Lambda(lambda x, c: F.gelu(c(x)), conv(3, 4, 3)),
     "gelu_tanh": Lambda(lambda x, c: F.gelu(c(x), approximate="tanh"), conv(3, 4, 3)),
     "pad_constant": Lambda(lambda x, c: c(F.pad(x, (1, 2, 0, 3))), conv(3, 4, 3, stride=2)),
+    "conv_transpose": Lambda(lambda x, c, t: t(c(x)), conv(3, 4, 3, stride=2),
+                             nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)),
+    "normalize_reducel2": Lambda(lambda x, c: F.normalize(c(x), dim=1) * c(x), conv(3, 4, 3)),
+    "softplus_abs_reciprocal": Lambda(
+        lambda x, c: F.softplus(c(x)) + torch.abs(c(x)) * torch.reciprocal(1.5 + x.mean(1, True)),
+        conv(3, 4, 3, padding=1)),
+    "logsoftmax_sum_maximum": Lambda(
+        lambda x, c: torch.log_softmax(c(x), 1) * torch.maximum(c(x), x.sum(1, keepdim=True)),
+        conv(3, 4, 3, padding=1)),
 }
 
 
