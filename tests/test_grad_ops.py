@@ -85,6 +85,9 @@ CASES = {
     "softplus_abs_reciprocal": Lambda(
         lambda x, c: F.softplus(c(x)) + torch.abs(c(x)) * torch.reciprocal(1.5 + x.mean(1, True)),
         conv(3, 4, 3, padding=1)),
+    "einsum": Lambda(lambda x, c, d: torch.einsum("bchw,bdhw->bcd", c(x), d(x)).unsqueeze(-1)
+                     + torch.einsum("bchw->bhwc", c(x)).mean((1, 2))[..., None, None],
+                     conv(3, 4, 3), conv(3, 5, 3)),
     "logsoftmax_sum_maximum": Lambda(
         lambda x, c: torch.log_softmax(c(x), 1) * torch.maximum(c(x), x.sum(1, keepdim=True)),
         conv(3, 4, 3, padding=1)),

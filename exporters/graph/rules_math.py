@@ -540,3 +540,30 @@ def _window_sum(ctx: RuleContext, v: str, lo: int, hi: int) -> str:
     out = b.op("Conv", [v4, kernel], pads=[lo, 0, hi, 0])
     out = b.op("Transpose", [out], perm=[0, 2, 1, 3])
     return b.op("Reshape", [out, shape])
+
+
+# -- einsum -----------------------------------------------------------------------------------
+
+
+@rule("Einsum")
+def _einsum(ctx, dys):
+    """For ``a,b->o``: dA = einsum('o,b->a', dY, B), and likewise for B (one or two operands)."""
+    eq = ctx.attr("equation").replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise ctx.fail(f"Einsum '{eq}' needs an explicit output and no ellipsis")
+    lhs, out = eq.split("->")
+    specs = lhs.split(",")
+    if len(specs) > 2 or any(len(set(s)) != len(s) for s in specs + [out]):
+        raise ctx.fail(f"Einsum '{eq}' (more than two operands or repeated indices) has no rule")
+    grads = []
+    for i, spec in enumerate(specs):
+        if not ctx.needs(i):
+            grads.append(None)
+            continue
+        others = [specs[j] for j in range(len(specs)) if j != i]
+        if any(c not in out and all(c not in o for o in others) for c in spec):
+            raise ctx.fail(f"Einsum '{eq}' sums an index of operand {i} alone; no rule")
+        equation = ",".join([out] + others) + "->" + spec
+        ins = [dys[0]] + [ctx.inputs[j] for j in range(len(specs)) if j != i]
+        grads.append(ctx.b.op("Einsum", ins, equation=equation))
+    return grads
