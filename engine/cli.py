@@ -87,6 +87,10 @@ def _default_output(image: Path, suffix: str) -> Path:
 
 # -- dream ------------------------------------------------------------------------------------
 
+# dream's defaults where neither an option nor --preset sets a value
+DREAM_DEFAULTS = {"octaves": 4, "octave_scale": 1.4, "steps": 10, "step_size": 0.006,
+                  "jitter": 32, "tile_size": 512, "normalize": "mean-abs", "max_loss": None}
+
 
 @app.command()
 def dream(
@@ -95,20 +99,36 @@ def dream(
         "-o", "--output", help="Where to write the dream; the extension picks the format "
         "(.png, .jpg, .webp). Default: IMAGE-dream.png in the current directory.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = "efficientnet-lite0",
+    preset: Annotated[Optional[str], typer.Option(
+        help="A named recipe: keras-classic, keras-io, caffe-googlenet or tf-notebook (layers, "
+        "objective, border, schedule, stop rule); options given explicitly override it.")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", help=LAYER_HELP)] = None,
-    objective: Annotated[str, typer.Option(help=OBJECTIVE_HELP)] = "mean",
-    pre_relu: Annotated[bool, typer.Option(
-        "--pre-relu", help="Use layer values before their ReLU (stronger, more varied).")] = False,
-    octaves: Annotated[int, typer.Option(help="Number of scales, smallest first.")] = 4,
-    octave_scale: Annotated[float, typer.Option(help="Size ratio between octaves.")] = 1.4,
-    steps: Annotated[int, typer.Option(help="Gradient-ascent steps per octave.")] = 10,
-    step_size: Annotated[float, typer.Option(
-        help="Step length: mean pixel change per step, on the [0,1] scale.")] = 0.006,
-    jitter: Annotated[int, typer.Option(help="Random shift in pixels each step (0: none).")] = 32,
-    tile_size: Annotated[int, typer.Option(
-        help="Images larger than this are processed in tiles of this size (0: never).")] = 512,
-    normalize: Annotated[str, typer.Option(
-        help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid).")] = "mean-abs",
+    objective: Annotated[Optional[str], typer.Option(
+        help=OBJECTIVE_HELP, show_default=False)] = None,
+    pre_relu: Annotated[Optional[bool], typer.Option(
+        "--pre-relu/--no-pre-relu", help="Use layer values before their ReLU (stronger, more "
+        "varied)  \\[default: no]", show_default=False)] = None,
+    border: Annotated[Optional[int], typer.Option(
+        help="Pixels to drop at each edge of the layer before reducing  \\[default: 0]",
+        min=0, show_default=False)] = None,
+    octaves: Annotated[Optional[int], typer.Option(
+        help="Number of scales, smallest first  \\[default: 4]", show_default=False)] = None,
+    octave_scale: Annotated[Optional[float], typer.Option(
+        help="Size ratio between octaves  \\[default: 1.4]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Gradient-ascent steps per octave  \\[default: 10]", show_default=False)] = None,
+    step_size: Annotated[Optional[float], typer.Option(
+        help="Step length: mean pixel change per step, on the [0,1] scale  \\[default: 0.006]",
+        show_default=False)] = None,
+    jitter: Annotated[Optional[int], typer.Option(
+        help="Random shift in pixels each step (0: none)  \\[default: 32]",
+        show_default=False)] = None,
+    tile_size: Annotated[Optional[int], typer.Option(
+        help="Images larger than this are processed in tiles of this size (0: never)  "
+        "\\[default: 512]", show_default=False)] = None,
+    normalize: Annotated[Optional[str], typer.Option(
+        help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid)  "
+        "\\[default: mean-abs]", show_default=False)] = None,
     max_loss: Annotated[Optional[float], typer.Option(
         help="Stop once the objective exceeds this value.")] = None,
     seed: Annotated[Optional[int], typer.Option(
@@ -121,18 +141,32 @@ def dream(
     Example:  onnxdream dream cat.jpg -o cat-dream.png --layer blocks.9 --steps 20
     """
     with _user_errors():
-        from onnxdream.ascent import DreamSettings, dream as run_dream, steps_total
+        from onnxdream.ascent import dream as run_dream, steps_total
         from onnxdream.gradient import GradientModel
         from onnxdream.imageio import check_output_path, load_image, save_image
+        from onnxdream.presets import resolve_preset
 
         out = output or _default_output(image, "dream")
         check_output_path(out)
-        settings = DreamSettings(octaves=octaves, octave_scale=octave_scale, steps=steps,
-                                 step_size=step_size, jitter=jitter, tile_size=tile_size,
-                                 seed=seed, normalize=normalize, max_loss=max_loss
-                                 ).validate().with_seed()
+        model_layers: list[str] = []
+        if preset is not None and not layer:
+            from onnxdream.exporters.graph.layers import layer_table, load_model
+            from onnxdream.gradient import resolve_model_path
+
+            model_layers = list(layer_table(load_model(resolve_model_path(model))))
+        plan = resolve_preset(
+            preset, model_layers, layers=layer, objective=objective, border=border,
+            pre_relu=pre_relu, defaults=DREAM_DEFAULTS, octaves=octaves,
+            octave_scale=octave_scale, steps=steps, step_size=step_size, jitter=jitter,
+            tile_size=tile_size, normalize=normalize, max_loss=max_loss)
+        objective, pre_relu, border = plan.objective, plan.pre_relu, plan.border
+        settings = plan.dream_settings(seed=seed).validate().with_seed()
+        octaves, octave_scale, steps = settings.octaves, settings.octave_scale, settings.steps
+        step_size, jitter, tile_size = settings.step_size, settings.jitter, settings.tile_size
+        normalize, max_loss = settings.normalize, settings.max_loss
         loaded = load_image(image)
-        gm = GradientModel(model, layer or [], objective, pre_relu=pre_relu, device=device)
+        gm = GradientModel(model, plan.layers, objective, pre_relu=pre_relu, border=border,
+                           device=device)
         if gm.session.fallback_warning:
             typer.secho(f"warning: {gm.session.fallback_warning}", err=True,
                         fg=typer.colors.YELLOW)
@@ -154,6 +188,8 @@ def dream(
             "onnxdream:objective": gm.objective.describe(),
             "onnxdream:layers": json.dumps([t.layer for t in gm.objective.terms]),
             "onnxdream:pre_relu": str(pre_relu),
+            "onnxdream:border": str(border),
+            "onnxdream:preset": preset or "",
             "onnxdream:provider": gm.provider,
             "onnxdream:command": "onnxdream " + shlex.join(
                 ["dream", str(image), "-o", str(out), "--model", model]
@@ -163,6 +199,7 @@ def dream(
                    "--jitter", str(jitter), "--tile-size", str(tile_size), "--normalize",
                    normalize, "--seed", str(settings.seed)]
                 + (["--pre-relu"] if pre_relu else [])
+                + (["--border", str(border)] if border else [])
                 + (["--max-loss", str(max_loss)] if max_loss is not None else [])),
         }
         meta.update({f"onnxdream:{k}": ("" if v is None else str(v))
@@ -307,6 +344,36 @@ def export_torchvision_cmd(
         result = export_torchvision_result(
             name, output, weights, progress=lambda msg: typer.echo(msg, err=True))
         typer.echo(f"wrote {result.path}", err=True)
+
+
+@export_app.command("keras")
+def export_keras_cmd(
+    model: Annotated[str, typer.Argument(
+        help="A keras.applications model (InceptionV3, VGG16, MobileNetV2, EfficientNetB0, …) "
+        "or a .keras / .h5 model file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
+    preprocess: Annotated[Optional[str], typer.Option(
+        help="How the model expects its input: tf (x/127.5-1), caffe (BGR minus the ImageNet "
+        "mean, 0..255), torch (ImageNet mean/std), none (0..255; the model scales itself) or "
+        "unit ([0,1]). Inferred for application names; required for files.")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="For names: imagenet (Keras' download, needs internet once; the default), none "
+        "(random) or a .weights.h5 FILE. For model files: a weights FILE to load instead of "
+        "the file's own.")] = None,
+    include_top: Annotated[bool, typer.Option(
+        "--include-top", help="Keep the classifier (needed for --objective class:K and "
+        "`onnxdream predict`); VGG-style heads then fix the input size.")] = False,
+):
+    """Export a Keras 3 model as a dreamable model (needs onnxdream[keras]; runs Keras on its
+    torch backend, whatever KERAS_BACKEND says elsewhere)."""
+    with _user_errors():
+        from onnxdream.exporters.keras import export_keras_result
+
+        result = export_keras_result(
+            model, output, weights=weights, preprocess=preprocess, include_top=include_top,
+            progress=lambda msg: typer.echo(msg, err=True))
+        size = "dynamic H/W" if result.dynamic_hw else "fixed size"
+        typer.echo(f"wrote {result.path} ({len(result.layers)} layers, {size})", err=True)
 
 
 # -- serve ------------------------------------------------------------------------------------

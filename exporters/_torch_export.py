@@ -262,7 +262,7 @@ def _torch_export(
     dynamo: bool,
 ) -> None:
     torch = import_torch()
-    axes: dict[str, dict[int, str]] = {"image": {0: "batch"}, "logits": {0: "batch"}}
+    axes: dict[str, dict[int, str]] = {"image": {0: "batch"}, output_names[0]: {0: "batch"}}
     if dynamic_hw:
         axes["image"].update({2: "height", 3: "width"})
     # no torch.no_grad(): without grad nn.MultiheadAttention takes its fused fast path
@@ -315,8 +315,10 @@ def _relative_error(got: Any, want: Any) -> float:
     return float(np.abs(got - want).max()) / scale
 
 
-def probe(path: Path, cases: Sequence[tuple[Any, Any]], rtol: float) -> str | None:
-    """Run onnxruntime on each (image, torch logits) case; None if all match, else why not."""
+def probe(
+    path: Path, cases: Sequence[tuple[Any, Any]], rtol: float, output_name: str = "logits"
+) -> str | None:
+    """Run onnxruntime on each (image, torch output) case; None if all match, else why not."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover
@@ -332,12 +334,12 @@ def probe(path: Path, cases: Sequence[tuple[Any, Any]], rtol: float) -> str | No
     for image, want in cases:
         hw = "×".join(str(d) for d in image.shape[2:])
         try:
-            (got,) = session.run(["logits"], {"image": image})
+            (got,) = session.run([output_name], {"image": image})
         except Exception as exc:  # noqa: BLE001
             return f"onnxruntime fails at {hw} ({str(exc).splitlines()[0][:200]})"
         err = _relative_error(got, want)
         if not err <= rtol:
-            return f"logits differ from torch at {hw} (relative error {err:.2e})"
+            return f"{output_name} differ from torch at {hw} (relative error {err:.2e})"
     return None
 
 
@@ -346,12 +348,17 @@ def probe(path: Path, cases: Sequence[tuple[Any, Any]], rtol: float) -> str | No
 # --------------------------------------------------------------------------------------------
 
 
-def finalize(model: Any, layers: Mapping[str, str], metadata: Mapping[str, str]) -> Any:
-    """Keep only ``logits`` as graph output (layer tensors stay inside) and set metadata."""
+def finalize(
+    model: Any,
+    layers: Mapping[str, str],
+    metadata: Mapping[str, str],
+    output_name: str = "logits",
+) -> Any:
+    """Keep only ``output_name`` as graph output (layer tensors stay inside) and set metadata."""
     graph = model.graph
-    keep = [o for o in graph.output if o.name == "logits"]
+    keep = [o for o in graph.output if o.name == output_name]
     if not keep:
-        raise ModelError("the exported graph has no 'logits' output")
+        raise ModelError(f"the exported graph has no {output_name!r} output")
     del graph.output[:]
     graph.output.extend(keep)
     produced = {out for node in graph.node for out in node.output}
@@ -460,7 +467,7 @@ def export_module(
     out: str | os.PathLike[str],
     *,
     name: str,
-    input_size: int,
+    input_size: int | tuple[int, int],
     source: str = "",
     license: str = "",
     labels: Sequence[str] | None = None,
@@ -472,16 +479,19 @@ def export_module(
     rtol: float = 1e-3,
     dynamic: bool = True,
     extra_metadata: Mapping[str, str] | None = None,
+    output_name: str = "logits",
 ) -> ExportResult:
     """Export a torch classifier as a dreamable model (see DESIGN.md) at ``out``.
 
     ``module`` maps a preprocessed [N,3,H,W] tensor to logits; ``preprocess`` maps the [0,1] RGB
     image to the module's input (default: ImageNet mean/std). ``layers`` maps layer names to the
     modules whose outputs are exposed (default: every non-root entry of ``named_modules()``);
-    entries that do not output a float tensor are left out. ``input_size`` is the native square
-    size used to trace and probe. With ``dynamic`` the export first tries symbolic H/W and keeps
-    it only if onnxruntime matches torch at an odd size too. The module is put in eval mode;
-    other changes made for the export are undone.
+    entries that do not output a float tensor are left out. ``input_size`` is the native size
+    used to trace and probe (square, or (H, W)). With ``dynamic`` the export first tries
+    symbolic H/W and keeps it only if onnxruntime matches torch at an odd size too. The module
+    is put in eval mode; other changes made for the export are undone. ``output_name`` names the module's output in
+    the graph: ``logits`` for classifiers; a headless network (a Keras application built without
+    its top) exports its last feature map under another name, so nothing mistakes it for logits.
     """
     torch = import_torch()
     import onnx
@@ -497,12 +507,13 @@ def export_module(
     wrapper.eval()
     try:
         generator = torch.Generator().manual_seed(0)
-        native = torch.rand(1, 3, input_size, input_size, generator=generator)
-        oh, ow = odd_size(input_size)
+        ih, iw = (input_size, input_size) if isinstance(input_size, int) else input_size
+        native = torch.rand(1, 3, ih, iw, generator=generator)
+        oh, ow = odd_size(ih)[0], odd_size(iw)[1]
         odd = torch.rand(2, 3, oh, ow, generator=generator)
-        native2 = torch.rand(2, 3, input_size, input_size, generator=generator)
+        native2 = torch.rand(2, 3, ih, iw, generator=generator)
 
-        _say(progress, f"tracing {name} at {input_size}×{input_size}")
+        _say(progress, f"tracing {name} at {ih}×{iw}")
         wrapper.attach()
         with torch.no_grad():
             want_native = wrapper(native).numpy()
@@ -517,10 +528,10 @@ def export_module(
             want_native2 = wrapper(native2).numpy()
         module_order = {path: i for i, path in enumerate(layers)}
         captured = sorted(shapes, key=lambda p: module_order[p])
-        taken: set[str] = {"image", "logits"}
+        taken: set[str] = {"image", output_name}
         infos = [LayerInfo(p, tensor_name_for(p, taken), shapes[p]) for p in captured]
         wrapper.capture = [i.path for i in infos]
-        output_names = ["logits", *[i.tensor for i in infos]]
+        output_names = [output_name, *[i.tensor for i in infos]]
 
         attempts: list[tuple[str, bool, bool]] = []  # (label, dynamic_hw, dynamo)
         if can_odd:
@@ -543,7 +554,7 @@ def export_module(
                 cases = [(native.numpy(), want_native), (native2.numpy(), want_native2)]
                 if dyn:
                     cases.append((odd.numpy(), want_odd))
-                why = probe(path, cases, rtol)
+                why = probe(path, cases, rtol, output_name)
                 if why is None:
                     model = onnx.load(str(path))
                     break
@@ -565,15 +576,17 @@ def export_module(
         "onnxdream.name": name,
         "onnxdream.source": source or name,
         "onnxdream.license": license,
-        "onnxdream.input_size": str(input_size),
+        "onnxdream.input_size": str(max(ih, iw)),  # an int: readers parse it so
         "onnxdream.dynamic_hw": "1" if dyn else "0",
         "onnxdream.layers": json.dumps(layer_map),
         "onnxdream.default_layers": json.dumps(list(default_layers)),
     }
+    if ih != iw:
+        metadata["onnxdream.input_hw"] = f"{ih}x{iw}"
     if labels is not None:
         metadata["onnxdream.labels"] = json.dumps(list(labels))
     metadata.update(extra_metadata or {})
-    finalize(model, layer_map, metadata)
+    finalize(model, layer_map, metadata, output_name)
     _say(progress, f"writing {out}")
     save_atomic(model, out)
     exporter = label.split(",")[0]
