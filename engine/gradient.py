@@ -81,6 +81,7 @@ class GradientModel:
             graph = self._compiled(proto, pre_relu, border, cache)
             self.session = create_session(graph, device=device, threads=threads)
         self._graph, self._threads, self._device_ascent = graph, threads, None
+        self.border = border
         self.tile_info = self._tile_info(proto, pre_relu)
         self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
 
@@ -134,10 +135,14 @@ class GradientModel:
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x: float32 [N,3,H,W] in [0,1] → (objective [N], grad [N,3,H,W])."""
         try:
-            obj, grad = self.session.run(["objective", "grad"], {"image": x})
+            obj, grad = self.session.session.run(["objective", "grad"], {"image": x},
+                                                 _quiet_run_options())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels: "
-                                 f"{str(exc).splitlines()[0][:200]}") from None
+            hint = (f" (with --border {self.border}, the layer must be more than "
+                    f"{2 * self.border} positions wide: use a larger image, fewer octaves or a "
+                    "smaller border)" if self.border else "")
+            raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels"
+                                 f"{hint}: {str(exc).splitlines()[0][:160]}") from None
         return obj, grad
 
     def gradient(self, img: np.ndarray, tile_size: int = 0, shift: tuple[int, int] = (0, 0),
@@ -209,6 +214,15 @@ class GradientModel:
                     grad[:, rows(y0, y1)[:, None], cols(x0, x1)] = core_g
                     total += float(o) * scale * (y1 - y0) * (x1 - x0) / (th * tw)
         return total, grad
+
+
+def _quiet_run_options():
+    """Run options that keep onnxruntime from logging errors we report ourselves."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
 
 
 def default_layers(meta: dict[str, str]) -> list[str]:

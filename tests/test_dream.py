@@ -253,3 +253,14 @@ def test_corrupt_compiled_graph_is_rebuilt(model_home):
     gm = GradientModel("efficientnet-lite0", ["blocks.3"])
     obj, grad = gm(np.random.rand(1, 3, 64, 64).astype(np.float32))
     assert grad.shape == (1, 3, 64, 64) and np.isfinite(grad).all()
+
+
+def test_border_larger_than_the_layer_is_explained(model_home, tmp_path):
+    small = tmp_path / "small.png"
+    Image.open(photo("chelsea.png")).resize((64, 48)).save(small)
+    proc = run_cli("dream", str(small), "-o", str(tmp_path / "o.png"), "--layer", "blocks.12",
+                   "--objective", "l2", "--border", "4", "--octaves", "1", home=model_home,
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--border 4" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()

@@ -97,8 +97,13 @@ def _slice(ctx, dys):
     s, e = clamp(starts), clamp(ends)
     length = b.op("Max", [b.op("Sub", [e, s]), i64(0)])
     pad_end = b.op("Sub", [b.op("Sub", [dims, s]), length])
-    pads = b.concat([s, pad_end])
-    return [b.op("Pad", [dys[0], pads, "", b.ints(axes)])] + [None] * (len(ctx.inputs) - 1)
+    # full-rank pads (no `axes` input): onnxruntime's layout optimiser mis-indexes partial ones
+    idx = b.ints(axes)
+    zeros = b.const(np.zeros(rank, np.int64), np.int64, "zero_pads")
+    begin = b.op("ScatterElements", [zeros, idx, s], axis=0)
+    end = b.op("ScatterElements", [zeros, idx, pad_end], axis=0)
+    pads = b.concat([begin, end])
+    return [b.op("Pad", [dys[0], pads])] + [None] * (len(ctx.inputs) - 1)
 
 
 @rule("Pad")
