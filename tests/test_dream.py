@@ -259,7 +259,7 @@ def test_border_larger_than_the_layer_is_explained(model_home, tmp_path):
     small = tmp_path / "small.png"
     Image.open(photo("chelsea.png")).resize((64, 48)).save(small)
     proc = run_cli("dream", str(small), "-o", str(tmp_path / "o.png"), "--layer", "blocks.12",
-                   "--objective", "l2", "--border", "4", "--octaves", "1", home=model_home,
+                   "--objective", "l2", "--border", "4", "--octaves", "1", "-q", home=model_home,
                    check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--border 4" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
