@@ -44,6 +44,45 @@ def rule(*op_types: str):
     return register
 
 
+def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
+    """onnx shape inference that also works past protobuf's 2 GB limit.
+
+    Large weights are swapped for graph inputs of the same type and shape (inference needs their
+    shapes, not their values); returns the model unchanged where inference fails.
+    """
+    big = [i for i in model.graph.initializer if i.ByteSize() > 1 << 20]
+    light = model
+    if big:
+        light = onnx.ModelProto()
+        light.CopyFrom(model) if model.ByteSize() < 1 << 30 else _copy_without(model, light, big)
+        names = {i.name for i in big}
+        keep = [i for i in light.graph.initializer if i.name not in names]
+        del light.graph.initializer[:]
+        light.graph.initializer.extend(keep)
+        light.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                                 for i in big)
+    try:
+        return onnx.shape_inference.infer_shapes(light, data_prop=data_prop)
+    except Exception:  # noqa: BLE001 - shape inference is best effort
+        return light
+
+
+def _copy_without(model: onnx.ModelProto, dst: onnx.ModelProto, big) -> None:
+    """Copy ``model`` into ``dst`` without serialising its large initializers."""
+    names = {i.name for i in big}
+    dst.CopyFrom(onnx.ModelProto())
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(dst, field, getattr(model, field))
+    dst.opset_import.extend(model.opset_import)
+    g = model.graph
+    dst.graph.name = g.name
+    dst.graph.node.extend(g.node)
+    dst.graph.input.extend(g.input)
+    dst.graph.output.extend(g.output)
+    dst.graph.value_info.extend(g.value_info)
+    dst.graph.initializer.extend(i for i in g.initializer if i.name not in names)
+
+
 @dataclass
 class GraphInfo:
     """What the rules may ask about forward tensors: static shapes, dtypes, constant values."""
@@ -54,10 +93,7 @@ class GraphInfo:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "GraphInfo":
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:  # noqa: BLE001 - shape inference is best effort
-            inferred = model
+        inferred = infer_shapes(model)
         shapes: dict[str, tuple | None] = {}
         dtypes: dict[str, int] = {}
         g = inferred.graph
@@ -69,7 +105,7 @@ class GraphInfo:
                     d.dim_value if d.HasField("dim_value")
                     else (d.dim_param or None) for d in tt.shape.dim)
         constants: dict[str, np.ndarray] = {}
-        for init in g.initializer:
+        for init in model.graph.initializer:  # the inferred copy may lack the large ones
             arr = numpy_helper.to_array(init)
             constants[init.name] = arr
             shapes[init.name] = arr.shape

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from onnxdream.errors import LayerError, ModelError, closest
-from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE
+from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE, infer_shapes
 
 MIN_OPSET = 18
 LAYERS_KEY = "onnxdream.layers"
@@ -178,10 +178,7 @@ def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
         d.Clear()
         d.dim_value = v
     # expose layer tensors as outputs so inference keeps their shapes
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:  # noqa: BLE001
-        inferred = fixed
+    inferred = infer_shapes(fixed)
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         tt = vi.type.tensor_type
