@@ -85,6 +85,12 @@ CASES = {
     "softplus_abs_reciprocal": Lambda(
         lambda x, c: F.softplus(c(x)) + torch.abs(c(x)) * torch.reciprocal(1.5 + x.mean(1, True)),
         conv(3, 4, 3, padding=1)),
+    "strided_slice_patch_merging": Lambda(
+        lambda x, c: torch.cat([c(x)[:, :, 0::2, 0::2][..., :8, :8],
+                                c(x)[:, :, 1::2, 0::2][..., :8, :8],
+                                c(x)[:, :, 2::3, 1::3][..., :5, :5].mean((2, 3), keepdim=True)
+                                .expand(-1, -1, 8, 8)], 1),
+        conv(3, 4, 3, padding=1)),
     "einsum": Lambda(lambda x, c, d: torch.einsum("bchw,bdhw->bcd", c(x), d(x)).unsqueeze(-1)
                      + torch.einsum("bchw->bhwc", c(x)).mean((1, 2))[..., None, None],
                      conv(3, 4, 3), conv(3, 5, 3)),

@@ -77,8 +77,10 @@ def _slice(ctx, dys):
     if ctx.input(3) and axes_v is None:
         raise ctx.fail("its axes are not constant")
     steps_v = ctx.const(4)
-    if ctx.input(4) and (steps_v is None or np.any(steps_v != 1)):
-        raise ctx.fail("Slice with steps other than 1 is not supported")
+    if ctx.input(4) and (steps_v is None or np.any(steps_v < 1)):
+        raise ctx.fail("Slice with negative or non-constant steps is not supported")
+    if ctx.input(4) and np.any(steps_v != 1):
+        return [_strided_slice_grad(ctx, dys[0], axes_v, steps_v)] + [None] * (len(ctx.inputs) - 1)
     n = None
     if axes_v is not None:
         axes = [int(a) % rank for a in axes_v.reshape(-1)]
@@ -104,6 +106,46 @@ def _slice(ctx, dys):
     end = b.op("ScatterElements", [zeros, idx, pad_end], axis=0)
     pads = b.concat([begin, end])
     return [b.op("Pad", [dys[0], pads])] + [None] * (len(ctx.inputs) - 1)
+
+
+def _strided_slice_grad(ctx: RuleContext, g: str, axes_v, steps_v) -> str:
+    """Adjoint of a Slice with positive steps, one axis at a time.
+
+    Along an axis sliced as start, start+k, …: interleave k-1 zeros after every element of dY
+    (Unsqueeze, Pad, Reshape), shift by start, and cut or pad to X's extent.
+    """
+    b = ctx.b
+    x = ctx.inputs[0]
+    rank = ctx.rank(x)
+    axes = ([int(a) % rank for a in axes_v.reshape(-1)] if axes_v is not None
+            else list(range(int(steps_v.size))))
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    for i, (axis, k) in enumerate(zip(axes, steps_v.reshape(-1).tolist())):
+        dim = b.dim(x, axis)
+        start = b.op("Gather", [ctx.inputs[1], b.ints([i])], axis=0)
+        start = b.where(b.op("Less", [start, i64(0)]), b.op("Add", [start, dim]), start)
+        start = b.op("Max", [b.op("Min", [start, dim]), i64(0)])
+        if k > 1:
+            u = b.unsqueeze(g, [axis + 1])
+            pads = [0] * (2 * (rank + 1))
+            pads[rank + 1 + axis + 1] = k - 1
+            u = b.op("Pad", [u, b.ints(pads)])
+            shape = b.shape(g)
+            new_shape = b.concat([
+                b.op("Slice", [shape, b.ints([0]), b.ints([axis]), b.ints([0])]),
+                b.op("Mul", [b.op("Slice", [shape, b.ints([axis]), b.ints([axis + 1]),
+                                              b.ints([0])]), i64([k])]),
+                b.op("Slice", [shape, b.ints([axis + 1]), b.ints([rank]), b.ints([0])])])
+            g = b.op("Reshape", [u, new_shape])
+        # place at start, then pad (or cut) the end to X's extent
+        zeros = b.const(np.zeros(rank, np.int64), np.int64, "zero_pads")
+        begin = b.op("ScatterElements", [zeros, b.ints([axis]), start], axis=0)
+        length = b.op("Add", [start, b.dim(g, axis)])
+        tail = b.op("Max", [b.op("Sub", [dim, length]), i64([0])])
+        end = b.op("ScatterElements", [zeros, b.ints([axis]), tail], axis=0)
+        g = b.op("Pad", [g, b.concat([begin, end])])
+        g = b.slice(g, [0], dim, [axis])
+    return g
 
 
 @rule("Pad")
