@@ -6,7 +6,8 @@ For each of the 80 models of ``torchvision.models.list_models(module=torchvision
 own subprocess: random weights (BatchNorm with non-trivial statistics), export to a dreamable
 model, compile the gradient of ``mean`` at the model's default layer, run it on onnxruntime's
 CPU provider and compare with torch autograd (relative error max|Δ|/max|g|, with onnxruntime's
-ReLU/MaxPool/Clip decisions shared as in tests/gradcheck.py). Sizes: 179x211 where the model is
+ReLU/MaxPool/Clip decisions shared as in tests/gradcheck.py; LayerNorm gets random affine
+parameters too). Sizes: 179x211 where the model is
 dynamic, its native size otherwise. A model passes when the error is below 1e-4.
 """
 
@@ -38,6 +39,10 @@ with torch.no_grad():
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5); m.running_var.uniform_(0.5, 2.0)
+        # LayerNorm's default affine (1, 0) makes the mean of its output a constant, whose
+        # gradient is float noise: give it some character
+        if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+            m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.5, 0.5)
 r = export_torchvision_result(name, out, "none", module=model)
 proto = onnx.load(str(out))
 meta = {p.key: p.value for p in proto.metadata_props}

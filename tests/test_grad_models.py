@@ -39,6 +39,10 @@ def random_model(name: str) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
+            elif isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                # with the default (1, 0) the mean of its output is a constant
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
     return model
 
 

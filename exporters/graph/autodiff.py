@@ -54,7 +54,7 @@ def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelPr
     light = model
     if big:
         light = onnx.ModelProto()
-        light.CopyFrom(model) if model.ByteSize() < 1 << 30 else _copy_without(model, light, big)
+        _copy_without(model, light, big)
         names = {i.name for i in big}
         keep = [i for i in light.graph.initializer if i.name not in names]
         del light.graph.initializer[:]

@@ -166,7 +166,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise ModelError(f"cannot write {path}: the directory {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if model.ByteSize() > 1_800_000_000:
+        if sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000:
             onnx.save(model, str(tmp), save_as_external_data=True,
                       location=path.name + ".data")
         else:

@@ -622,12 +622,11 @@ def optimize(model: onnx.ModelProto, passes: Sequence[str] | None = None,
 
 
 def _dtypes(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - best effort: passes that need a type then do nothing
-        inferred = model
+    from onnxdream.exporters.graph.autodiff import infer_shapes
+
+    inferred = infer_shapes(model, data_prop=False)  # best effort, and safe past 2 GB
     g = inferred.graph
     out = {vi.name: vi.type.tensor_type.elem_type for vi in
            list(g.input) + list(g.value_info) + list(g.output)}
-    out.update({i.name: i.data_type for i in g.initializer})
+    out.update({i.name: i.data_type for i in model.graph.initializer})
     return out
