@@ -30,7 +30,7 @@ $(TEST_VENV)/.installed: pyproject.toml
 	  echo "note: chromium not installed; the browser test will be skipped"
 
 test: $(TEST_VENV)/.installed .chromium
-	$(TEST_VENV)/bin/python -m pytest -q
+	$(TEST_VENV)/bin/python -m pytest -q --durations=10
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) *.egg-info
