@@ -253,11 +253,12 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     with _user_errors():
         from onnxdream.models import DEFAULT_MODEL, cached_models, list_zoo, model_home
 
-        cached = {p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in cached_models()}
+        files = [p.name for p in cached_models()]  # <name>-<hash12>.onnx
         rows = []
         for e in list_zoo():
+            cached = any(f.rsplit("-", 1)[0] == e.name for f in files)
             rows.append({"name": e.name, "default": e.name == DEFAULT_MODEL,
-                         "installed": e.installed, "cached": e.name in cached,
+                         "installed": e.installed, "cached": cached,
                          "input_size": e.input_size, "layers": list(e.default_layers),
                          "license": e.license, "description": e.description,
                          "install": None if e.installed else e.pip_hint})
