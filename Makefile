@@ -14,8 +14,9 @@ $(DEMO_VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(DEMO_VENV)/.installed
-	$(DEMO_VENV)/bin/onnxdream dream examples/chelsea.png -o examples/chelsea-dream.png --seed 7
-	$(DEMO_VENV)/bin/onnxdream predict examples/chelsea-dream.png --top 3
+	mkdir -p out
+	$(DEMO_VENV)/bin/onnxdream dream examples/chelsea.png -o out/chelsea-dream.png --seed 7
+	$(DEMO_VENV)/bin/onnxdream predict out/chelsea-dream.png --top 3
 
 $(TEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TEST_VENV)
