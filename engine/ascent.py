@@ -9,9 +9,8 @@ enlarge and re-inject the detail that shrinking lost.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from onnxdream.errors import OnnxDreamError
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import resize
 from onnxdream.normalize import NORMALIZERS, normalize
+from onnxdream.settings import describe, random_seed, require
 
 MIN_OCTAVE_SIDE = 32
 
@@ -48,17 +48,14 @@ class DreamSettings:
              f"--normalize must be one of {', '.join(NORMALIZERS)}"),
             (self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2^32-1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise OnnxDreamError(message)
+        require(checks)
         return self
 
     def with_seed(self) -> "DreamSettings":
         """A copy whose seed is fixed (drawn at random when none was given)."""
         if self.seed is not None:
             return self
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
-        return DreamSettings(**{**asdict(self), "seed": seed})
+        return replace(self, seed=random_seed())
 
 
 @dataclass(frozen=True)
@@ -192,9 +189,5 @@ def steps_total(h: int, w: int, settings: DreamSettings) -> int:
     return len(octave_sizes(h, w, settings.octaves, settings.octave_scale)) * settings.steps
 
 
-def describe(settings: DreamSettings) -> dict[str, str]:
-    return {k: ("" if v is None else str(v)) for k, v in asdict(settings).items()}
-
-
 __all__ = ["DreamSettings", "Progress", "ascend", "describe", "dream", "octave_sizes",
-           "steps_total", "math"]
+           "steps_total"]

@@ -141,7 +141,7 @@ def dream(
     Example:  onnxdream dream cat.jpg -o cat-dream.png --layer blocks.9 --steps 20
     """
     with _user_errors():
-        from onnxdream.ascent import dream as run_dream, steps_total
+        from onnxdream.ascent import describe, dream as run_dream, steps_total
         from onnxdream.gradient import GradientModel
         from onnxdream.imageio import check_output_path, load_image, save_image
         from onnxdream.presets import resolve_preset
@@ -202,8 +202,7 @@ def dream(
                 + (["--border", str(border)] if border else [])
                 + (["--max-loss", str(max_loss)] if max_loss is not None else [])),
         }
-        meta.update({f"onnxdream:{k}": ("" if v is None else str(v))
-                     for k, v in vars(settings).items()})
+        meta.update({f"onnxdream:{k}": v for k, v in describe(settings).items()})
         save_image(out, result, alpha=loaded.alpha, metadata=meta)
         typer.echo(f"wrote {out} ({w}x{h}, {time.perf_counter() - t0:.1f}s on {gm.provider}, "
                    f"seed {settings.seed})", err=True)

@@ -22,7 +22,7 @@ import onnx
 
 from onnxdream.errors import ModelError, OnnxDreamError
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
-from onnxdream.exporters.graph.compiler import COMPILED_KEY, save_model
+from onnxdream.exporters.graph.compiler import save_model
 from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.session import Session, create_session
@@ -82,7 +82,7 @@ class GradientModel:
             self.session = create_session(graph, device=device, threads=threads)
         self._graph, self._threads, self._device_ascent = graph, threads, None
         self.border = border
-        self.tile_info = self._tile_info(proto, pre_relu)
+        self.tile_info = self._tile_info(proto)
         self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
 
     @property
@@ -107,7 +107,7 @@ class GradientModel:
         except OSError:  # an unwritable cache only costs a recompile next time
             return graph.SerializeToString()
 
-    def _tile_info(self, proto, pre_relu: bool) -> TileInfo:
+    def _tile_info(self, proto) -> TileInfo:
         table = layer_table(proto)
         fields, strides = [], []
         for term in self.objective.terms:
@@ -231,8 +231,3 @@ def default_layers(meta: dict[str, str]) -> list[str]:
         raise OnnxDreamError("this model names no default layer: choose one with --layer "
                              "(`onnxdream layers MODEL` lists them)")
     return layers
-
-
-def compiled_summary(path: str | os.PathLike) -> dict:
-    proto = load_model(path)
-    return json.loads(metadata(proto).get(COMPILED_KEY, "{}"))

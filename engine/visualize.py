@@ -29,12 +29,13 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from onnxdream.errors import ObjectiveError, OnnxDreamError, closest
 from onnxdream.normalize import lap_normalize
+from onnxdream.settings import describe, random_seed, require
 from onnxdream.param import PARAMS, ImageParam, image
 from onnxdream.transforms import TRANSFORMS, Transform, compose
 
@@ -267,15 +268,13 @@ class VisualizeSettings:
             (self.normalize in NORMALIZERS, f"--normalize must be one of {', '.join(NORMALIZERS)}"),
             (self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2^32-1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise OnnxDreamError(message)
+        require(checks)
         return self
 
     def with_seed(self) -> "VisualizeSettings":
         if self.seed is not None:
             return self
-        return replace(self, seed=int(np.random.SeedSequence().generate_state(1)[0]))
+        return replace(self, seed=random_seed())
 
     def octave_sizes(self) -> list[int]:
         """Sizes from the smallest up; the last is ``size``."""
@@ -292,10 +291,6 @@ class VisualizeSettings:
         n = len(self.octave_sizes())
         base = self.steps // n
         return [base] * (n - 1) + [self.steps - base * (n - 1)]
-
-
-def describe(settings: VisualizeSettings) -> dict[str, str]:
-    return {k: ("" if v is None else str(v)) for k, v in asdict(settings).items()}
 
 
 @dataclass(frozen=True)

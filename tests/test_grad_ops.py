@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from gradcheck import compare, relative_error, session
+from gradcheck import compare
 from onnxdream.exporters.graph import compile_gradient
 
 torch.manual_seed(0)

@@ -71,8 +71,8 @@ def _copy_without(model: onnx.ModelProto, dst: onnx.ModelProto, big) -> None:
     """Copy ``model`` into ``dst`` without serialising its large initializers."""
     names = {i.name for i in big}
     dst.CopyFrom(onnx.ModelProto())
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(dst, field, getattr(model, field))
+    for attr in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(dst, attr, getattr(model, attr))
     dst.opset_import.extend(model.opset_import)
     g = model.graph
     dst.graph.name = g.name

@@ -106,7 +106,6 @@ def _avgpool(ctx, dys):
     pads = _explicit_pads(ctx, nd)
     pb, pe = pads[:nd], pads[nd:]
     include_pad = bool(ctx.attr("count_include_pad", 0))
-    int64 = onnx.TensorProto.INT64
     divisor = None
     for i in range(nd):
         n_out = b.op("Squeeze", [b.dim(y, 2 + i), b.ints([0])])
@@ -122,7 +121,6 @@ def _avgpool(ctx, dys):
         cnt = b.cast(cnt, onnx.TensorProto.FLOAT)
         cnt = b.op("Reshape", [cnt, b.ints([-1] + [1] * (nd - 1 - i))])
         divisor = cnt if divisor is None else b.mul(divisor, cnt)
-    del int64
     g = b.op("Div", [dys[0], divisor])
     # one channel at a time: [N*C, 1, spatial...]
     g1 = b.op("Reshape", [g, b.concat([b.ints([-1, 1]), b.op(
@@ -137,7 +135,7 @@ def _avgpool(ctx, dys):
 def _convtranspose(ctx, dys):
     """The adjoint of a transposed convolution is the convolution with the same weights."""
     b = ctx.b
-    x, w = ctx.inputs[0], ctx.inputs[1]
+    w = ctx.inputs[1]
     if ctx.needs(1) or ctx.needs(2):
         raise ctx.fail("its weights depend on the input image")
     if ctx.attr("output_shape"):
