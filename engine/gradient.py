@@ -10,6 +10,7 @@ radius the tiles join without seams (equal to the untiled gradient up to float r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -216,8 +217,9 @@ class GradientModel:
         return total, grad
 
 
+@functools.cache
 def _quiet_run_options():
-    """Run options that keep onnxruntime from logging errors we report ourselves."""
+    """Run options that keep onnxruntime from logging errors we report ourselves (made once)."""
     import onnxruntime as ort
 
     options = ort.RunOptions()
