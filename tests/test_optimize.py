@@ -93,9 +93,13 @@ def test_graph_is_rewritten(mini):
     assert before["Where"] > 0 and after["Where"] == 0  # Relu/Clip masks: Mul by Cast
     assert after["ConvTranspose"] == before["ConvTranspose"] - 1  # the dense stem; depthwise stays
     assert after["DepthToSpace"] == 1
-    # the stride-1 pool lost its Indices output, the strided one keeps it
+    # the stride-1 pool lost its Indices output (its backward is separable: one more MaxPool,
+    # of the rows), the strided one keeps it
     pools = [n for n in fast.graph.node if n.op_type == "MaxPool"]
-    assert sorted(len([o for o in n.output if o]) for n in pools) == [1, 2]
+    assert sorted(len([o for o in n.output if o]) for n in pools) == [1, 1, 2]
+    rows = [n for n in pools if n.output[0].startswith("opt/pool_rows")]
+    assert len(rows) == 1
+    assert list(onnx.helper.get_node_attr_value(rows[0], "kernel_shape"))[0] == 1
     assert after["ScatterElements"] == before["ScatterElements"] - 1
     assert rep.rewrites["batchnorm"] == 2 and rep.rewrites["maxpool"] == 1
     assert rep.rewrites["strided_conv"] == 1
@@ -132,7 +136,9 @@ def test_compile_optimizes_by_default(mini):
 
 @pytest.mark.parametrize("kernel,stride,pad,ceil", [(3, 1, 1, False), (2, 1, 0, False),
                                                      (3, 2, 1, True), (3, 2, 0, True),
-                                                     (2, 2, 0, False), (3, 3, 1, True)])
+                                                     (2, 2, 0, False), (3, 3, 1, True),
+                                                     ((2, 3), 1, (1, 1), False),
+                                                     ((1, 3), 1, (0, 1), False), (5, 1, 2, False)])
 def test_maxpool_backward_with_ties(kernel, stride, pad, ceil):
     """Flat regions make ties at positive values; the first maximum must get the gradient."""
     mod = _Lambda(lambda x, conv: F.max_pool2d(torch.relu(conv(x)), kernel, stride, padding=pad,

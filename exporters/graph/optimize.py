@@ -381,7 +381,8 @@ def _maxpool(g: _Graph) -> int:
             continue
         final, dy = m
         g.begin()
-        ok = _emit_maxpool_backward(g, mp, dy, final.output[0])
+        ok = (_emit_separable_maxpool_backward(g, mp, dy, final.output[0])
+              or _emit_maxpool_backward(g, mp, dy, final.output[0]))
         if not ok:
             g.take()
             continue
@@ -427,6 +428,82 @@ def _match_maxpool_backward(g: _Graph, mp: onnx.NodeProto):
     if final is None or final.op_type != "Reshape":
         return None
     return final, rg.input[0]
+
+
+def _pool_geometry(mp: onnx.NodeProto):
+    """(kernel, strides, pads[4]) of a 2-D MaxPool without dilation or SAME padding, else None."""
+    kernel = list(_attr(mp, "kernel_shape", []))
+    if len(kernel) != 2:
+        return None
+    strides = list(_attr(mp, "strides", [1, 1]))
+    dil = list(_attr(mp, "dilations", [1, 1]))
+    auto_pad = _attr(mp, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if any(d != 1 for d in dil) or auto_pad not in ("NOTSET", "VALID", ""):
+        return None
+    pads = [0] * 4 if auto_pad == "VALID" else list(_attr(mp, "pads", [0] * 4))
+    return kernel, strides, pads
+
+
+def _emit_separable_maxpool_backward(g: _Graph, mp: onnx.NodeProto, dy: str, out: str) -> bool:
+    """Stride-1 MaxPool backward as two 1-D backwards: rows of maxima, then the max of rows.
+
+    A k_h x k_w max is the vertical k_h-max of the horizontal k_w-maxima ``h``, and the first
+    maximum in row-major window order (onnxruntime's and torch's tie-break) is the first row whose
+    ``h`` equals the output, then the first column of that row that equals ``h``. So dY goes
+    back through the vertical 1-D backward (k_h taps on ``h``), then the horizontal one (k_w taps
+    on X): 2 x (k-1) compare-and-take steps instead of k_h x k_w, and no Indices.
+    """
+    geo = _pool_geometry(mp)
+    if geo is None:
+        return False
+    kernel, strides, pads = geo
+    if strides != [1, 1] or any(p >= k for p, k in zip(pads[:2] + pads[2:], kernel * 2)):
+        return False
+    (kh, kw), (ph0, pw0, ph1, pw1) = kernel, pads
+    x, y = mp.input[0], mp.output[0]
+    if kh > 1 and kw > 1:
+        h = g.node("MaxPool", [x], hint="pool_rows", kernel_shape=[1, kw], pads=[0, pw0, 0, pw1],
+                   strides=[1, 1])
+        dh = _emit_pool1d_backward(g, h, y, dy, 2, kh, ph0, ph1)
+        _emit_pool1d_backward(g, x, h, dh, 3, kw, pw0, pw1, out)
+    elif kh > 1:
+        _emit_pool1d_backward(g, x, y, dy, 2, kh, ph0, ph1, out)
+    else:
+        _emit_pool1d_backward(g, x, y, dy, 3, kw, pw0, pw1, out)
+    return True
+
+
+def _emit_pool1d_backward(g: _Graph, x: str, y: str, dy: str, axis: int, k: int, pb: int,
+                          pe: int, out: str | None = None) -> str:
+    """dX of y = max over k taps of x along ``axis`` (stride 1, pads pb/pe), first maximum wins.
+
+    Window q covers x[q - pb + a], a < k. Tap a's view of x is one Pad (negative pads crop, the
+    rest is -inf); dY moves to the first tap equal to y (``rest`` keeps what is not yet taken:
+    exactly dY or 0); tap a's share goes back to x by the opposite Pad; the shares are summed.
+    """
+    def pads(begin: int, end: int) -> str:
+        v = [0] * 8
+        v[axis], v[4 + axis] = begin, end
+        return g.ints(v)
+
+    ninf = g.add_const(np.array(-np.inf, np.float32), "neg_inf")
+    rest, takes = dy, []
+    for a in range(k - 1):
+        vb, ve = pb - a, pe - k + 1 + a
+        view = x if vb == ve == 0 else g.node("Pad", [x, pads(vb, ve), ninf], hint="pool_view")
+        hit = g.node("Cast", [g.node("Equal", [view, y])], to=FLOAT, hint="pool_hit")
+        take = g.node("Mul", [rest, hit], hint="pool_take")
+        rest = g.node("Sub", [rest, take], hint="pool_rest")  # exact: rest or 0
+        takes.append(take)
+    takes.append(rest)
+    placed = []
+    for a, t in enumerate(takes):
+        b, e = a - pb, k - 1 - pe - a
+        placed.append(t if b == e == 0 else g.node("Pad", [t, pads(b, e)], hint="pool_placed"))
+    if len(placed) == 1:
+        return g.node("Identity", placed, out=out, hint="pool_dx")
+    return g.node("Sum", placed, out=out, hint="pool_dx")
 
 
 def _emit_maxpool_backward(g: _Graph, mp: onnx.NodeProto, dy: str, out: str,
