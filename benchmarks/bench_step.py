@@ -1,7 +1,8 @@
 """Per-step time of the onnxdream engine vs PyTorch eager vs the onnxruntime floor.
 
-For each model and size, side by side and interleaved in one process (so load changes hit all
-three alike), the median over ``--repeats`` of one ascent step:
+For each model and size, side by side in one process, round-robin in blocks of a few steps (so
+load changes hit all columns alike, without one runtime's spinning threads slowing the other),
+the median over ``--repeats`` of one ascent step:
 
 - engine: ``onnxdream.ascent.ascend(gm, img, ..., steps=1)`` (jitter roll, gradient, mean-abs
   normalise, step, clip, roll back), the compiled graph optimised (``exporters/graph/optimize.py``);
@@ -37,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"googlenet": "inception4c", "efficientnet-lite0": "blocks.5"}
+BLOCK = 3  # steps per column in a row (see bench_model)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -198,12 +200,22 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
     for size in sizes:
         img = np.random.default_rng(size).random((3, size, size), dtype=np.float32)
         times: dict[str, list[float]] = {k: [] for k in [*runners, "floor"]}
-        for fn in [*runners.values(), floor_fn]:  # warm-up (first-run allocations, caches)
+        columns = {**runners, "floor": floor_fn}
+        for fn in columns.values():  # warm-up (first-run allocations, caches)
             fn(img.copy())
-        for _ in range(repeats):
-            for k, fn in runners.items():
-                times[k].append(timed(fn, img.copy()))
-            times["floor"].append(2 * timed(floor_fn, img))
+            fn(img.copy())
+        # round-robin over short blocks: a load change still hits every column alike, and each
+        # block starts after the previous runtime's worker threads stopped spinning (onnxruntime
+        # and torch both spin-wait after parallel work, which steals a core from the other)
+        done = 0
+        while done < repeats:
+            n = min(BLOCK, repeats - done)
+            for k, fn in columns.items():
+                time.sleep(0.3)
+                for _ in range(n):
+                    dt = timed(fn, img.copy())
+                    times[k].append(2 * dt if k == "floor" else dt)
+            done += n
         med = {k: 1000 * float(np.median(v)) for k, v in times.items()}
         row = {"model": name, "layer": layer, "size": size, "repeats": repeats,
                **{f"{k}_ms": round(v, 1) for k, v in med.items()},
