@@ -28,7 +28,7 @@ from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_laye
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.session import Session, create_session
 
-COMPILER_VERSION = "3"  # 2: optimised graphs (exporters/graph/optimize.py); 3: separable MaxPool backward
+COMPILER_VERSION = "4"  # 2: optimised graphs (exporters/graph/optimize.py); 3: separable MaxPool backward; 4: depthwise phase Convs
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:

@@ -91,8 +91,13 @@ def test_graph_is_rewritten(mini):
     after = Counter(n.op_type for n in fast.graph.node)
     assert before["BatchNormalization"] == 2 and after["BatchNormalization"] == 0
     assert before["Where"] > 0 and after["Where"] == 0  # Relu/Clip masks: Mul by Cast
-    assert after["ConvTranspose"] == before["ConvTranspose"] - 1  # the dense stem; depthwise stays
+    # strided adjoints as stride-1 phase Convs: the dense stem's interleaved by DepthToSpace, the
+    # depthwise one's (16 channels) as separate depthwise Convs stacked by Concat + Reshape
+    assert before["ConvTranspose"] == 2 and after["ConvTranspose"] == 0
     assert after["DepthToSpace"] == 1
+    phase = [n for n in fast.graph.node if n.output[0].startswith("opt/phase_conv")]
+    assert sorted(onnx.helper.get_node_attr_value(n, "group") for n in phase) == [1] + [16] * 4
+    assert any(n.output[0].startswith("opt/phase_rows") for n in fast.graph.node)
     # the stride-1 pool lost its Indices output (its backward is separable: one more MaxPool,
     # of the rows), the strided one keeps it
     pools = [n for n in fast.graph.node if n.op_type == "MaxPool"]
@@ -102,7 +107,7 @@ def test_graph_is_rewritten(mini):
     assert list(onnx.helper.get_node_attr_value(rows[0], "kernel_shape"))[0] == 1
     assert after["ScatterElements"] == before["ScatterElements"] - 1
     assert rep.rewrites["batchnorm"] == 2 and rep.rewrites["maxpool"] == 1
-    assert rep.rewrites["strided_conv"] == 1
+    assert rep.rewrites["strided_conv"] == 2
     onnx.checker.check_model(fast, full_check=True)
     assert all(n.domain in ("", "ai.onnx") for n in fast.graph.node)
 
