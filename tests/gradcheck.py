@@ -63,6 +63,8 @@ def onnx_decisions(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[np.n
     m.CopyFrom(model)
     fetch: dict[str, list[str]] = {"maxpool": [], "relu": [], "clip": []}
     for k, node in enumerate(m.graph.node):
+        if node.output[0].startswith("opt/"):
+            continue  # added by the optimiser for the backward (e.g. a separable pool's rows)
         if node.op_type == "MaxPool":
             while len(node.output) < 2:
                 node.output.append("")
