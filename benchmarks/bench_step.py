@@ -231,24 +231,40 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
 
 def tiled_child(model: str, layer: str, size: int, tile: int, device: str, work: str) -> None:
     """Runs in a child process: one tiled gradient step at size x size; prints JSON."""
-    import resource
-
     from onnxdream.ascent import DreamSettings, ascend
     from onnxdream.gradient import GradientModel
 
     path = onnx_model(model, Path(work))
     gm = GradientModel(path, [layer], device=device)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_kb()
     img = np.random.default_rng(0).random((3, size, size), dtype=np.float32)
     settings = DreamSettings(octaves=1, steps=1, jitter=32, tile_size=tile, seed=0)
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     ascend(gm, img, settings, rng, 1)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_kb()
     print(json.dumps({"model": model, "layer": layer, "size": size, "tile_size": tile,
                       "step_s": round(dt, 2), "peak_rss_mb": round(peak / 1024),
                       "step_rss_mb": round((peak - base) / 1024)}))
+
+
+def _peak_rss_kb() -> int:
+    """This process's peak resident memory in KiB: VmHWM (Linux), else ru_maxrss.
+
+    VmHWM belongs to the process image, so a child started by the benchmark does not report the
+    parent's peak (ru_maxrss can carry it across fork + exec).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _fmt(row: dict) -> str:

@@ -198,3 +198,53 @@ def test_unknown_pass():
     with pytest.raises(ValueError, match="unknown optimisation"):
         optimize(onnx.ModelProto(), passes=["nope"])
     assert list(PASSES)[-1] == "dead_code"
+
+
+def test_slice_chain_merges_the_adjoint_crops(model_home):
+    """EfficientNet-Lite0's explicit Pads before its strided depthwise Convs: the adjoint's crop
+    and the Pad's backward crop become one Slice, with the same gradient."""
+    from onnxdream.models import resolve_model
+
+    graph = compile_gradient(onnx.load(resolve_model("efficientnet-lite0")), ["blocks.3"],
+                             optimize=False)
+    rep = OptimizeReport()
+    fast = optimize(graph, report=rep)
+    assert rep.rewrites["slice_chain"] >= 2
+    unmerged = optimize(graph, passes=[p for p in DEFAULT_PASSES if p != "slice_chain"])
+    assert _slices_of_slices(unmerged) >= 2 and _slices_of_slices(fast) == 0
+    for size in [(64, 64), (67, 93)]:
+        x = np.random.default_rng(5).random((1, 3) + size, dtype=np.float32)
+        o0, g0 = _run(unmerged, x)
+        o1, g1 = _run(fast, x)
+        np.testing.assert_allclose(o1, o0, rtol=1e-6)
+        assert _rel(g1, g0) < 1e-6 and g1.shape == x.shape
+
+
+def _slices_of_slices(model) -> int:
+    """Slices whose input is a Slice of an interleaved adjoint output (the two crops in a row)."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+
+    def op(name):
+        return made_by[name].op_type if name in made_by else None
+
+    return sum(n.op_type == "Slice" and op(n.input[0]) == "Slice" and
+               op(made_by[n.input[0]].input[0]) in ("Reshape", "DepthToSpace")
+               for n in model.graph.node)
+
+
+def test_slice_chain_leaves_negative_ends_alone():
+    """Slice(Slice(x, 0, -1), 0, -1) is not Slice(x, 0, min(-1, -1)): left as it is."""
+    h = onnx.helper
+    nodes = [h.make_node("Slice", ["image", "s", "e", "ax"], ["a"]),
+             h.make_node("Slice", ["a", "s", "e", "ax"], ["grad"]),
+             h.make_node("ReduceMean", ["grad"], ["objective"], keepdims=0)]
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+             for n, v in (("s", [0]), ("e", [-1]), ("ax", [3]))]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("image", onnx.TensorProto.FLOAT,
+                                                           [1, 3, 4, 6])],
+                     [h.make_tensor_value_info("objective", onnx.TensorProto.FLOAT, None),
+                      h.make_tensor_value_info("grad", onnx.TensorProto.FLOAT, None)], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+    rep = OptimizeReport()
+    optimize(model, passes=["slice_chain"], report=rep)
+    assert rep.rewrites["slice_chain"] == 0

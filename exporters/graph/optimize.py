@@ -29,6 +29,8 @@ produced. Every pass keeps the contract (default-domain ops, any H/W, same ``obj
   channels are a multiple of 16 (so onnxruntime runs it blocked, NCHWc), one depthwise Conv per
   phase, stacked by Concat + Reshape (DepthToSpace is slow on big tensors). EfficientNet-Lite0 ->
   blocks.5 at 512 px: 73 -> 64 ms per step.
+- ``slice_chain``: two unit-step Slices in a row (a strided adjoint's crop, then the exporter's
+  explicit Pad's backward) become one, when their starts and ends are provably non-negative.
 - ``dead_code``: nodes and initializers nothing uses.
 """
 
@@ -663,6 +665,88 @@ def _interleave_phases(g: _Graph, phases: list[str], s: int) -> str:
     return g.node("Reshape", [stacked, target], hint="phase_full")
 
 
+def _slice_chain(g: _Graph) -> int:
+    """Slice(Slice(x, s1, e1), s2, e2) on the same axes -> Slice(x, s1 + s2, min(e1, s1 + e2)).
+
+    Both unit-step with constant non-negative starts, and ends known to be non-negative (constants
+    or arithmetic on Shape values), so the composition is exact; the inner result must feed only
+    the outer Slice. A strided Conv's adjoint crops its phase output, then the backward of the
+    exporter's explicit Pad crops again: one pass over a big tensor instead of two.
+    """
+    total = 0
+    while True:  # a chain of n Slices takes n-1 sweeps; each sweep merges disjoint pairs
+        n_done = _slice_chain_sweep(g)
+        total += n_done
+        if not n_done:
+            return total
+
+
+def _slice_chain_sweep(g: _Graph) -> int:
+    n_done = 0
+    drop: set[int] = set()
+    touched: set[int] = set()
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    for outer in g.nodes:
+        if outer.op_type != "Slice" or len(outer.input) < 4 or id(outer) in touched:
+            continue
+        inner = g.producer.get(outer.input[0])
+        if inner is None or inner.op_type != "Slice" or len(inner.input) < 4 or \
+                id(inner) in touched:
+            continue
+        if g.only_consumer(inner.output[0]) is not outer:
+            continue
+        ax_o, ax_i = g.const(outer.input[3]), g.const(inner.input[3])
+        s_o, s_i = g.const(outer.input[1]), g.const(inner.input[1])
+        if ax_o is None or ax_i is None or s_o is None or s_i is None:
+            continue
+        if list(ax_o.reshape(-1)) != list(ax_i.reshape(-1)) or (s_o < 0).any() or (s_i < 0).any():
+            continue
+        if any(len(n.input) > 4 and n.input[4] and not _all_ones(g.const(n.input[4]))
+               for n in (outer, inner)):
+            continue
+        if not (_nonneg(g, outer.input[2]) and _nonneg(g, inner.input[2])):
+            continue
+        g.begin()
+        e_o = outer.input[2] if not s_i.any() else g.node("Add", [g.ints(s_i.reshape(-1)),
+                                                                    outer.input[2]])
+        ends = g.node("Min", [inner.input[2], e_o], hint="slice_ends")
+        g.node("Slice", [inner.input[0], g.ints((s_i + s_o).reshape(-1)), ends, inner.input[3]],
+               out=outer.output[0])
+        new_nodes[id(outer)] = g.take()
+        drop.add(id(inner))
+        touched.update((id(inner), id(outer)))
+        n_done += 1
+    if n_done:
+        g.nodes = [m for n in g.nodes if id(n) not in drop for m in new_nodes.get(id(n), [n])]
+        g.index()
+    return n_done
+
+
+def _all_ones(arr: np.ndarray | None) -> bool:
+    return arr is not None and bool((arr == 1).all())
+
+
+_NONNEG_OPS = {"Slice", "Gather", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Add", "Mul", "Max",
+               "Min", "Cast"}
+
+
+def _nonneg(g: _Graph, name: str, depth: int = 0) -> bool:
+    """True if tensor ``name`` is provably >= 0: constants, Shape, and arithmetic on those."""
+    c = g.const(name)
+    if c is not None:
+        return bool((c >= 0).all())
+    n = g.producer.get(name)
+    if n is None or depth > 8:
+        return False
+    if n.op_type == "Shape":
+        return True
+    if n.op_type not in _NONNEG_OPS:
+        return False
+    data = n.input[:1] if n.op_type in ("Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape") \
+        else [i for i in n.input if i]
+    return all(_nonneg(g, i, depth + 1) for i in data)
+
+
 def _dead_code(g: _Graph) -> int:
     live = set(g.outputs)
     keep = []
@@ -688,6 +772,7 @@ PASSES: dict[str, Callable[[_Graph], int]] = {
     "channel_scale": _channel_scale,
     "maxpool": _maxpool,
     "strided_conv": _strided_conv,
+    "slice_chain": _slice_chain,
     "dead_code": _dead_code,
 }
 
