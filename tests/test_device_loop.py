@@ -91,3 +91,107 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
     calls.clear()
     ascend(gm, img.copy(), DreamSettings(steps=1, tile_size=64), np.random.default_rng(0), 1)
     assert calls == []
+
+
+# -- per-shape sessions and CUDA graphs ---------------------------------------------------------
+from onnxdream import device_loop  # noqa: E402
+from onnxdream.device_loop import (STATIC_CACHE, StaticSteps, roll_indices,  # noqa: E402
+                                   static_step_graph)
+
+
+def _proto(gm):
+    graph = gm._graph
+    return onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
+
+
+@pytest.mark.parametrize("size,shift", [(7, 3), (7, -2), (5, 0), (6, 11)])
+def test_roll_indices_are_np_roll(size, shift):
+    v = np.arange(size) * 10
+    take, back = roll_indices(size, shift)
+    assert np.array_equal(v[take], np.roll(v, shift))
+    assert np.array_equal(v[take][back], v)
+
+
+def test_static_step_graph_is_standard_onnx_with_a_fixed_shape(gm):
+    step = static_step_graph(_proto(gm), (1, 3, 97, 131))
+    onnx.checker.check_model(step, full_check=True)
+    assert {n.domain for n in step.graph.node} <= {""}
+    assert [i.name for i in step.graph.input] == list(device_loop.STATIC_INPUTS)
+    dims = [d.dim_value for d in step.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 97, 131]
+    assert not any(n.op_type == "Slice" and n.output[0].startswith("step/")
+                   for n in step.graph.node)  # the roll is data (Gather), not kernel parameters
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_static_steps_equal_the_numpy_loop(gm, steps):
+    """The per-shape runner (CPU provider here): Gather roll, buffers bound once, ping-pong."""
+    img = _image()
+    seed = 7
+    settings = DreamSettings(octaves=1, steps=steps, step_size=0.01, jitter=30)
+    expected = ascend(gm, img.copy(), settings, np.random.default_rng(seed), steps)
+    runner = StaticSteps(_proto(gm), (1, *img.shape), "cpu")
+    objectives = []
+    got = runner.run(img.copy(), steps, 0.01, _shifts(np.random.default_rng(seed), 30),
+                     lambda i, o: objectives.append(o))
+    assert len(objectives) == steps
+    assert np.abs(got - expected).max() < (1e-5 if steps == 1 else 1e-3)
+    # a second image through the same runner starts from its own pixels
+    again = runner.run(img.copy(), 1, 0.01, _shifts(np.random.default_rng(seed), 30))
+    first = ascend(gm, img.copy(), DreamSettings(octaves=1, steps=1, step_size=0.01, jitter=30),
+                   np.random.default_rng(seed), 1)
+    assert np.abs(again - first).max() < 1e-5
+
+
+def test_device_ascent_keeps_a_few_shapes(gm):
+    dev = DeviceAscent(_proto(gm), device="cpu", static_shapes=True)
+    assert dev.cuda_graph is False  # never on the CPU provider
+    img = _image()
+    for k in range(STATIC_CACHE + 1):
+        small = np.ascontiguousarray(img[:, : 64 + k, : 64 + k])
+        out = dev.run(small, 1, 0.01, _shifts(None, 0))
+        assert out.shape == small.shape
+    assert len(dev._static) == STATIC_CACHE and (1, 3, 64, 64) not in dev._static
+    assert dev.static_shapes and dev.fallback_reason is None
+
+
+def test_static_failure_falls_back_to_the_dynamic_graph(gm, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no CUDA graph for you")
+
+    monkeypatch.setattr(device_loop, "StaticSteps", broken)
+    dev = DeviceAscent(_proto(gm), device="cpu", static_shapes=True)
+    img = _image()
+    with pytest.warns(RuntimeWarning, match="per-shape session failed .*no CUDA graph"):
+        got = dev.run(img.copy(), 1, 0.01, _shifts(np.random.default_rng(3), 20))
+    expected = ascend(gm, img.copy(), DreamSettings(octaves=1, steps=1, step_size=0.01, jitter=20),
+                      np.random.default_rng(3), 1)
+    assert np.abs(got - expected).max() < 1e-5  # the same jitter, drawn once
+    assert dev.static_shapes is False and "no CUDA graph" in dev.fallback_reason
+
+
+def test_cuda_runner_asks_for_a_cuda_graph(gm, monkeypatch):
+    """There is no GPU here: check what a CUDA runner asks onnxruntime for."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_session(model, device, threads=None, **kw):
+        seen.update(device=device, **kw)
+        seen["shape"] = [d.dim_value for d in onnx.load_from_string(
+            model.SerializeToString()).graph.input[0].type.tensor_type.shape.dim]
+        raise Stop
+
+    monkeypatch.setattr(device_loop, "create_session", fake_session)
+    with pytest.raises(Stop):
+        StaticSteps(_proto(gm), (1, 3, 64, 80), "cuda", cuda_graph=True)
+    assert seen["device"] == "cuda" and seen["cuda_options"] == {"enable_cuda_graph": "1"}
+    assert seen["shape"] == [1, 3, 64, 80]
+
+
+@pytest.mark.parametrize("value,on", [("", True), ("1", True), ("0", False), ("off", False),
+                                      ("false", False)])
+def test_cuda_graph_switch(monkeypatch, value, on):
+    monkeypatch.setenv(device_loop.CUDA_GRAPH_ENV, value)
+    assert device_loop.cuda_graph_enabled() is on
