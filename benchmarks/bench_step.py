@@ -58,8 +58,8 @@ def onnx_model(name: str, work: Path) -> Path:
     return Path(resolve_model(name))
 
 
-def torch_module(name: str, layer: str):
-    """(callable x01 -> layer activation, description), frozen weights, eval mode."""
+def torch_module(name: str, layer: str, device: str = "cpu"):
+    """callable x01 -> layer activation; frozen weights, eval mode, on ``device``."""
     import torch
 
     class Stop(Exception):
@@ -70,9 +70,9 @@ def torch_module(name: str, layer: str):
 
         torch.manual_seed(0)
         net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
-                                           transform_input=True).eval()
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+                                           transform_input=True).eval().to(device)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
         def pre(x):
             return (x - mean) / std
@@ -83,11 +83,12 @@ def torch_module(name: str, layer: str):
         from onnxdream.models import ZOO
         from onnxdream.models.checkpoint import load_state_dict
 
-        net = tel.load(name, load_state_dict(ZOO[name].checkpoint_path()))
+        net = tel.load(name, load_state_dict(ZOO[name].checkpoint_path())).to(device)
         layer = "_blocks." + layer.split(".")[1] if layer.startswith("blocks.") else layer
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).to(device) for v in (tel.MEAN, tel.STD))
 
         def pre(x):
-            return (x - tel.MEAN) / tel.STD
+            return (x - mean) / std
     for p in net.parameters():
         p.requires_grad_(False)
     module = dict(net.named_modules())[layer]
@@ -136,30 +137,60 @@ def floor_model(src: Path, layer: str) -> bytes:
 
 
 # -- steps -------------------------------------------------------------------------------------
-def engine_step(gm, settings, seed=0):
+def engine_step(gm, settings, k: int = 1, seed=0):
+    """k engine steps per call (on CUDA the image stays on the device between them)."""
     from onnxdream.ascent import ascend
 
     rng = np.random.default_rng(seed)
 
     def step(img):
-        return ascend(gm, img, settings, rng, 1)
+        return ascend(gm, img, settings, rng, k)
     return step
 
 
-def torch_step(fn, settings, seed=0):
+def torch_step(fn, settings, k: int = 1, device: str = "cpu", seed=0):
+    """k PyTorch eager steps per call, on ``device`` (synchronised before returning)."""
     import torch
 
     rng = np.random.default_rng(seed)
 
     def step(img: np.ndarray):
-        oy, ox = (int(v) for v in rng.integers(-settings.jitter, settings.jitter + 1, 2))
-        x = torch.from_numpy(img).roll((oy, ox), (1, 2))[None].requires_grad_(True)
-        fn(x).mean().backward()
-        g = x.grad[0]
-        with torch.no_grad():
-            out = (x[0] + settings.step_size * g / (g.abs().mean() + 1e-8)).clamp_(0, 1)
-        return out.roll((-oy, -ox), (1, 2)).numpy()
+        x0 = torch.from_numpy(img).to(device)
+        for _ in range(k):
+            oy, ox = (int(v) for v in rng.integers(-settings.jitter, settings.jitter + 1, 2))
+            x = x0.roll((oy, ox), (1, 2))[None].requires_grad_(True)
+            fn(x).mean().backward()
+            g = x.grad[0]
+            with torch.no_grad():
+                x0 = (x[0] + settings.step_size * g / (g.abs().mean() + 1e-8)).clamp_(0, 1)
+                x0 = x0.roll((-oy, -ox), (1, 2))
+        out = x0.cpu().numpy()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
     return step
+
+
+def floor_step(floor, device: str):
+    """One forward of the truncated network; on CUDA from a device-resident input."""
+    sess = floor.session
+    if device != "cuda":
+        return lambda img: sess.run(None, {"image": img[None]})
+    import onnxruntime as ort
+
+    cache = {}
+
+    def run(img):
+        if img.shape not in cache:
+            cache.clear()
+            cache[img.shape] = ort.OrtValue.ortvalue_from_numpy(img[None], "cuda", 0)
+        b = sess.io_binding()
+        b.bind_ortvalue_input("image", cache[img.shape])
+        for o in sess.get_outputs():
+            b.bind_output(o.name, "cuda")
+        sess.run_with_iobinding(b)
+        b.synchronize_outputs()
+    return run
 
 
 def timed(fn, arg) -> float:
@@ -169,7 +200,7 @@ def timed(fn, arg) -> float:
 
 
 def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: Path,
-                plain: bool, torch_too: bool) -> list[dict]:
+                plain: bool, torch_too: bool, k: int = 1) -> list[dict]:
     import onnx
 
     from onnxdream.ascent import DreamSettings
@@ -181,21 +212,21 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
     settings = DreamSettings(octaves=1, steps=1, jitter=32, tile_size=0, seed=0)
     gm = GradientModel(path, [layer], device=device)
     floor = create_session(floor_model(path, layer), device=device)
-    runners = {"engine": engine_step(gm, settings)}
+    device = gm.session.device  # what the engine really runs on (auto resolves here)
+    runners = {"engine": engine_step(gm, settings, k)}
     if plain:
         raw = compile_gradient(onnx.load(str(path)), [layer], optimize=False)
         gm_plain = GradientModel.__new__(GradientModel)
         gm_plain.__dict__.update(gm.__dict__)
         gm_plain.session = create_session(raw.SerializeToString(), device=device)
-        runners["plain"] = engine_step(gm_plain, settings)
+        runners["plain"] = engine_step(gm_plain, settings, k)
     if torch_too:
         import torch
 
-        torch.set_num_threads(gm.session.threads or os.cpu_count())
-        runners["torch"] = torch_step(torch_module(name, layer), settings)
-
-    def floor_fn(img):
-        floor.session.run(None, {"image": img[None]})
+        if device == "cpu":
+            torch.set_num_threads(gm.session.threads or os.cpu_count())
+        runners["torch"] = torch_step(torch_module(name, layer, device), settings, k, device)
+    floor_fn = floor_step(floor, device)
     rows = []
     for size in sizes:
         img = np.random.default_rng(size).random((3, size, size), dtype=np.float32)
@@ -210,14 +241,15 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
         done = 0
         while done < repeats:
             n = min(BLOCK, repeats - done)
-            for k, fn in columns.items():
+            for col, fn in columns.items():
                 time.sleep(0.3)
                 for _ in range(n):
                     dt = timed(fn, img.copy())
-                    times[k].append(2 * dt if k == "floor" else dt)
+                    times[col].append(2 * dt if col == "floor" else dt / k)
             done += n
         med = {k: 1000 * float(np.median(v)) for k, v in times.items()}
         row = {"model": name, "layer": layer, "size": size, "repeats": repeats,
+               "steps_per_call": k, "provider": gm.provider,
                **{f"{k}_ms": round(v, 1) for k, v in med.items()},
                "engine_vs_floor": round(med["engine"] / med["floor"], 2)}
         if "torch" in med:
@@ -247,6 +279,18 @@ def tiled_child(model: str, layer: str, size: int, tile: int, device: str, work:
     print(json.dumps({"model": model, "layer": layer, "size": size, "tile_size": tile,
                       "step_s": round(dt, 2), "peak_rss_mb": round(peak / 1024),
                       "step_rss_mb": round((peak - base) / 1024)}))
+
+
+def _torch_can_run(device: str) -> bool:
+    try:
+        import torch
+    except ImportError:
+        print("no torch column: torch is not installed")
+        return False
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no torch column: this torch has no CUDA device")
+        return False
+    return True
 
 
 def _peak_rss_kb() -> int:
@@ -306,6 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--plain", action="store_true", help="also time the unoptimised graph")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--steps-per-call", type=int, default=None,
+                    help="steps per timed call, time divided by it (default: 10 on CUDA, else 1)")
     ap.add_argument("--tiled", type=int, default=4096, help="tiled run size (0: skip)")
     ap.add_argument("--tile-size", type=int, default=1024)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "bench_step.json"))
@@ -323,9 +369,11 @@ def main(argv=None) -> int:
           f" {'eng/torch':>9s} {'eng/floor':>9s}   (ms per step, median of {a.repeats})")
     rows = []
     sizes = [int(s) for s in a.sizes.split(",") if s]
+    k = a.steps_per_call or (10 if a.device == "cuda" else 1)
+    torch_too = not a.no_torch and _torch_can_run(a.device)
     for name in a.models.split(","):
         rows += bench_model(name, MODELS[name], sizes, a.repeats, a.device, work, a.plain,
-                            not a.no_torch and a.device == "cpu")
+                            torch_too, k)
     tiled = []
     if a.tiled:
         for name in a.models.split(","):
