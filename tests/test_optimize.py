@@ -248,3 +248,12 @@ def test_slice_chain_leaves_negative_ends_alone():
     rep = OptimizeReport()
     optimize(model, passes=["slice_chain"], report=rep)
     assert rep.rewrites["slice_chain"] == 0
+
+
+def test_sums_become_adds(mini):
+    graph = compile_gradient(mini, ["y"], "mean", optimize=False)
+    assert Counter(n.op_type for n in graph.graph.node)["Sum"] > 0
+    fast = optimize(graph)
+    assert Counter(n.op_type for n in fast.graph.node)["Sum"] == 0
+    x = np.random.default_rng(4).random((2, 3, 41, 37), dtype=np.float32)
+    assert _rel(_run(fast, x)[1], _run(graph, x)[1]) < 1e-6

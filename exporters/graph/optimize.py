@@ -31,6 +31,8 @@ produced. Every pass keeps the contract (default-domain ops, any H/W, same ``obj
   blocks.5 at 512 px: 73 -> 64 ms per step.
 - ``slice_chain``: two unit-step Slices in a row (a strided adjoint's crop, then the exporter's
   explicit Pad's backward) become one, when their starts and ends are provably non-negative.
+- ``sum_to_add``: variadic Sums (where gradients meet) become chains of Adds, which onnxruntime
+  runs faster.
 - ``dead_code``: nodes and initializers nothing uses.
 """
 
@@ -665,6 +667,29 @@ def _interleave_phases(g: _Graph, phases: list[str], s: int) -> str:
     return g.node("Reshape", [stacked, target], hint="phase_full")
 
 
+def _sum_to_add(g: _Graph) -> int:
+    """Sum(a, b, c, ...) -> Add(Add(a, b), c) ...: onnxruntime's variadic Sum is slower than its
+    Adds (3 inputs of 2M floats: 1.6 ms vs 0.9 ms on 2 cores), and an Add of a Conv's output
+    can be fused into that Conv (the blocked NCHWc kernels accumulate in place)."""
+    n_done = 0
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for n in g.nodes:
+        ins = [i for i in n.input if i]
+        if n.op_type != "Sum" or len(ins) < 2 or g.dtypes.get(n.output[0], FLOAT) != FLOAT:
+            continue
+        g.begin()
+        acc = ins[0]
+        for k, i in enumerate(ins[1:], 2):
+            acc = g.node("Add", [acc, i], out=n.output[0] if k == len(ins) else None,
+                         hint="sum_part")
+        replace[id(n)] = g.take()
+        n_done += 1
+    if n_done:
+        g.nodes = [m for n in g.nodes for m in replace.get(id(n), [n])]
+        g.index()
+    return n_done
+
+
 def _slice_chain(g: _Graph) -> int:
     """Slice(Slice(x, s1, e1), s2, e2) on the same axes -> Slice(x, s1 + s2, min(e1, s1 + e2)).
 
@@ -773,6 +798,7 @@ PASSES: dict[str, Callable[[_Graph], int]] = {
     "maxpool": _maxpool,
     "strided_conv": _strided_conv,
     "slice_chain": _slice_chain,
+    "sum_to_add": _sum_to_add,
     "dead_code": _dead_code,
 }
 
