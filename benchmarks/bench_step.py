@@ -248,9 +248,11 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
                     times[col].append(2 * dt if col == "floor" else dt / k)
             done += n
         med = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+        best = {k: 1000 * float(np.min(v)) for k, v in times.items()}
         row = {"model": name, "layer": layer, "size": size, "repeats": repeats,
                "steps_per_call": k, "provider": gm.provider,
                **{f"{k}_ms": round(v, 1) for k, v in med.items()},
+               **{f"{k}_min_ms": round(v, 1) for k, v in best.items()},
                "engine_vs_floor": round(med["engine"] / med["floor"], 2)}
         if "torch" in med:
             row["engine_vs_torch"] = round(med["engine"] / med["torch"], 2)
@@ -320,6 +322,15 @@ def _fmt(row: dict) -> str:
     return " ".join(cols)
 
 
+def copy_bandwidth() -> float:
+    """GB/s of a 200 MB numpy copy (best of 5): on a shared VM this moves with the neighbours,
+    and the engine's many memory-bound passes move with it more than compute-bound PyTorch."""
+    a = np.ones(50_000_000, np.float32)
+    b = np.empty_like(a)
+    best = min(timed(lambda _: np.copyto(b, a), None) for _ in range(5))
+    return round(2 * a.nbytes / best / 1e9, 1)
+
+
 def machine(device: str) -> dict:
     import onnxruntime as ort
 
@@ -338,6 +349,7 @@ def machine(device: str) -> dict:
     except OSError:
         load = None
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": default_threads(),
+            "copy_gb_s": copy_bandwidth(),
             "onnxruntime": ort.__version__, "device": device, "python": platform.python_version(),
             "loadavg_1m_at_start": load}
 
@@ -389,6 +401,9 @@ def main(argv=None) -> int:
             print(f"tiled {name} {t['size']}x{t['size']} (tiles of {t['tile_size']}): "
                   f"{t['step_s']} s/step, peak RSS {t['peak_rss_mb']} MB "
                   f"(+{t['step_rss_mb']} MB during the step)")
+    info["copy_gb_s_at_end"] = copy_bandwidth()
+    print(f"memory copy bandwidth: {info['copy_gb_s']} GB/s at start, "
+          f"{info['copy_gb_s_at_end']} GB/s at end")
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "steps": rows, "tiled": tiled}, indent=1) + "\n")
