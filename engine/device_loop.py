@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -189,6 +190,7 @@ class StaticSteps:
 
         self.shape = tuple(int(v) for v in shape)
         self.device = device
+        self.lock = threading.Lock()  # one run at a time: the buffers are bound once
         options = {"enable_cuda_graph": "1"} if cuda_graph else None
         self.session: Session = create_session(static_step_graph(gradient_model, self.shape),
                                                device=device, threads=threads,
@@ -221,7 +223,14 @@ class StaticSteps:
             self.run_options.append(ro)
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step=None) -> np.ndarray:
-        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape."""
+        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape.
+
+        Runs from several threads (the server's workers share a model) take turns.
+        """
+        with self.lock:
+            return self._run(img, steps, step_size, shifts, on_step)
+
+    def _run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step) -> np.ndarray:
         h, w = self.shape[2], self.shape[3]
         self.images[0].update_inplace(np.ascontiguousarray(img[None], dtype=np.float32))
         self.step_size.update_inplace(np.array([step_size], np.float32))
@@ -265,17 +274,20 @@ class DeviceAscent:
         self._model = gradient_model
         self._threads = threads
         self._static: OrderedDict[tuple[int, ...], StaticSteps] = OrderedDict()
+        self._lock = threading.Lock()
 
     def static_steps(self, shape: tuple[int, ...]) -> StaticSteps:
         """The per-shape runner for ``shape`` ([1,3,H,W]), created on first use (LRU)."""
         shape = tuple(int(v) for v in shape)
-        runner = self._static.pop(shape, None)
-        if runner is None:
-            runner = StaticSteps(self._model, shape, self.device, self._threads, self.cuda_graph)
-        self._static[shape] = runner
-        while len(self._static) > STATIC_CACHE:
-            self._static.popitem(last=False)
-        return runner
+        with self._lock:
+            runner = self._static.pop(shape, None)
+            if runner is None:
+                runner = StaticSteps(self._model, shape, self.device, self._threads,
+                                     self.cuda_graph)
+            self._static[shape] = runner
+            while len(self._static) > STATIC_CACHE:
+                self._static.popitem(last=False)
+            return runner
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts,
             on_step=None) -> np.ndarray:

@@ -195,3 +195,18 @@ def test_cuda_runner_asks_for_a_cuda_graph(gm, monkeypatch):
 def test_cuda_graph_switch(monkeypatch, value, on):
     monkeypatch.setenv(device_loop.CUDA_GRAPH_ENV, value)
     assert device_loop.cuda_graph_enabled() is on
+
+
+def test_static_runner_is_shared_safely_between_threads(gm):
+    """The server's workers share a model: same-shape dreams take turns on the bound buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dev = DeviceAscent(_proto(gm), device="cpu", static_shapes=True)
+    img = _image()
+    alone = dev.run(img.copy(), 2, 0.01, _shifts(np.random.default_rng(9), 10))
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda k: dev.run(img.copy() * (1 - 0.1 * (k % 2)), 2, 0.01,
+                                               _shifts(np.random.default_rng(9), 10)), range(6)))
+    dimmed = dev.run(img.copy() * 0.9, 2, 0.01, _shifts(np.random.default_rng(9), 10))
+    for k, out in enumerate(outs):
+        assert np.array_equal(out, alone if k % 2 == 0 else dimmed)
