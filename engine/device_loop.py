@@ -43,16 +43,22 @@ CUDA_GRAPH_ENV = "ONNXDREAM_CUDA_GRAPH"
 STATIC_CACHE = 4
 
 
-def step_graph(gradient_model: onnx.ModelProto) -> onnx.ModelProto:
-    """Wrap a compiled gradient graph (input ``image``; outputs ``objective``, ``grad``)."""
+def _with_image_input_x(gradient_model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ValueInfoProto]:
+    """A copy of the model without its ``image`` input, and that input renamed ``x`` (not added)."""
     m = onnx.ModelProto()
     m.CopyFrom(gradient_model)
-    g = m.graph
-    image = [i for i in g.input if i.name == "image"][0]
+    image = [i for i in m.graph.input if i.name == "image"][0]
     x = onnx.ValueInfoProto()
     x.CopyFrom(image)
     x.name = "x"
-    g.input.remove(image)
+    m.graph.input.remove(image)
+    return m, x
+
+
+def step_graph(gradient_model: onnx.ModelProto) -> onnx.ModelProto:
+    """Wrap a compiled gradient graph (input ``image``; outputs ``objective``, ``grad``)."""
+    m, x = _with_image_input_x(gradient_model)
+    g = m.graph
     g.input.extend([x,
                     helper.make_tensor_value_info("shift", onnx.TensorProto.INT64, [2]),
                     helper.make_tensor_value_info("step_size", onnx.TensorProto.FLOAT, [1])])
@@ -135,18 +141,11 @@ def static_step_graph(gradient_model: onnx.ModelProto, shape: tuple[int, int, in
     ``unrows``/``uncols`` the way back for the gradient: only tensor *values* change from step to
     step, never a kernel's parameters, which is what a CUDA graph replay needs.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(gradient_model)
+    m, x = _with_image_input_x(gradient_model)
     g = m.graph
-    image = [i for i in g.input if i.name == "image"][0]
-    x = onnx.ValueInfoProto()
-    x.CopyFrom(image)
-    x.name = "x"
-    dims = x.type.tensor_type.shape.dim
-    for d, v in zip(dims, shape):
+    for d, v in zip(x.type.tensor_type.shape.dim, shape):
         d.Clear()
         d.dim_value = int(v)
-    g.input.remove(image)
     h, w = int(shape[2]), int(shape[3])
     g.input.extend([x,
                     helper.make_tensor_value_info("rows", onnx.TensorProto.INT64, [h]),
