@@ -107,6 +107,7 @@ def test_graph_is_rewritten(mini):
     assert list(onnx.helper.get_node_attr_value(rows[0], "kernel_shape"))[0] == 1
     assert after["ScatterElements"] == before["ScatterElements"] - 1
     assert rep.rewrites["batchnorm"] == 2 and rep.rewrites["maxpool"] == 1
+    assert rep.rewrites["pool_masks"] == 1  # the stem's Relu -> strided pool (Indices path)
     assert rep.rewrites["strided_conv"] == 2
     onnx.checker.check_model(fast, full_check=True)
     assert all(n.domain in ("", "ai.onnx") for n in fast.graph.node)
@@ -181,6 +182,7 @@ def _optimize_all_strides(graph):
     finally:
         opt_mod._emit_maxpool_backward = original
     assert rep.rewrites["maxpool"] == 1
+    assert rep.rewrites["pool_masks"] == 1  # relu -> pool: the mask moved to the pool's output
     return out
 
 

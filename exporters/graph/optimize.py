@@ -23,6 +23,8 @@ produced. Every pass keeps the contract (default-domain ops, any H/W, same ``obj
   (k-1) compare-and-take steps (``Equal``/``Mul``/``Sub``) with Pad shifts, 2(k-1) steps instead
   of k_h*k_w (GoogLeNet -> inception4c at 512 px: 221 -> 195 ms per step). Strided pools keep
   Indices: their views and interleaving cost what they save (the phase emitter stays for tests).
+- ``pool_masks``: for MaxPool(Relu(x)) the Relu backward mask moves to the pool's output (the
+  argmax of each window is where relu(x) equals the pooled value), s^2 times fewer elements.
 - ``strided_conv``: the adjoint of a strided Conv (a ConvTranspose with output_padding) becomes
   stride-1 Convs producing every output phase, interleaved back: for a dense Conv one Conv + a
   DepthToSpace (GoogLeNet's 7x7/2 stem: 40 ms -> ~5 ms at 512 px); for a depthwise Conv whose
@@ -79,6 +81,7 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
         self.inputs = {i.name for i in graph.input}
         self.dtypes: dict[str, int] = {}
+        self.pool_grads: dict[str, tuple[str, str]] = {}  # pool output -> (dY, dX), see _maxpool
         self._names = {o for n in self.nodes for o in n.output} | set(self.inits) | self.inputs
         self._count = 0
         self.index()
@@ -400,6 +403,7 @@ def _maxpool(g: _Graph) -> int:
             continue
         replace[id(final)] = g.take()
         del mp.output[1:]
+        g.pool_grads[mp.output[0]] = (dy, final.output[0])
         n_done += 1
     if n_done:
         out = []
@@ -409,6 +413,63 @@ def _maxpool(g: _Graph) -> int:
             elif id(n) not in drop:
                 out.append(n)
         g.nodes = out
+        g.index()
+    return n_done
+
+
+def _pool_masks(g: _Graph) -> int:
+    """MaxPool(Relu(x)): the Relu mask moves to the pool's output, where it is smaller.
+
+    The pool sends dY[w] to the argmax p of window w, where relu(x)[p] = Y[w]; so
+    ``[relu(x) > 0] * unpool(dY)`` is ``unpool([Y > 0] * dY)``, exactly, a stride-s pool's
+    mask s^2 times smaller. Only where the mask multiplies the pool's dX itself, so no other
+    use of relu(x) adds gradient there.
+    """
+    n_done = 0
+    insert: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    for mp in g.nodes:
+        if mp.op_type != "MaxPool":
+            continue
+        y, pooled = mp.input[0], mp.output[0]
+        relu = g.producer.get(y)
+        gts = [u for u in g.consumers.get(y, []) if u.op_type == "Greater" and u.input[0] == y]
+        if relu is None or relu.op_type != "Relu" or len(gts) != 1 or \
+                not _is_scalar(g.const(gts[0].input[1]), 0.0):
+            continue
+        cast = g.only_consumer(gts[0].output[0])
+        mul = g.only_consumer(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
+        if mul is None or mul.op_type != "Mul":
+            continue
+        if len(mp.output) > 1 and mp.output[1]:
+            m = _match_maxpool_backward(g, mp)
+            grads = (m[1], m[0].output[0]) if m is not None else None
+        else:
+            grads = g.pool_grads.get(pooled)
+        if grads is None:
+            continue
+        dy, dx = grads
+        # the mask multiplies the pool's dX itself, not a sum with other uses' gradients
+        other = [i for i in mul.input if i != cast.output[0]]
+        if other != [dx] or g.only_consumer(dx) is not mul or dy in g.outputs:
+            continue
+        source = g.producer.get(dy)
+        if source is None:
+            continue
+        g.begin()
+        hit = g.node("Cast", [g.node("Greater", [pooled, gts[0].input[1]])], to=FLOAT,
+                     hint="pool_relu_mask")
+        masked = g.node("Mul", [dy, hit], hint="pool_dy_masked")
+        for n in g.consumers.get(dy, []):
+            for k, i in enumerate(n.input):
+                if i == dy:
+                    n.input[k] = masked
+        g.rename_uses(mul.output[0], dx)
+        insert[id(source)] = g.take()
+        drop.update((id(mul), id(cast), id(gts[0])))
+        n_done += 1
+    if n_done:
+        g.nodes = [m for n in g.nodes if id(n) not in drop for m in [n, *insert.get(id(n), [])]]
         g.index()
     return n_done
 
@@ -796,6 +857,7 @@ PASSES: dict[str, Callable[[_Graph], int]] = {
     "where_to_mul": _where_to_mul,
     "channel_scale": _channel_scale,
     "maxpool": _maxpool,
+    "pool_masks": _pool_masks,
     "strided_conv": _strided_conv,
     "slice_chain": _slice_chain,
     "sum_to_add": _sum_to_add,
