@@ -738,6 +738,9 @@ def _sum_to_add(g: _Graph) -> int:
         ins = [i for i in n.input if i]
         if n.op_type != "Sum" or len(ins) < 2 or g.dtypes.get(n.output[0], FLOAT) != FLOAT:
             continue
+        # Conv outputs first: onnxruntime can then add them in its blocked layout, even
+        # accumulate them inside the Conv kernels, before the rest leaves that layout
+        ins.sort(key=lambda i: getattr(g.producer.get(i), "op_type", "") != "Conv")
         g.begin()
         acc = ins[0]
         for k, i in enumerate(ins[1:], 2):
