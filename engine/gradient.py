@@ -28,7 +28,7 @@ from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_laye
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.session import Session, create_session
 
-COMPILER_VERSION = "8"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks
+COMPILER_VERSION = "9"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
