@@ -155,6 +155,20 @@ class _Graph:
             return None
         return users[0]
 
+    def splice(self, replace: dict[int, list[onnx.NodeProto]] | None = None,
+               drop: set[int] | frozenset[int] = frozenset(),
+               after: dict[int, list[onnx.NodeProto]] | None = None) -> None:
+        """Rebuild the node list, then re-index: nodes whose id is in ``drop`` go,
+        ``replace[id(n)]`` stands in for n, ``after[id(n)]`` follows it."""
+        replace, after = replace or {}, after or {}
+        out: list[onnx.NodeProto] = []
+        for n in self.nodes:
+            if id(n) not in drop:
+                out.extend(replace.get(id(n), [n]))
+                out.extend(after.get(id(n), []))
+        self.nodes = out
+        self.index()
+
     def rename_uses(self, old: str, new: str) -> None:
         for n in self.consumers.get(old, []):
             for k, i in enumerate(n.input):
@@ -280,8 +294,7 @@ def _batchnorm(g: _Graph) -> int:
         conv.output[0] = bn.output[0]
         n_done += 1
     if n_done:
-        g.nodes = [n for n in g.nodes if id(n) not in drop]
-        g.index()
+        g.splice(drop=drop)
     return n_done
 
 
@@ -322,21 +335,16 @@ def _activation_masks(g: _Graph) -> int:
 
 def _where_to_mul(g: _Graph) -> int:
     """Where(mask, g, 0) -> g * Cast(mask): onnxruntime's broadcasting Where is slow."""
-    n_done = 0
-    new_nodes = []
+    replace: dict[int, list[onnx.NodeProto]] = {}
     for n in g.nodes:
         if n.op_type == "Where" and _is_scalar(g.const(n.input[2]), 0.0) and \
                 g.dtypes.get(n.input[1]) == FLOAT and g.dtypes.get(n.output[0]) == FLOAT:
             g.begin()
             m = g.node("Cast", [n.input[0]], hint="mask", to=FLOAT)
             g.node("Mul", [n.input[1], m], out=n.output[0])
-            new_nodes.extend(g.take())
-            n_done += 1
-            continue
-        new_nodes.append(n)
-    g.nodes = new_nodes
-    g.index()
-    return n_done
+            replace[id(n)] = g.take()
+    g.splice(replace)
+    return len(replace)
 
 
 def _channel_scale(g: _Graph) -> int:
@@ -379,15 +387,13 @@ def _channel_scale(g: _Graph) -> int:
         drop.add(id(mul))
         n_done += 1
     if n_done:
-        g.nodes = [n for n in g.nodes if id(n) not in drop]
-        g.index()
+        g.splice(drop=drop)
     return n_done
 
 
 def _maxpool(g: _Graph) -> int:
     n_done = 0
     replace: dict[int, list[onnx.NodeProto]] = {}
-    drop: set[int] = set()
     for mp in g.nodes:
         if mp.op_type != "MaxPool" or len(mp.output) < 2 or not mp.output[1]:
             continue
@@ -406,14 +412,7 @@ def _maxpool(g: _Graph) -> int:
         g.pool_grads[mp.output[0]] = (dy, final.output[0])
         n_done += 1
     if n_done:
-        out = []
-        for n in g.nodes:
-            if id(n) in replace:
-                out.extend(replace[id(n)])
-            elif id(n) not in drop:
-                out.append(n)
-        g.nodes = out
-        g.index()
+        g.splice(replace)
     return n_done
 
 
@@ -469,8 +468,7 @@ def _pool_masks(g: _Graph) -> int:
         drop.update((id(mul), id(cast), id(gts[0])))
         n_done += 1
     if n_done:
-        g.nodes = [m for n in g.nodes if id(n) not in drop for m in [n, *insert.get(id(n), [])]]
-        g.index()
+        g.splice(drop=drop, after=insert)
     return n_done
 
 
@@ -651,11 +649,7 @@ def _strided_conv(g: _Graph) -> int:
         else:
             g.take()
     if n_done:
-        out = []
-        for n in g.nodes:
-            out.extend(replace.get(id(n), [n]))
-        g.nodes = out
-        g.index()
+        g.splice(replace)
     return n_done
 
 
@@ -749,8 +743,7 @@ def _sum_to_add(g: _Graph) -> int:
         replace[id(n)] = g.take()
         n_done += 1
     if n_done:
-        g.nodes = [m for n in g.nodes for m in replace.get(id(n), [n])]
-        g.index()
+        g.splice(replace)
     return n_done
 
 
@@ -806,8 +799,7 @@ def _slice_chain_sweep(g: _Graph) -> int:
         touched.update((id(inner), id(outer)))
         n_done += 1
     if n_done:
-        g.nodes = [m for n in g.nodes if id(n) not in drop for m in new_nodes.get(id(n), [n])]
-        g.index()
+        g.splice(new_nodes, drop)
     return n_done
 
 
