@@ -579,17 +579,10 @@ def _emit_pool1d_backward(g: _Graph, x: str, y: str, dy: str, axis: int, k: int,
 
 def _emit_maxpool_backward(g: _Graph, mp: onnx.NodeProto, dy: str, out: str,
                            max_stride: int = 1) -> bool:
-    kernel = list(_attr(mp, "kernel_shape", []))
-    nd = len(kernel)
-    if nd != 2:
+    geo = _pool_geometry(mp)
+    if geo is None:
         return False
-    strides = list(_attr(mp, "strides", [1] * nd))
-    dil = list(_attr(mp, "dilations", [1] * nd))
-    auto_pad = _attr(mp, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if any(d != 1 for d in dil) or auto_pad not in ("NOTSET", "VALID", ""):
-        return False
-    pads = [0] * 4 if auto_pad == "VALID" else list(_attr(mp, "pads", [0] * 4))
+    kernel, strides, pads = geo
     s = strides[0]
     if strides[1] != s or any(k < s for k in kernel):
         return False  # DepthToSpace needs one block size; every phase needs a tap
