@@ -2,7 +2,7 @@
 
 ``export_keras("InceptionV3", "inception_v3.onnx")`` builds a ``keras.applications`` network
 (without its classifier, with dynamic H/W) or loads a ``.keras`` / legacy ``.h5`` model file, and
-hands it to :func:`onnxdream.exporters._torch_export.export_module`. Under ``KERAS_BACKEND=torch``
+hands it to :func:`onnxdream.exporters.torch_export.export_module`. Under ``KERAS_BACKEND=torch``
 every Keras layer is a ``torch.nn.Module`` whose ``__call__`` runs torch's hooks, so the layer
 outputs are captured exactly as for torchvision, and ``torch.onnx.export`` traces the torch ops
 Keras calls. The dreamable-model contract holds: the graph takes RGB [0,1] NCHW and does the
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest
-from onnxdream.exporters._torch_export import (
+from onnxdream.exporters.torch_export import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ExportResult,
@@ -635,7 +635,7 @@ def export_keras_result(
     result.notes[:0] = notes
     import onnx
 
-    from onnxdream.exporters._torch_export import save_atomic
+    from onnxdream.exporters.torch_export import save_atomic
 
     proto = onnx.load(str(result.path))
     if drop_noop_casts(proto):

@@ -3,7 +3,7 @@
 ``export_torchvision("googlenet", "googlenet.onnx")`` builds the network as torchvision's
 pretrained weights expect it (e.g. GoogLeNet's ``transform_input``, ViT-H/14's 518 px), loads the
 weights (torchvision's download, none, or a user's state_dict file) and hands it to
-:func:`onnxdream.exporters._torch_export.export_module`. Layer names are module paths from
+:func:`onnxdream.exporters.torch_export.export_module`. Layer names are module paths from
 ``named_modules()``.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from onnxdream.errors import ModelError, OnnxDreamError, closest
-from onnxdream.exporters._torch_export import (
+from onnxdream.exporters.torch_export import (
     ExportResult,
     Progress,
     _say,

@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError  # noqa: E402
-from onnxdream.exporters import _torch_export  # noqa: E402
+from onnxdream.exporters import torch_export  # noqa: E402
 from onnxdream.exporters.torchvision import (  # noqa: E402
     build_torchvision,
     export_torchvision,
@@ -176,7 +176,7 @@ def test_dynamic_adaptive_avg_pool_equals_torch(size):
     x = torch.randn(2, 4, *size)
     for out in [(6, 6), 7, (3, 1), (None, 2)]:
         ref = torch.nn.AdaptiveAvgPool2d(out)
-        mine = _torch_export.make_dynamic_adaptive_avg_pool(ref)
+        mine = torch_export.make_dynamic_adaptive_avg_pool(ref)
         assert torch.allclose(mine(x), ref(x), atol=1e-6), (size, out)
 
 
@@ -242,7 +242,7 @@ def test_unknown_name_lists_close_matches(tmp_path):
 def test_missing_torch_is_a_dependency_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(DependencyError, match=r"onnxdream\[torch\]"):
-        _torch_export.import_torch()
+        torch_export.import_torch()
 
 
 def test_vit_exports_with_fixed_size(tmp_path):
@@ -264,8 +264,8 @@ def test_vit_exports_with_fixed_size(tmp_path):
 
 def test_large_models_keep_weights_beside_the_file(exported, tmp_path, monkeypatch):
     _, path, _ = exported("squeezenet1_1")
-    monkeypatch.setattr(_torch_export, "EXTERNAL_DATA_THRESHOLD", 1000)
-    out = _torch_export.save_atomic(onnx.load(str(path)), tmp_path / "big.onnx")
+    monkeypatch.setattr(torch_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = torch_export.save_atomic(onnx.load(str(path)), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     image = np.random.default_rng(5).random((1, 3, 64, 80), dtype=np.float32)

@@ -252,7 +252,7 @@ def _quiet() -> Iterator[None]:
             os.close(saved[1])
 
 
-def _torch_export(
+def _run_exporter(
     wrapper: Any,
     example: Any,
     path: Path,
@@ -546,7 +546,7 @@ def export_module(
                 _say(progress, f"exporting {name} ({label})")
                 try:
                     example = native2 if dynamo else native  # export specialises a batch of 1
-                    _torch_export(wrapper, example, path, output_names, opset, dyn, dynamo)
+                    _run_exporter(wrapper, example, path, output_names, opset, dyn, dynamo)
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"{label}: export failed ({str(exc).splitlines()[0][:200]})")
                     continue
