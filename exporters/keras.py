@@ -40,6 +40,7 @@ from onnxdream.exporters.torch_export import (
     save_atomic,
     say,
 )
+from onnxdream.exporters.tracing import first_line
 
 __all__ = [
     "KerasModel",
@@ -193,8 +194,7 @@ def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
             f"--weights none, or --weights FILE with a .weights.h5 file, or put Keras' weights "
             f"file in ~/.keras/models"
         )
-    return ModelError(f"could not load the ImageNet weights for {name} "
-                      f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})")
+    return ModelError(f"could not load the ImageNet weights for {name} ({first_line(exc, 160)})")
 
 
 def _load_weights(model: Any, path: Path, what: str) -> None:
@@ -203,9 +203,8 @@ def _load_weights(model: Any, path: Path, what: str) -> None:
     try:
         model.load_weights(str(path))
     except Exception as exc:  # noqa: BLE001 - translated into one sentence
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"could not load the weights in {path.name!r} into {what} ({first})") \
-            from exc
+        raise ModelError(f"could not load the weights in {path.name!r} into {what} "
+                         f"({first_line(exc)})") from exc
 
 
 def _input_layout(model: Any) -> tuple[tuple[Any, ...], bool]:
@@ -251,9 +250,8 @@ def make_dynamic(model: Any) -> tuple[Any, bool, str | None]:
         clone = keras.models.clone_model(model, input_tensors=keras.Input(shape=new_shape))
         clone.set_weights(model.get_weights())
     except Exception as exc:  # noqa: BLE001 - any failure means "its layers need the size"
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return model, False, (f"{model.name} keeps its fixed {spatial[0]}×{spatial[1]} input: its "
-                              f"layers need that size ({first})")
+                              f"layers need that size ({first_line(exc, 160)})")
     return clone, True, f"{model.name} was rebuilt with dynamic H/W (its input was " \
         f"{spatial[0]}×{spatial[1]})"
 
@@ -378,9 +376,8 @@ def load_keras(
         try:
             net = keras.saving.load_model(str(path), compile=False, safe_mode=True)
         except Exception as exc:  # noqa: BLE001 - translated into one sentence
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
-                type(exc).__name__
-            raise ModelError(f"could not load {path.name} as a Keras model ({first})") from exc
+            raise ModelError(f"could not load {path.name} as a Keras model "
+                             f"({first_line(exc)})") from exc
         if choice is not None:
             say(progress, f"loading weights from {choice}")
             _load_weights(net, Path(os.path.expanduser(choice)), path.name)

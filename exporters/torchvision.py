@@ -23,9 +23,9 @@ from onnxdream.exporters.torch_export import (
     Progress,
     export_errors,
     export_module,
-    import_torch,
     say,
 )
+from onnxdream.exporters.tracing import first_line, import_torch
 
 __all__ = ["build_torchvision", "export_torchvision", "torchvision_models"]
 
@@ -115,9 +115,9 @@ def _read_state_dict(path: Path) -> OrderedDict[str, Any]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt zip, pickle refused, truncated file …
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"could not read {path.name!r} as a PyTorch state_dict saved by torch.save ({first})"
+            f"could not read {path.name!r} as a PyTorch state_dict saved by torch.save "
+            f"({first_line(exc, 160)})"
         ) from exc
     for key in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
@@ -191,7 +191,7 @@ def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
         )
     if "hash" in text.lower() or "PytorchStreamReader" in text or "invalid load key" in text:
         return ModelError(
-            f"the cached pretrained weights for {name} are corrupt ({text.splitlines()[0][:120]});"
+            f"the cached pretrained weights for {name} are corrupt ({first_line(exc, 120)});"
             f" delete them from ~/.cache/torch/hub/checkpoints and retry"
         )
     return ModelError(f"could not load the pretrained weights for {name} ({text[:160]})")

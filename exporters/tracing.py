@@ -46,7 +46,6 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
-
 # --------------------------------------------------------------------------------------------
 # Making a network exportable with dynamic H/W
 # --------------------------------------------------------------------------------------------

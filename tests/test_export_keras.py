@@ -37,8 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from gradcheck import onnx_decisions, relative_error, session, shared_decisions  # noqa: E402
 from onnxdream.errors import ModelError  # noqa: E402
-from onnxdream.exporters.graph import compile_gradient  # noqa: E402
 from onnxdream.exporters import export_keras  # noqa: E402
+from onnxdream.exporters.graph import compile_gradient  # noqa: E402
 
 CAFFE_MEAN_BGR = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
 REFERENCE_PREPROCESS = {  # written independently of the exporter's graph version
@@ -121,6 +121,7 @@ def keras_gradient(model, preprocess, specs, objective, border, x):
     return obj.detach().numpy(), x.grad.numpy()
 
 
+@pytest.mark.timeout(600)  # 35-120 s each on 2 busy cores: exporting Keras traces every op
 @pytest.mark.parametrize("name,preprocess,export_size,checks,size", CASES,
                          ids=[c[0] for c in CASES])
 def test_gradient_equals_keras_autograd(tmp_path, name, preprocess, export_size, checks, size):

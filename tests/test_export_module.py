@@ -32,13 +32,11 @@ class Net(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.stem = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True)
-        )
-        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
-                                         torch.nn.ReLU())
-        self.pool = torch.nn.AdaptiveAvgPool2d(1)
-        self.head = torch.nn.Linear(16, 3)
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(True))
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, 3)
         bn = self.stem[1]
         bn.running_mean.copy_(torch.randn(8, generator=g) * 0.2)
         bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)

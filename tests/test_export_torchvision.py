@@ -305,6 +305,7 @@ def _all_models() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the largest (vit_h_14, regnet_y_128gf) take minutes
 @pytest.mark.parametrize("name", _all_models())
 def test_every_torchvision_model_exports(name, tmp_path):
     """export_module probes onnxruntime against torch itself; here: it succeeds, with metadata."""
