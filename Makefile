@@ -1,16 +1,29 @@
 # onnxdream: the two front-door commands.
 #   make demo  - installs onnxdream[cpu] (no deep learning framework) and dreams on a photo
-#   make test  - installs the test extras (torch, torchvision, keras, ...) and runs every test
+#   make test  - installs the test extras (torch, torchvision, keras, ...), runs ruff, then
+#                every test except the slow ones (see CONTRIBUTING.md)
+#   make lint  - ruff only
 PYTHON ?= python3
 DEMO_VENV := .venv-demo
 TEST_VENV := .venv
+# strict: the package is a tree of links to the source files (build/__editable__.*), so type
+# checkers and IDEs resolve onnxdream.* like an installed package despite the folder mapping
+EDITABLE := --config-settings editable_mode=strict
+# ... and a new or removed package file needs a reinstall: the venvs depend on this list,
+# which is rewritten only when the list of files changes (not when a file is edited)
+PACKAGE_FILES := build/package-files.txt
 
-.PHONY: demo test clean .chromium
+.PHONY: demo test lint clean .chromium FORCE
 
-$(DEMO_VENV)/.installed: pyproject.toml
+$(PACKAGE_FILES): FORCE
+	@mkdir -p $(@D)
+	@find engine exporters models -type f -not -path '*/__pycache__/*' | LC_ALL=C sort > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+$(DEMO_VENV)/.installed: pyproject.toml $(PACKAGE_FILES)
 	$(PYTHON) -m venv $(DEMO_VENV)
 	$(DEMO_VENV)/bin/pip install -q --upgrade pip
-	$(DEMO_VENV)/bin/pip install -q -e '.[cpu]'
+	$(DEMO_VENV)/bin/pip install -q -e '.[cpu]' $(EDITABLE)
 	touch $@
 
 demo: $(DEMO_VENV)/.installed
@@ -18,10 +31,10 @@ demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/onnxdream dream examples/chelsea.png -o out/chelsea-dream.png --seed 7
 	$(DEMO_VENV)/bin/onnxdream predict out/chelsea-dream.png --top 3
 
-$(TEST_VENV)/.installed: pyproject.toml
+$(TEST_VENV)/.installed: pyproject.toml $(PACKAGE_FILES)
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install -q --upgrade pip
-	$(TEST_VENV)/bin/pip install -q -e '.[cpu,test,serve]'
+	$(TEST_VENV)/bin/pip install -q -e '.[cpu,test,serve]' $(EDITABLE)
 	touch $@
 
 # Debian's chromium for the browser test (installed when missing and apt is usable).
@@ -30,8 +43,11 @@ $(TEST_VENV)/.installed: pyproject.toml
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "note: chromium not installed; the browser test will be skipped"
 
-test: $(TEST_VENV)/.installed .chromium
+lint: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/ruff check .
+
+test: lint .chromium
 	$(TEST_VENV)/bin/python -m pytest -q --durations=10
 
 clean:
-	rm -rf $(DEMO_VENV) $(TEST_VENV) *.egg-info
+	rm -rf $(DEMO_VENV) $(TEST_VENV) *.egg-info build

@@ -21,10 +21,10 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from onnxdream.exporters.torchvision import export_torchvision_result
+from onnxdream.exporters import export_torchvision
 name, out = sys.argv[1], Path(sys.argv[2])
 t = time.perf_counter()
-r = export_torchvision_result(name, out, weights="none")
+r = export_torchvision(name, out, weights="none")
 seconds = time.perf_counter() - t
 import onnx
 meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 import onnx, torch, torchvision
 from gradcheck import compare
-from onnxdream.exporters.torchvision import export_torchvision_result
+from onnxdream.exporters import export_torchvision
 name, out = sys.argv[1], Path(sys.argv[2])
 t = time.perf_counter()
 torch.manual_seed(0)
@@ -43,7 +43,7 @@ with torch.no_grad():
         # gradient is float noise: give it some character
         if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
             m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.5, 0.5)
-r = export_torchvision_result(name, out, "none", module=model)
+r = export_torchvision(name, out, "none", module=model)
 proto = onnx.load(str(out))
 meta = {p.key: p.value for p in proto.metadata_props}
 layer = json.loads(meta["onnxdream.default_layers"])[0]

@@ -339,11 +339,12 @@ def export_torchvision_cmd(
 ):
     """Export a torchvision classifier as a dreamable model (needs onnxdream[torch])."""
     with _user_errors():
-        from onnxdream.exporters.torchvision import export_torchvision_result
+        from onnxdream.exporters import export_torchvision
 
-        result = export_torchvision_result(
+        result = export_torchvision(
             name, output, weights, progress=lambda msg: typer.echo(msg, err=True))
-        typer.echo(f"wrote {result.path}", err=True)
+        size = "dynamic H/W" if result.dynamic_hw else "fixed size"
+        typer.echo(f"wrote {result.path} ({len(result.layers)} layers, {size})", err=True)
 
 
 @export_app.command("keras")
@@ -367,9 +368,9 @@ def export_keras_cmd(
     """Export a Keras 3 model as a dreamable model (needs onnxdream[keras]; runs Keras on its
     torch backend, whatever KERAS_BACKEND says elsewhere)."""
     with _user_errors():
-        from onnxdream.exporters.keras import export_keras_result
+        from onnxdream.exporters import export_keras
 
-        result = export_keras_result(
+        result = export_keras(
             model, output, weights=weights, preprocess=preprocess, include_top=include_top,
             progress=lambda msg: typer.echo(msg, err=True))
         size = "dynamic H/W" if result.dynamic_hw else "fixed size"

@@ -1,1 +1,49 @@
+"""Exporters: turn a framework's image network into a dreamable ONNX model.
 
+A dreamable model is a plain ONNX file that follows the contract documented in
+:mod:`onnxdream.exporters.graph.contract`; every onnxdream command (and onnxruntime alone) can
+use it. The public surface:
+
+- :func:`export_torchvision` — a torchvision classifier by name (``"googlenet"``).
+- :func:`export_keras` — a ``keras.applications`` model by name, or a ``.keras`` / ``.h5`` file.
+- :func:`export_module` — your own PyTorch ``nn.Module`` (see its docstring for an example).
+- :class:`ExportResult` — what each of them returns: the path written, the layers, whether the
+  model runs at any size, and notes on what was tried.
+
+An export that fails raises a :class:`onnxdream.errors.ModelError` (an :class:`ExportError` when
+the failure was not foreseen) whose message is one line naming the model.
+
+The names are imported lazily: ``import onnxdream.exporters`` needs neither torch nor keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from onnxdream.exporters.keras import export_keras
+    from onnxdream.exporters.torch_export import ExportError, ExportResult, export_module
+    from onnxdream.exporters.torchvision import export_torchvision
+
+__all__ = ["ExportError", "ExportResult", "export_keras", "export_module", "export_torchvision"]
+
+_HOME = {
+    "ExportError": "onnxdream.exporters.torch_export",
+    "ExportResult": "onnxdream.exporters.torch_export",
+    "export_module": "onnxdream.exporters.torch_export",
+    "export_torchvision": "onnxdream.exporters.torchvision",
+    "export_keras": "onnxdream.exporters.keras",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -2,13 +2,14 @@
 
 ``export_keras("InceptionV3", "inception_v3.onnx")`` builds a ``keras.applications`` network
 (without its classifier, with dynamic H/W) or loads a ``.keras`` / legacy ``.h5`` model file, and
-hands it to :func:`onnxdream.exporters._torch_export.export_module`. Under ``KERAS_BACKEND=torch``
+hands it to :func:`onnxdream.exporters.torch_export.export_module`. Under ``KERAS_BACKEND=torch``
 every Keras layer is a ``torch.nn.Module`` whose ``__call__`` runs torch's hooks, so the layer
 outputs are captured exactly as for torchvision, and ``torch.onnx.export`` traces the torch ops
-Keras calls. The dreamable-model contract holds: the graph takes RGB [0,1] NCHW and does the
-model's own preprocessing (``x/127.5-1``, Caffe BGR mean subtraction, ImageNet mean/std, or ×255
-for models that scale inside) and the NCHW → NHWC transpose itself. Layer names are Keras layer
-names (``mixed4``, ``block4_conv3``, ``block_6_expand_relu``); 4-D channels-last layers are
+Keras calls. The dreamable-model contract (:mod:`onnxdream.exporters.graph.contract`) holds:
+the graph takes RGB [0,1] NCHW and does the model's own preprocessing (``x/127.5-1``, Caffe BGR
+mean subtraction, ImageNet mean/std, or ×255 for models that scale inside; see
+:mod:`onnxdream.exporters.preprocess`) and the NCHW → NHWC transpose itself. Layer names are Keras
+layer names (``mixed4``, ``block4_conv3``, ``block_6_expand_relu``); 4-D channels-last layers are
 listed in ``onnxdream.layer_layouts`` so that channel objectives and borders use the right axes.
 
 Users of the TensorFlow backend save their model (``model.save("m.keras")``; the ``.keras``
@@ -30,38 +31,29 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest
-from onnxdream.exporters._torch_export import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from onnxdream.exporters.preprocess import PREPROCESSING, preprocess_fn
+from onnxdream.exporters.torch_export import (
     ExportResult,
     Progress,
-    _say,
+    export_errors,
     export_module,
+    save_atomic,
+    say,
 )
+from onnxdream.exporters.tracing import first_line
 
 __all__ = [
-    "PREPROCESSING",
     "KerasModel",
+    "drop_noop_casts",
     "export_keras",
-    "export_keras_result",
     "import_keras",
     "keras_applications",
     "load_keras",
-    "preprocess_fn",
+    "make_dynamic",
 ]
 
 INSTALL_HINT = "pip install 'onnxdream[keras]' and set KERAS_BACKEND=torch"
 CODE_LICENSE = "Apache-2.0 (Keras code)"
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-# How each preprocessing maps RGB in [0,1] to what the network expects (see preprocess_fn).
-PREPROCESSING: dict[str, str] = {
-    "tf": "x*255/127.5 - 1, RGB (Inception, Xception, MobileNet v1/v2, ResNet v2, NASNet)",
-    "caffe": "BGR, x*255 minus the ImageNet mean [103.939, 116.779, 123.68] (VGG, ResNet v1)",
-    "torch": "RGB, (x - ImageNet mean) / ImageNet std on [0,1] (DenseNet)",
-    "none": "RGB x*255: the model scales its input itself (EfficientNet, ConvNeXt, MobileNetV3)",
-    "unit": "RGB x in [0,1] as it is",
-}
 
 # keras.applications module → preprocessing (keras.src.applications.<module>.preprocess_input)
 _PREPROCESS_BY_MODULE: dict[str, str] = {
@@ -143,35 +135,6 @@ def keras_applications() -> dict[str, Callable[..., Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing inside the graph
-# --------------------------------------------------------------------------------------------
-
-
-def preprocess_fn(kind: str) -> Callable[[Any], Any]:
-    """[0,1] RGB NCHW torch tensor → the network's input scale (still NCHW)."""
-    import torch
-
-    if kind == "tf":
-        return lambda x: x * 2.0 - 1.0
-    if kind == "caffe":
-        # one 1x1 Conv: the BGR swap, ×255 and the mean subtraction at once
-        weight = torch.zeros(3, 3, 1, 1)
-        for out_ch, in_ch in enumerate((2, 1, 0)):
-            weight[out_ch, in_ch] = 255.0
-        bias = -torch.tensor(CAFFE_MEAN_BGR)
-        return lambda x: torch.nn.functional.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))
-    if kind == "torch":
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return lambda x: (x - mean.to(x.dtype)) / std.to(x.dtype)
-    if kind == "none":
-        return lambda x: x * 255.0
-    if kind == "unit":
-        return lambda x: x
-    raise ModelError(f"unknown preprocessing {kind!r}: use one of {', '.join(PREPROCESSING)}")
-
-
-# --------------------------------------------------------------------------------------------
 # Building or loading the model
 # --------------------------------------------------------------------------------------------
 
@@ -231,8 +194,7 @@ def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
             f"--weights none, or --weights FILE with a .weights.h5 file, or put Keras' weights "
             f"file in ~/.keras/models"
         )
-    return ModelError(f"could not load the ImageNet weights for {name} "
-                      f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})")
+    return ModelError(f"could not load the ImageNet weights for {name} ({first_line(exc, 160)})")
 
 
 def _load_weights(model: Any, path: Path, what: str) -> None:
@@ -241,9 +203,8 @@ def _load_weights(model: Any, path: Path, what: str) -> None:
     try:
         model.load_weights(str(path))
     except Exception as exc:  # noqa: BLE001 - translated into one sentence
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"could not load the weights in {path.name!r} into {what} ({first})") \
-            from exc
+        raise ModelError(f"could not load the weights in {path.name!r} into {what} "
+                         f"({first_line(exc)})") from exc
 
 
 def _input_layout(model: Any) -> tuple[tuple[Any, ...], bool]:
@@ -289,9 +250,8 @@ def make_dynamic(model: Any) -> tuple[Any, bool, str | None]:
         clone = keras.models.clone_model(model, input_tensors=keras.Input(shape=new_shape))
         clone.set_weights(model.get_weights())
     except Exception as exc:  # noqa: BLE001 - any failure means "its layers need the size"
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return model, False, (f"{model.name} keeps its fixed {spatial[0]}×{spatial[1]} input: its "
-                              f"layers need that size ({first})")
+                              f"layers need that size ({first_line(exc, 160)})")
     return clone, True, f"{model.name} was rebuilt with dynamic H/W (its input was " \
         f"{spatial[0]}×{spatial[1]})"
 
@@ -412,15 +372,14 @@ def load_keras(
         if choice is not None and choice.lower() in ("imagenet", "none", "random"):
             raise ModelError(f"--weights {choice} applies to keras.applications names; a model "
                              "file carries its own weights (or pass --weights FILE)")
-        _say(progress, f"loading {path.name}")
+        say(progress, f"loading {path.name}")
         try:
             net = keras.saving.load_model(str(path), compile=False, safe_mode=True)
         except Exception as exc:  # noqa: BLE001 - translated into one sentence
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
-                type(exc).__name__
-            raise ModelError(f"could not load {path.name} as a Keras model ({first})") from exc
+            raise ModelError(f"could not load {path.name} as a Keras model "
+                             f"({first_line(exc)})") from exc
         if choice is not None:
-            _say(progress, f"loading weights from {choice}")
+            say(progress, f"loading weights from {choice}")
             _load_weights(net, Path(os.path.expanduser(choice)), path.name)
         name = net.name or path.stem
         source = f"keras file {path.name}"
@@ -448,7 +407,7 @@ def load_keras(
             raise ModelError(f"unknown weights {choice!r}: use imagenet, none or a .weights.h5 "
                              "file")
         if choice.lower() == "imagenet":
-            _say(progress, f"building {name} with Keras' ImageNet weights")
+            say(progress, f"building {name} with Keras' ImageNet weights")
             try:
                 net = builder(weights="imagenet", **kwargs)
             except (OnnxDreamError, MemoryError, KeyboardInterrupt):
@@ -457,12 +416,12 @@ def load_keras(
                 raise _download_error(name, exc) from exc
             label = "imagenet"
         else:
-            _say(progress, f"building {name}")
+            say(progress, f"building {name}")
             net = builder(weights=None, **kwargs)
             label = "none"
             if is_file:
                 path = Path(os.path.expanduser(choice))
-                _say(progress, f"loading weights from {path}")
+                say(progress, f"loading weights from {path}")
                 _load_weights(net, path, name)
                 label = path.name
         source = f"keras.applications.{name} (weights: {label}" + (
@@ -581,35 +540,50 @@ def _wrap(km: KerasModel) -> Any:
     return KerasNet()
 
 
-def export_keras_result(
+def export_keras(
     model: str | os.PathLike[str] | KerasModel,
     out: str | os.PathLike[str],
+    *,
     weights: str | None = None,
     preprocess: str | None = None,
     include_top: bool = False,
+    input_size: int | None = None,
     opset: int = 18,
     progress: Progress = None,
-    input_size: int | None = None,
 ) -> ExportResult:
-    """Like :func:`export_keras` but returns the details (dynamic H/W, notes, layers).
+    """Export a ``keras.applications`` model (by name) or a ``.keras``/``.h5`` file at ``out``.
 
-    ``model`` may also be a :class:`KerasModel` from :func:`load_keras`. ``input_size`` overrides
-    the size the export traces and probes at (a model with dynamic H/W only).
+    ``weights``: for names ``imagenet`` (default), ``none`` or a ``.weights.h5`` FILE; for files
+    the file's own (default) or a weights FILE. ``preprocess``: tf, caffe, torch, none or unit
+    (see ``PREPROCESSING``); inferred for names, required for files. ``include_top`` keeps the
+    classifier (its logits become the ``logits`` output). ``model`` may also be a
+    :class:`KerasModel` from :func:`load_keras`. ``input_size`` overrides the size the export
+    traces and checks at (a model with dynamic H/W only). Returns an :class:`ExportResult`; an
+    unexpected failure is an ``ExportError`` naming the model.
     """
     import_keras()
-    km = model if isinstance(model, KerasModel) else load_keras(
-        model, weights, preprocess, include_top, progress)
-    if input_size is not None:
-        if not km.dynamic:
-            raise ModelError(f"{km.name} has a fixed input size; input_size cannot change it")
-        km.input_size = int(input_size)
+    label = model.name if isinstance(model, KerasModel) else Path(os.fspath(model)).name
+    with export_errors(label):
+        km = model if isinstance(model, KerasModel) else load_keras(
+            model, weights, preprocess, include_top, progress)
+        if input_size is not None:
+            if not km.dynamic:
+                raise ModelError(f"{km.name} has a fixed input size; input_size cannot change it")
+            km.input_size = int(input_size)
+        return _export(km, out, opset, progress)
+
+
+def _export(km: KerasModel, out: str | os.PathLike[str], opset: int, progress: Progress
+            ) -> ExportResult:
+    import onnx
+
     layers = _layers(km.model)
     layouts = _layouts(layers, km.channels_last)
     has_logits = _output_units(km.model) is not None
     notes = list(km.notes)
     with _logits_head(km.model, notes):
         for note in notes:
-            _say(progress, note)
+            say(progress, note)
         result = export_module(
             _wrap(km),
             out,
@@ -633,31 +607,7 @@ def export_keras_result(
             },
         )
     result.notes[:0] = notes
-    import onnx
-
-    from onnxdream.exporters._torch_export import save_atomic
-
     proto = onnx.load(str(result.path))
     if drop_noop_casts(proto):
         save_atomic(proto, result.path)
     return result
-
-
-def export_keras(
-    model: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    weights: str | None = None,
-    preprocess: str | None = None,
-    include_top: bool = False,
-    opset: int = 18,
-    progress: Progress = None,
-) -> Path:
-    """Export a ``keras.applications`` model (by name) or a ``.keras``/``.h5`` file at ``out``.
-
-    ``weights``: for names ``imagenet`` (default), ``none`` or a ``.weights.h5`` FILE; for files
-    the file's own (default) or a weights FILE. ``preprocess``: tf, caffe, torch, none or unit
-    (see ``PREPROCESSING``); inferred for names, required for files. ``include_top`` keeps the
-    classifier (its logits become the ``logits`` output). Returns the path written.
-    """
-    return export_keras_result(model, out, weights, preprocess, include_top, opset,
-                               progress).path

@@ -3,7 +3,7 @@
 ``export_torchvision("googlenet", "googlenet.onnx")`` builds the network as torchvision's
 pretrained weights expect it (e.g. GoogLeNet's ``transform_input``, ViT-H/14's 518 px), loads the
 weights (torchvision's download, none, or a user's state_dict file) and hands it to
-:func:`onnxdream.exporters._torch_export.export_module`. Layer names are module paths from
+:func:`onnxdream.exporters.torch_export.export_module`. Layer names are module paths from
 ``named_modules()``.
 """
 
@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from onnxdream.errors import ModelError, OnnxDreamError, closest
-from onnxdream.exporters._torch_export import (
+from onnxdream.exporters.torch_export import (
     ExportResult,
     Progress,
-    _say,
+    export_errors,
     export_module,
-    import_torch,
+    say,
 )
+from onnxdream.exporters.tracing import first_line, import_torch
 
-__all__ = ["export_torchvision", "export_module", "build_torchvision", "torchvision_models"]
+__all__ = ["build_torchvision", "export_torchvision", "torchvision_models"]
 
 CODE_LICENSE = "BSD-3-Clause (torchvision code)"
 
@@ -105,16 +107,17 @@ def _skip_weight_loading() -> Iterator[None]:
         torch.nn.Module.load_state_dict = original_load  # type: ignore[method-assign]
 
 
-def _read_state_dict(path: Path) -> dict[str, Any]:
+def _read_state_dict(path: Path) -> OrderedDict[str, Any]:
+    """The tensors of a state_dict file, with its ``_metadata`` (module versions) kept."""
     torch = import_torch()
     if not path.is_file():
         raise ModelError(f"weights file {str(path)!r} does not exist")
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt zip, pickle refused, truncated file …
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"could not read {path.name!r} as a PyTorch state_dict saved by torch.save ({first})"
+            f"could not read {path.name!r} as a PyTorch state_dict saved by torch.save "
+            f"({first_line(exc, 160)})"
         ) from exc
     for key in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
@@ -125,11 +128,17 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
             f"{path.name!r} does not hold a state_dict (a dict of parameter name → tensor), "
             f"but a {type(data).__name__}"
         )
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    tensors = OrderedDict((k, v) for k, v in data.items() if isinstance(v, torch.Tensor))
     if not tensors:
         raise ModelError(f"{path.name!r} holds a dict without tensors, not a state_dict")
+    # torch.save keeps each module's version in state_dict()._metadata; versioned loaders need
+    # it (MNASNet refuses a state dict without one)
+    metadata = dict(getattr(data, "_metadata", None) or {})
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel/DDP
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = OrderedDict((k[len("module."):], v) for k, v in tensors.items())
+        metadata = {k[len("module."):]: v for k, v in metadata.items()
+                    if k.startswith("module.")} | {"": metadata.get("module", {})}
+    tensors._metadata = metadata  # type: ignore[attr-defined]
     return tensors
 
 
@@ -157,7 +166,10 @@ def _load_file_weights(model: Any, name: str, path: Path) -> None:
         raise ModelError(
             f"weights file {path.name!r} does not fit torchvision's {name}: " + "; ".join(problems)
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    fitting = OrderedDict((k, v) for k, v in state.items() if k in own)
+    # the file's module versions where it has them, the model's own for the rest
+    fitting._metadata = {**own._metadata, **state._metadata}  # type: ignore[attr-defined]
+    model.load_state_dict(fitting, strict=False)
 
 
 def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
@@ -179,7 +191,7 @@ def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
         )
     if "hash" in text.lower() or "PytorchStreamReader" in text or "invalid load key" in text:
         return ModelError(
-            f"the cached pretrained weights for {name} are corrupt ({text.splitlines()[0][:120]});"
+            f"the cached pretrained weights for {name} are corrupt ({first_line(exc, 120)});"
             f" delete them from ~/.cache/torch/hub/checkpoints and retry"
         )
     return ModelError(f"could not load the pretrained weights for {name} ({text[:160]})")
@@ -202,7 +214,7 @@ def build_torchvision(
     if choice.upper() in ("DEFAULT", *named) and not Path(choice).is_file():
         entry = enum.DEFAULT if choice.upper() == "DEFAULT" else enum[named[choice.upper()]]
         label = "DEFAULT" if choice.upper() == "DEFAULT" else entry.name
-        _say(progress, f"loading torchvision's pretrained {name} ({entry.name})")
+        say(progress, f"loading torchvision's pretrained {name} ({entry.name})")
         try:
             model = tv.models.get_model(name, weights=entry, progress=progress is not None)
         except (OnnxDreamError, MemoryError, KeyboardInterrupt):
@@ -222,7 +234,7 @@ def build_torchvision(
             f"unknown weights {choice!r} for {name}: use DEFAULT, none, a file path, "
             f"or one of {', '.join(enum.__members__)}"
         )
-    _say(progress, f"loading weights from {path}")
+    say(progress, f"loading weights from {path}")
     _load_file_weights(model, name, path)
     return model.eval(), path.name, entry
 
@@ -245,32 +257,27 @@ def export_torchvision(
     name: str,
     out: str | os.PathLike[str],
     weights: str = "DEFAULT",
+    *,
     opset: int = 18,
     progress: Progress = None,
-) -> Path:
-    """Export torchvision's classifier ``name`` as a dreamable model at ``out``; returns the path.
+    module: Any = None,
+) -> ExportResult:
+    """Export torchvision's classifier ``name`` as a dreamable model at ``out``.
 
     ``weights``: "DEFAULT" (torchvision's pretrained weights, downloaded and cached by torchvision),
     another weights name of the model ("IMAGENET1K_V1" …), "none" (random init) or a path to a
     state_dict saved with ``torch.save`` (possibly under a 'state_dict' or 'model' key).
     ``progress``, if given, is called with short status lines (and enables the download bar).
+    ``module``, if given, is exported instead of building one (tests use it to set weights); it
+    must have the architecture of torchvision's ``name``. Returns an :class:`ExportResult`; an
+    unexpected failure is an ``ExportError`` naming the model.
     """
-    return export_torchvision_result(name, out, weights, opset, progress).path
+    with export_errors(name):
+        return _export(name, out, weights, opset, progress, module)
 
 
-def export_torchvision_result(
-    name: str,
-    out: str | os.PathLike[str],
-    weights: str = "DEFAULT",
-    opset: int = 18,
-    progress: Progress = None,
-    module: Any = None,
-) -> ExportResult:
-    """Like :func:`export_torchvision` but returns the details (dynamic H/W, notes, layers).
-
-    ``module``, if given, is exported instead of building one (tests use it to set weights);
-    it must have the architecture of torchvision's ``name``.
-    """
+def _export(name: str, out: str | os.PathLike[str], weights: str, opset: int,
+            progress: Progress, module: Any) -> ExportResult:
     tv = _import_torchvision()
     name = _check_name(name)
     if module is None:
@@ -297,5 +304,4 @@ def export_torchvision_result(
         default_layers=_default_layers(name, module, paths),
         opset=opset,
         progress=progress,
-        extra_metadata={"onnxdream.preprocess": "imagenet mean/std (inside the graph)"},
     )

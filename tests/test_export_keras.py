@@ -37,8 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from gradcheck import onnx_decisions, relative_error, session, shared_decisions  # noqa: E402
 from onnxdream.errors import ModelError  # noqa: E402
+from onnxdream.exporters import export_keras  # noqa: E402
 from onnxdream.exporters.graph import compile_gradient  # noqa: E402
-from onnxdream.exporters.keras import export_keras_result  # noqa: E402
 
 CAFFE_MEAN_BGR = torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
 REFERENCE_PREPROCESS = {  # written independently of the exporter's graph version
@@ -121,6 +121,7 @@ def keras_gradient(model, preprocess, specs, objective, border, x):
     return obj.detach().numpy(), x.grad.numpy()
 
 
+@pytest.mark.timeout(600)  # 35-120 s each on 2 busy cores: exporting Keras traces every op
 @pytest.mark.parametrize("name,preprocess,export_size,checks,size", CASES,
                          ids=[c[0] for c in CASES])
 def test_gradient_equals_keras_autograd(tmp_path, name, preprocess, export_size, checks, size):
@@ -128,8 +129,8 @@ def test_gradient_equals_keras_autograd(tmp_path, name, preprocess, export_size,
     model = random_keras_model(name)
     path = tmp_path / f"{name}.keras"
     model.save(path)
-    result = export_keras_result(path, tmp_path / f"{name}.onnx", preprocess=preprocess,
-                                 input_size=export_size)
+    result = export_keras(path, tmp_path / f"{name}.onnx", preprocess=preprocess,
+                          input_size=export_size)
     assert result.dynamic_hw, result.notes
     proto = onnx.load(str(result.path))
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -157,9 +158,9 @@ def test_file_needs_preprocessing(tmp_path):
     path = tmp_path / "tiny.keras"
     model.save(path)
     with pytest.raises(ModelError, match="--preprocess"):
-        export_keras_result(path, tmp_path / "tiny.onnx")
+        export_keras(path, tmp_path / "tiny.onnx")
 
 
 def test_unknown_application_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="InceptionV3"):
-        export_keras_result("InceptionV4", tmp_path / "x.onnx", weights="none")
+        export_keras("InceptionV4", tmp_path / "x.onnx", weights="none")

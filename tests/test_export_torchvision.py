@@ -19,13 +19,10 @@ torchvision = pytest.importorskip("torchvision")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from conftest import run_cli  # noqa: E402
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError  # noqa: E402
-from onnxdream.exporters import _torch_export  # noqa: E402
-from onnxdream.exporters.torchvision import (  # noqa: E402
-    build_torchvision,
-    export_torchvision,
-    export_torchvision_result,
-)
+from onnxdream.exporters import ExportResult, torch_export, tracing  # noqa: E402
+from onnxdream.exporters.torchvision import build_torchvision, export_torchvision  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
@@ -92,7 +89,7 @@ def exported(tmp_path_factory):
         if name not in cache:
             model, _, _ = build_torchvision(name, "none")
             randomize_bn(model, seed=len(cache))
-            result = export_torchvision_result(
+            result = export_torchvision(
                 name, root / f"{name}.onnx", weights="none", module=model
             )
             cache[name] = (model, result.path, result)
@@ -176,7 +173,7 @@ def test_dynamic_adaptive_avg_pool_equals_torch(size):
     x = torch.randn(2, 4, *size)
     for out in [(6, 6), 7, (3, 1), (None, 2)]:
         ref = torch.nn.AdaptiveAvgPool2d(out)
-        mine = _torch_export.make_dynamic_adaptive_avg_pool(ref)
+        mine = tracing.make_dynamic_adaptive_avg_pool(ref)
         assert torch.allclose(mine(x), ref(x), atol=1e-6), (size, out)
 
 
@@ -186,7 +183,9 @@ def test_weights_file_round_trip(tmp_path):
     file = tmp_path / "finetuned.pt"
     wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}  # as DataParallel saves
     torch.save({"epoch": 3, "state_dict": wrapped}, file)
-    out = export_torchvision("resnet18", tmp_path / "r18.onnx", weights=str(file))
+    result = export_torchvision("resnet18", tmp_path / "r18.onnx", weights=str(file))
+    assert isinstance(result, ExportResult) and result.dynamic_hw
+    out = result.path
     assert out == tmp_path / "r18.onnx" and out.is_file()
     assert metadata(out)["onnxdream.source"] == "torchvision:resnet18 (weights: finetuned.pt)"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -195,6 +194,32 @@ def test_weights_file_round_trip(tmp_path):
     want, _ = torch_forward(model, image)
     assert rel_err(got, want) < 1e-4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_mnasnet_weights_file_keeps_module_versions(tmp_path, model_home):
+    """torch.save(state_dict) keeps each module's version in ``_metadata``, which MNASNet's
+    loader needs (it died with "ValueError: version should be set to 1 or 2 instead of None")."""
+    model, _, _ = build_torchvision("mnasnet1_0", "none")
+    randomize_bn(model, seed=5)
+    file, out = tmp_path / "my.pt", tmp_path / "mnasnet.onnx"
+    torch.save(model.state_dict(), file)
+    proc = run_cli("export", "torchvision", "mnasnet1_0", "--weights", str(file), "-o", str(out),
+                   home=model_home, frameworks=True)
+    assert "Traceback" not in proc.stderr and "dynamic H/W" in proc.stderr
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(6).random((1, 3, 160, 200), dtype=np.float32)
+    (got,) = session.run(["logits"], {"image": image})
+    want, _ = torch_forward(model, image)
+    assert rel_err(got, want) < 1e-4
+
+    # without _metadata (a plain dict) the model's own versions apply; DataParallel's
+    # "module." prefix is dropped from the versions' keys too
+    want_state = model.state_dict()
+    for variant in (dict(want_state), {"state_dict": torch.nn.DataParallel(model).state_dict()}):
+        torch.save(variant, file)
+        loaded, _, _ = build_torchvision("mnasnet1_0", str(file))
+        got_state = loaded.state_dict()
+        assert all(torch.equal(got_state[k], v) for k, v in want_state.items())
 
 
 def test_bad_weights_files(tmp_path):
@@ -242,12 +267,12 @@ def test_unknown_name_lists_close_matches(tmp_path):
 def test_missing_torch_is_a_dependency_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(DependencyError, match=r"onnxdream\[torch\]"):
-        _torch_export.import_torch()
+        tracing.import_torch()
 
 
 def test_vit_exports_with_fixed_size(tmp_path):
     model, _, _ = build_torchvision("vit_b_16", "none")
-    result = export_torchvision_result(
+    result = export_torchvision(
         "vit_b_16", tmp_path / "vit.onnx", weights="none", module=model
     )
     meta = metadata(result.path)
@@ -264,8 +289,8 @@ def test_vit_exports_with_fixed_size(tmp_path):
 
 def test_large_models_keep_weights_beside_the_file(exported, tmp_path, monkeypatch):
     _, path, _ = exported("squeezenet1_1")
-    monkeypatch.setattr(_torch_export, "EXTERNAL_DATA_THRESHOLD", 1000)
-    out = _torch_export.save_atomic(onnx.load(str(path)), tmp_path / "big.onnx")
+    monkeypatch.setattr(torch_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = torch_export.save_atomic(onnx.load(str(path)), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     image = np.random.default_rng(5).random((1, 3, 64, 80), dtype=np.float32)
@@ -280,10 +305,11 @@ def _all_models() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the largest (vit_h_14, regnet_y_128gf) take minutes
 @pytest.mark.parametrize("name", _all_models())
 def test_every_torchvision_model_exports(name, tmp_path):
     """export_module probes onnxruntime against torch itself; here: it succeeds, with metadata."""
-    result = export_torchvision_result(name, tmp_path / f"{name}.onnx", weights="none")
+    result = export_torchvision(name, tmp_path / f"{name}.onnx", weights="none")
     meta = metadata(result.path)
     assert meta["onnxdream.dynamic_hw"] == ("1" if result.dynamic_hw else "0")
     assert json.loads(meta["onnxdream.default_layers"])[0] in result.layers

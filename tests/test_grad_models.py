@@ -63,10 +63,10 @@ def layer_output(model: torch.nn.Module, layer: str):
 def test_compiled_gradient_equals_autograd(tmp_path, name, layer, size):
     import onnx
 
-    from onnxdream.exporters.torchvision import export_torchvision_result
+    from onnxdream.exporters import export_torchvision
 
     model = random_model(name)
-    result = export_torchvision_result(name, tmp_path / f"{name}.onnx", "none", module=model)
+    result = export_torchvision(name, tmp_path / f"{name}.onnx", "none", module=model)
     onnx_model = onnx.load(str(result.path))
     for m in model.modules():  # the exporter turned in-place activations off; keep it so
         if hasattr(m, "inplace"):

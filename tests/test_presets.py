@@ -87,11 +87,11 @@ def keras_inception(tmp_path_factory):
     keras = pytest.importorskip("keras")
     if keras.backend.backend() != "torch":  # pragma: no cover
         pytest.skip("needs KERAS_BACKEND=torch")
-    from onnxdream.exporters.keras import export_keras_result
+    from onnxdream.exporters import export_keras
 
     keras.utils.set_random_seed(0)
     out = tmp_path_factory.mktemp("keras") / "inception_v3.onnx"
-    result = export_keras_result("InceptionV3", out, weights="none", input_size=107)
+    result = export_keras("InceptionV3", out, weights="none", input_size=107)
     assert result.dynamic_hw
     return out
 

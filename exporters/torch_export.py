@@ -1,12 +1,16 @@
-"""Shared torch → ONNX machinery for the framework exporters (torchvision now, Keras 3 later).
+"""torch → dreamable ONNX model: the machinery behind every exporter (torchvision, Keras on its
+torch backend, and a user's own ``nn.Module`` through :func:`export_module`).
 
-A *dreamable model* (see DESIGN.md) is produced in five steps:
+A *dreamable model* follows the contract documented in :mod:`onnxdream.exporters.graph.contract`
+(``exporters/graph/contract.py``): input ``image`` float32 [N,3,H,W] RGB in [0,1], the model's
+preprocessing inside the graph, its layers named in the metadata. It is produced in five steps
+(1, 3 and 4 live in :mod:`onnxdream.exporters.tracing`):
 
 1. ``prepare_for_export``: make the network traceable with dynamic H/W and without aliasing —
    every ``inplace`` flag is turned off and each ``nn.AdaptiveAvgPool2d`` whose output is not 1×1
-   is swapped for :class:`DynamicAdaptiveAvgPool2d` (two matmuls with pooling matrices built from
-   the runtime H and W). The changes are undone afterwards, so a caller's module is left as it was.
-2. ``DreamWrapper``: the model's own preprocessing (ImageNet mean/std by default) in front of the
+   is swapped for a dynamic one (two matmuls with pooling matrices built from the runtime H and
+   W). The changes are undone afterwards, so a caller's module is left as it was.
+2. ``make_wrapper``: the model's own preprocessing (ImageNet mean/std by default) in front of the
    network, and forward hooks that copy (``clone``) each layer's output into an extra output.
 3. ``torch.onnx.export`` with the TorchScript exporter (fast); dynamo only as a last resort.
 4. A probe with onnxruntime at the native size and at an odd size; if the odd size fails or does
@@ -23,19 +27,24 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import DependencyError, ModelError
+from onnxdream.errors import ModelError, OnnxDreamError, closest
+from onnxdream.exporters.preprocess import PREPROCESSING, imagenet_preprocess, preprocess_fn
+from onnxdream.exporters.tracing import (
+    first_line,
+    import_torch,
+    odd_size,
+    prepare_for_export,
+    probe,
+    run_exporter,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = "1"
 LAYER_PREFIX = "layer:"
 # protobuf cannot serialise a message over 2 GiB; above this the weights go to OUT.onnx.data
@@ -44,109 +53,44 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 Progress = Callable[[str], None] | None
 
 
-def import_torch() -> Any:
-    """Import torch, or raise DependencyError with the install hint."""
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DependencyError(
-            'exporting needs PyTorch, which is not installed; install onnxdream[torch] '
-            '(pip install "onnxdream[torch]")'
-        ) from exc
-    return torch
-
-
-def _say(progress: Progress, message: str) -> None:
+def say(progress: Progress, message: str) -> None:
+    """Report a short status line to ``progress`` (an exporter's callback), if there is one."""
     if progress is not None:
         progress(message)
 
 
-# --------------------------------------------------------------------------------------------
-# 1. Making a network exportable with dynamic H/W
-# --------------------------------------------------------------------------------------------
+class ExportError(ModelError):
+    """Exporting ``model`` failed in a way no check foresaw; the original is ``__cause__``."""
+
+    field = "model"
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
 
 
-def _pool_matrix(torch: Any, n: Any, out: int, dtype: Any, device: Any) -> Any:
-    """[out, n] matrix whose rows average the adaptive-pool windows of a length-``n`` axis.
+@contextmanager
+def export_errors(name: str) -> Iterator[None]:
+    """Turn any unexpected exception into an :class:`ExportError`: one line naming ``name``.
 
-    ``n`` is a 0-d int64 tensor (traced, so the exported graph computes it from the input's
-    shape). Window i spans [floor(i·n/out), ceil((i+1)·n/out)), as in torch's adaptive pooling.
+    onnxdream's own errors pass through unchanged (they already say what to do); so do
+    KeyboardInterrupt and SystemExit, which are not ``Exception``s.
     """
-    i = torch.arange(out, device=device, dtype=torch.int64)
-    start = torch.div(i * n, out, rounding_mode="floor")
-    end = torch.div((i + 1) * n + (out - 1), out, rounding_mode="floor")
-    pos = torch.arange(n, device=device, dtype=torch.int64)  # type: ignore[call-overload]
-    inside = (pos.unsqueeze(0) >= start.unsqueeze(1)) & (pos.unsqueeze(0) < end.unsqueeze(1))
-    return inside.to(dtype) / (end - start).unsqueeze(1).to(dtype)
-
-
-def make_dynamic_adaptive_avg_pool(original: Any) -> Any:
-    """An ``nn.Module`` equal to ``original`` (an AdaptiveAvgPool2d) that traces shape-generic."""
-    torch = import_torch()
-    size = original.output_size
-    oh, ow = (size, size) if isinstance(size, int) or size is None else tuple(size)
-
-    class DynamicAdaptiveAvgPool2d(torch.nn.Module):
-        """Adaptive average pooling as ``Ph @ x @ Pwᵀ``; exports to MatMul with dynamic H/W."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.output_size = size
-
-        def forward(self, x: Any) -> Any:
-            shape = torch._shape_as_tensor(x)
-            if oh is not None:
-                ph = _pool_matrix(torch, shape[-2], oh, x.dtype, x.device)
-                x = torch.matmul(ph, x)
-            if ow is not None:
-                pw = _pool_matrix(torch, shape[-1], ow, x.dtype, x.device)
-                x = torch.matmul(x, pw.transpose(0, 1))
-            return x
-
-    return DynamicAdaptiveAvgPool2d()
-
-
-def prepare_for_export(model: Any) -> tuple[Callable[[], None], dict[int, Any]]:
-    """Turn off ``inplace`` flags and swap non-global adaptive average pools.
-
-    Returns an undo function and the swaps as {id(original module): replacement}.
-    """
-    torch = import_torch()
-    undo: list[Callable[[], None]] = []
-    swapped: dict[int, Any] = {}
-    for module in list(model.modules()):
-        if isinstance(getattr(module, "inplace", None), bool) and module.inplace:
-            module.inplace = False
-            undo.append(lambda m=module: setattr(m, "inplace", True))
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.AdaptiveAvgPool2d):
-                size = child.output_size
-                sizes = (size, size) if isinstance(size, int) or size is None else tuple(size)
-                if all(s == 1 for s in sizes):
-                    continue  # exports as GlobalAveragePool already
-                swapped[id(child)] = make_dynamic_adaptive_avg_pool(child)
-                setattr(parent, child_name, swapped[id(child)])
-                undo.append(lambda p=parent, n=child_name, c=child: setattr(p, n, c))
-
-    def restore() -> None:
-        for step in reversed(undo):
-            step()
-
-    return restore, swapped
+    try:
+        yield
+    except OnnxDreamError:
+        raise
+    except MemoryError as exc:
+        raise ExportError(name, f"ran out of memory exporting {name}") from exc
+    except Exception as exc:  # noqa: BLE001 - anything else becomes one sentence
+        raise ExportError(
+            name, f"could not export {name}: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Wrapper: preprocessing in front, layer outputs captured by hooks
 # --------------------------------------------------------------------------------------------
-
-
-def imagenet_preprocess(x: Any) -> Any:
-    """[0,1] RGB → ImageNet mean/std normalised (torchvision's convention)."""
-    torch = import_torch()
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def tensor_name_for(path: str, taken: set[str]) -> str:
@@ -215,132 +159,6 @@ def make_wrapper(model: Any, preprocess: Callable[[Any], Any], layers: Mapping[s
             return (logits, *[self.seen[p] for p in self.capture])
 
     return DreamWrapper()
-
-
-# --------------------------------------------------------------------------------------------
-# 3./4. Export and probe
-# --------------------------------------------------------------------------------------------
-
-
-def odd_size(size: int) -> tuple[int, int]:
-    """A non-square probe size different from ``size`` (224 → 179×211)."""
-
-    def odd(v: float) -> int:
-        n = int(round(v))
-        return n if n % 2 else n + 1
-
-    return odd(size * 0.8), odd(size * 0.94)
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence what the exporters print (C++ logs included) by pointing fds 1 and 2 elsewhere."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "w") as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
-def _torch_export(
-    wrapper: Any,
-    example: Any,
-    path: Path,
-    output_names: list[str],
-    opset: int,
-    dynamic_hw: bool,
-    dynamo: bool,
-) -> None:
-    torch = import_torch()
-    axes: dict[str, dict[int, str]] = {"image": {0: "batch"}, output_names[0]: {0: "batch"}}
-    if dynamic_hw:
-        axes["image"].update({2: "height", 3: "width"})
-    # no torch.no_grad(): without grad nn.MultiheadAttention takes its fused fast path
-    # (aten::_native_multi_head_attention), which the TorchScript exporter cannot translate
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            if not dynamo:
-                torch.onnx.export(
-                    wrapper,
-                    (example,),
-                    str(path),
-                    input_names=["image"],
-                    output_names=output_names,
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
-            else:
-                batch = torch.export.Dim("batch", min=1, max=1024)
-                dims: dict[int, Any] = {0: batch}
-                if dynamic_hw:
-                    dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
-                program = torch.onnx.export(
-                    wrapper,
-                    (example,),
-                    input_names=["image"],
-                    output_names=output_names,
-                    opset_version=opset,
-                    dynamic_shapes={"image": dims},
-                    dynamo=True,
-                    optimize=True,
-                )
-                program.save(str(path), external_data=False)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _relative_error(got: Any, want: Any) -> float:
-    import numpy as np
-
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return float("inf")
-    scale = max(float(np.abs(want).max()), 1e-6)
-    return float(np.abs(got - want).max()) / scale
-
-
-def probe(
-    path: Path, cases: Sequence[tuple[Any, Any]], rtol: float, output_name: str = "logits"
-) -> str | None:
-    """Run onnxruntime on each (image, torch output) case; None if all match, else why not."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover
-        raise DependencyError(
-            'probing the exported model needs onnxruntime; install onnxdream[cpu]'
-        ) from exc
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable this way"
-        return f"onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})"
-    for image, want in cases:
-        hw = "×".join(str(d) for d in image.shape[2:])
-        try:
-            (got,) = session.run([output_name], {"image": image})
-        except Exception as exc:  # noqa: BLE001
-            return f"onnxruntime fails at {hw} ({str(exc).splitlines()[0][:200]})"
-        err = _relative_error(got, want)
-        if not err <= rtol:
-            return f"{output_name} differ from torch at {hw} (relative error {err:.2e})"
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,11 +235,24 @@ def save_atomic(model: Any, out: Path) -> Path:
 
 @dataclass
 class ExportResult:
+    """What an export wrote, and how it went.
+
+    ``path`` is the .onnx file written (a result is also path-like: ``os.fspath(result)``);
+    ``dynamic_hw`` whether it runs at any height and width (else only at its native size);
+    ``exporter`` the torch exporter that succeeded (``torchscript`` or ``dynamo``); ``layers``
+    maps each layer name to its tensor in the graph; ``default_layers`` are the layers a dream
+    uses when none is named; ``notes`` say, one sentence each, what was tried and did not work.
+    """
+
     path: Path
     dynamic_hw: bool
     exporter: str
     layers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    default_layers: list[str] = field(default_factory=list)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
 
 
 def default_layer(model: Any, layer_paths: Sequence[str], fraction: float = 0.6) -> str | None:
@@ -462,44 +293,29 @@ def default_layer(model: Any, layer_paths: Sequence[str], fraction: float = 0.6)
     return layer_paths[len(layer_paths) * 6 // 10] if layer_paths else None
 
 
-def export_module(
+def _export_module(
     module: Any,
-    out: str | os.PathLike[str],
+    out: Path,
     *,
     name: str,
     input_size: int | tuple[int, int],
-    source: str = "",
-    license: str = "",
-    labels: Sequence[str] | None = None,
-    default_layers: Sequence[str] | None = None,
-    preprocess: Callable[[Any], Any] | None = None,
-    layers: Mapping[str, Any] | None = None,
-    opset: int = 18,
-    progress: Progress = None,
-    rtol: float = 1e-3,
-    dynamic: bool = True,
-    extra_metadata: Mapping[str, str] | None = None,
-    output_name: str = "logits",
+    source: str,
+    license: str,
+    labels: Sequence[str] | None,
+    default_layers: Sequence[str] | None,
+    preprocess: Callable[[Any], Any],
+    layers: Mapping[str, Any],
+    opset: int,
+    progress: Progress,
+    rtol: float,
+    dynamic: bool,
+    extra_metadata: Mapping[str, str],
+    output_name: str,
 ) -> ExportResult:
-    """Export a torch classifier as a dreamable model (see DESIGN.md) at ``out``.
-
-    ``module`` maps a preprocessed [N,3,H,W] tensor to logits; ``preprocess`` maps the [0,1] RGB
-    image to the module's input (default: ImageNet mean/std). ``layers`` maps layer names to the
-    modules whose outputs are exposed (default: every non-root entry of ``named_modules()``);
-    entries that do not output a float tensor are left out. ``input_size`` is the native size
-    used to trace and probe (square, or (H, W)). With ``dynamic`` the export first tries
-    symbolic H/W and keeps it only if onnxruntime matches torch at an odd size too. The module
-    is put in eval mode; other changes made for the export are undone. ``output_name`` names the module's output in
-    the graph: ``logits`` for classifiers; a headless network (a Keras application built without
-    its top) exports its last feature map under another name, so nothing mistakes it for logits.
-    """
+    """:func:`export_module` once its arguments are checked and resolved."""
     torch = import_torch()
     import onnx
 
-    out = Path(out)
-    preprocess = preprocess or imagenet_preprocess
-    if layers is None:
-        layers = {path: m for path, m in module.named_modules() if path}
     module.eval()
     restore, swapped = prepare_for_export(module)
     layers = {path: swapped.get(id(m), m) for path, m in layers.items()}
@@ -513,10 +329,13 @@ def export_module(
         odd = torch.rand(2, 3, oh, ow, generator=generator)
         native2 = torch.rand(2, 3, ih, iw, generator=generator)
 
-        _say(progress, f"tracing {name} at {ih}×{iw}")
+        say(progress, f"tracing {name} at {ih}×{iw}")
         wrapper.attach()
         with torch.no_grad():
             want_native = wrapper(native).numpy()
+            if labels is not None and want_native.ndim == 2 and want_native.shape[1] != len(labels):
+                raise ModelError(f"{len(labels)} labels for {name}, but it outputs "
+                                 f"{want_native.shape[1]} {output_name}: give one label each")
             shapes = {p: tuple(t.shape) for p, t in wrapper.seen.items()}
             can_odd = dynamic
             want_odd = want_native2 = None
@@ -528,6 +347,10 @@ def export_module(
             want_native2 = wrapper(native2).numpy()
         module_order = {path: i for i, path in enumerate(layers)}
         captured = sorted(shapes, key=lambda p: module_order[p])
+        silent = [p for p in default_layers or () if p not in shapes]
+        if silent:
+            raise ModelError(f"default layer {silent[0]!r} of {name} does not output a float "
+                             "tensor (a module that is never called, or returns a tuple)")
         taken: set[str] = {"image", output_name}
         infos = [LayerInfo(p, tensor_name_for(p, taken), shapes[p]) for p in captured]
         wrapper.capture = [i.path for i in infos]
@@ -543,14 +366,14 @@ def export_module(
         with tempfile.TemporaryDirectory(prefix="onnxdream-export-") as tmpdir:
             for label, dyn, dynamo in attempts:
                 path = Path(tmpdir) / f"{len(notes)}.onnx"
-                _say(progress, f"exporting {name} ({label})")
+                say(progress, f"exporting {name} ({label})")
                 try:
                     example = native2 if dynamo else native  # export specialises a batch of 1
-                    _torch_export(wrapper, example, path, output_names, opset, dyn, dynamo)
+                    run_exporter(wrapper, example, path, output_names, opset, dyn, dynamo)
                 except Exception as exc:  # noqa: BLE001
-                    notes.append(f"{label}: export failed ({str(exc).splitlines()[0][:200]})")
+                    notes.append(f"{label}: export failed ({first_line(exc)})")
                     continue
-                _say(progress, f"checking {name} with onnxruntime")
+                say(progress, f"checking {name} with onnxruntime")
                 cases = [(native.numpy(), want_native), (native2.numpy(), want_native2)]
                 if dyn:
                     cases.append((odd.numpy(), want_odd))
@@ -560,9 +383,8 @@ def export_module(
                     break
                 notes.append(f"{label}: {why}")
             else:
-                raise ModelError(
-                    f"could not export {name} to ONNX: " + "; ".join(notes[-3:])
-                )
+                tried = "; ".join(notes[-3:])
+                raise ExportError(name, f"could not export {name} to ONNX: {tried}")
     finally:
         wrapper.detach()
         restore()
@@ -587,7 +409,137 @@ def export_module(
         metadata["onnxdream.labels"] = json.dumps(list(labels))
     metadata.update(extra_metadata or {})
     finalize(model, layer_map, metadata, output_name)
-    _say(progress, f"writing {out}")
+    say(progress, f"writing {out}")
     save_atomic(model, out)
     exporter = label.split(",")[0]
-    return ExportResult(out, dyn, exporter, layer_map, notes)
+    return ExportResult(out, dyn, exporter, layer_map, notes, list(default_layers))
+
+
+def _resolve_layers(module: Any, layers: Any, name: str) -> dict[str, Any]:
+    """{layer name: module} from None (every submodule), module paths, or such a mapping."""
+    if layers is None:
+        return {path: m for path, m in module.named_modules() if path}
+    if isinstance(layers, Mapping):
+        return dict(layers)
+    if isinstance(layers, str):
+        layers = [layers]
+    named = list(module.named_modules())
+    order = {path: i for i, (path, _) in enumerate(named)}
+    modules = dict(named)
+    for path in layers:
+        if not path or path not in modules:
+            near = closest(str(path), [p for p in modules if p])
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ModelError(f"{name} has no submodule {path!r} (layers are module paths "
+                             f"from named_modules()){hint}")
+    return {path: modules[path] for path in sorted(set(layers), key=order.__getitem__)}
+
+
+def export_module(
+    module: Any,
+    out: str | os.PathLike[str],
+    *,
+    preprocess: str | Callable[[Any], Any] | None = None,
+    layers: Sequence[str] | Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
+    input_size: int | tuple[int, int] = 224,
+    default_layers: Sequence[str] | None = None,
+    name: str | None = None,
+    source: str = "",
+    license: str = "",
+    dynamic: bool = True,
+    opset: int = 18,
+    rtol: float = 1e-3,
+    progress: Progress = None,
+    extra_metadata: Mapping[str, str] | None = None,
+    output_name: str = "logits",
+) -> ExportResult:
+    """Export a PyTorch image network (your own ``nn.Module``) as a dreamable model at ``out``.
+
+    The file then works with every onnxdream command (``dream``, ``visualize``, ``predict``,
+    ``layers``, ``compile``) and with onnxruntime alone. ``module`` maps its preprocessed input
+    [N,3,H,W] to logits [N,K] (a tensor, a tuple whose first item is one, or an object with
+    ``.logits``); a headless network returning a feature map sets ``output_name="features"``.
+
+    - ``preprocess``: how the [0,1] RGB image becomes the module's input, traced into the graph:
+      None (ImageNet mean/std, as torchvision), a name from
+      :data:`onnxdream.exporters.preprocess.PREPROCESSING` (``torch``, ``tf``, ``caffe``,
+      ``none``, ``unit``), or a function of a torch tensor.
+    - ``layers``: the modules whose outputs become dreamable layers: module paths as
+      ``named_modules()`` spells them (``["layer3", "layer4.1.conv2"]``), a {name: module}
+      mapping, or None for every submodule. Modules that do not output one float tensor are
+      left out.
+    - ``labels``: the class names, one per logit (for ``predict`` and ``class:K`` objectives).
+    - ``input_size``: the native size to trace and check at: an int (square) or (H, W).
+    - ``default_layers``: the layers a dream uses when none is named (default: a layer ~60% into
+      the network's trunk).
+    - ``name``, ``source``, ``license``: written into the model's metadata (``name`` defaults to
+      the module's class name and appears in messages).
+    - ``dynamic``: try symbolic height and width first, kept only if onnxruntime matches torch at
+      an odd size too; False exports at ``input_size`` only.
+    - ``progress``: called with short status lines; ``opset``, ``rtol`` (the accepted relative
+      error of onnxruntime against torch) and ``extra_metadata`` rarely need changing.
+
+    The module is put in eval mode; every other change made for the export (in-place flags,
+    adaptive pools) is undone. Returns an :class:`ExportResult`. Raises ``ModelError`` for a
+    mistake in the arguments, and an :class:`ExportError` naming the model when the export
+    fails for any other reason. The file is written atomically: never half.
+
+    Example, a small network of your own (random weights here; load yours first)::
+
+        import torch
+        from onnxdream.exporters import export_module
+
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 2),
+        )
+        result = export_module(net, "mine.onnx", layers=["1", "3"], labels=["cat", "dog"],
+                               input_size=64, name="mine")
+        print(result.layers)  # {'1': 'layer:1', '3': 'layer:3'}
+
+    and then ``onnxdream dream photo.jpg --model mine.onnx --layer 3``.
+    """
+    torch = import_torch()
+    label = name or type(module).__name__
+    with export_errors(label):
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(
+                f"export_module takes a torch.nn.Module, not a {type(module).__name__}"
+            )
+        sizes = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if len(sizes) != 2 or not all(isinstance(v, int) and v > 0 for v in sizes):
+            raise ModelError(f"input_size must be a positive int or (height, width), not "
+                             f"{input_size!r}")
+        resolved = _resolve_layers(module, layers, label)
+        for layer in default_layers or ():
+            if layer not in resolved:
+                near = closest(str(layer), list(resolved))
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise ModelError(f"default layer {layer!r} is not one of {label}'s layers{hint}")
+        if isinstance(preprocess, str):
+            described = f"{preprocess}: {PREPROCESSING.get(preprocess, '')} (inside the graph)"
+            preprocess = preprocess_fn(preprocess)
+        elif preprocess is None:
+            described, preprocess = "imagenet mean/std (inside the graph)", imagenet_preprocess
+        else:
+            described = "the exporter's own function (inside the graph)"
+        return _export_module(
+            module,
+            Path(out),
+            name=label,
+            input_size=input_size if isinstance(input_size, int) else sizes,
+            source=source,
+            license=license,
+            labels=labels,
+            default_layers=default_layers,
+            preprocess=preprocess,
+            layers=resolved,
+            opset=opset,
+            progress=progress,
+            rtol=rtol,
+            dynamic=dynamic,
+            extra_metadata={"onnxdream.preprocess": described, **(extra_metadata or {})},
+            output_name=output_name,
+        )
