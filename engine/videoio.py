@@ -353,7 +353,7 @@ class VideoWriter:
     ``quality`` is the CRF for MP4 (libx264, lower is better) and WebM (VP9).
     """
 
-    def __init__(self, path: str | os.PathLike[str], fps: Fraction | float | int, *,
+    def __init__(self, path: str | os.PathLike[str], fps: Fraction | float, *,
                  audio_from: str | os.PathLike[str] | None = None, audio_start: float = 0.0,
                  audio_duration: float | None = None, quality: int | None = None,
                  max_gif_bytes: int = 1 << 30):
@@ -656,7 +656,7 @@ class _AudioPump:
                 self.pending = pkt  # belongs after the next video frame
                 return
             if self.copy:
-                shift = int(round((self.origin + self.start) / self.tb))
+                shift = round((self.origin + self.start) / self.tb)
                 pkt.pts -= shift
                 if pkt.dts is not None:
                     pkt.dts -= shift
@@ -684,7 +684,7 @@ class _AudioPump:
 
 
 def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray],
-                fps: Fraction | float | int, **kwargs) -> VideoWriter:
+                fps: Fraction | float, **kwargs) -> VideoWriter:
     """Write ``frames`` (uint8 RGB) to ``path``; keyword arguments as :class:`VideoWriter`.
     Returns the closed writer (``.frames``, ``.size``, ``.notes``)."""
     with VideoWriter(path, fps, **kwargs) as writer:

@@ -219,17 +219,16 @@ def test_interrupted_write_leaves_nothing(tmp_path, clip, clip_frames, ext):
     out = tmp_path / f"out{ext}"
     write_video(out, clip_frames[:2], 10)
     before = sorted(p.name for p in out.iterdir()) if ext == "" else out.read_bytes()
-    with pytest.raises(KeyboardInterrupt):
-        with VideoWriter(out, 10, audio_from=clip) as w:
-            for f in clip_frames[:5]:
-                w.write(f)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), VideoWriter(out, 10, audio_from=clip) as w:
+        for f in clip_frames[:5]:
+            w.write(f)
+        raise KeyboardInterrupt
     after = sorted(p.name for p in out.iterdir()) if ext == "" else out.read_bytes()
     assert after == before and leftovers(tmp_path) == []
-    with pytest.raises(VideoError, match="the first was 160x120"):
-        with VideoWriter(tmp_path / "new.mp4", 10) as w:
-            w.write(clip_frames[0])
-            w.write(clip_frames[0][:60])
+    with pytest.raises(VideoError, match="the first was 160x120"), \
+            VideoWriter(tmp_path / "new.mp4", 10) as w:
+        w.write(clip_frames[0])
+        w.write(clip_frames[0][:60])
     assert not (tmp_path / "new.mp4").exists() and leftovers(tmp_path) == []
 
 

@@ -60,7 +60,7 @@ def make_clip(path: str | Path, *, seconds: float = SECONDS, fps: int = FPS,
 
     path = Path(path)
     w, h = size
-    n = int(round(seconds * fps)) if n_frames is None else n_frames
+    n = round(seconds * fps) if n_frames is None else n_frames
     with av.open(str(path), "w", format=container) as out:
         vs = None
         if video:
@@ -75,7 +75,7 @@ def make_clip(path: str | Path, *, seconds: float = SECONDS, fps: int = FPS,
                 a.codec_context.options = {"strict": "experimental"}
         out.start_encoding()  # the header, even when no frame follows
         pics = frames(n, w, h) if video else []
-        total = int(round(seconds * (44100 if a is None else a.rate)))
+        total = round(seconds * (44100 if a is None else a.rate))
         chunk = 1024
         done = 0
         for t in range(max(n, 1)):
