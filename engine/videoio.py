@@ -183,10 +183,7 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
             raise VideoError(f"{p} has a video stream with no frames")
         tb = vs.time_base
         start = float(vs.start_time * tb) if vs.start_time is not None and tb else 0.0
-        if vs.duration and tb:
-            duration = float(vs.duration * tb)
-        else:
-            duration = float(frames / fps)
+        duration = float(vs.duration * tb) if vs.duration and tb else float(frames / fps)
         audio = None
         if c.streams.audio:
             a = c.streams.audio[0]

@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("cv2")
 
-import videoclip
+import videoclip  # noqa: E402
 
-from onnxdream.errors import OnnxDreamError
-from onnxdream.flow import (
+from onnxdream.errors import OnnxDreamError  # noqa: E402
+from onnxdream.flow import (  # noqa: E402
     FlowEstimator,
     coherent_input,
     consistency_mask,
