@@ -143,11 +143,13 @@ def consistency_mask(backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
     """
     h, w = backward.shape[:2]
     fwd_at = warp(forward, backward)  # w_f(x + w_b(x))
-    total = backward + fwd_at
-    err = (total ** 2).sum(axis=2)
-    bound = 0.01 * ((backward ** 2).sum(axis=2) + (fwd_at ** 2).sum(axis=2)) + 0.5
+    bu, bv = backward[..., 0], backward[..., 1]
+    fu, fv = fwd_at[..., 0], fwd_at[..., 1]
+    su, sv = bu + fu, bv + fv
+    err = su * su + sv * sv
+    bound = 0.01 * (bu * bu + bv * bv + fu * fu + fv * fv) + 0.5
     gx, gy = _grid(h, w)
-    tx, ty = gx + backward[..., 0], gy + backward[..., 1]
+    tx, ty = gx + bu, gy + bv
     inside = (tx >= 0) & (tx <= w - 1) & (ty >= 0) & (ty <= h - 1)
     return ((err < bound) & inside).astype(np.float32)
 
