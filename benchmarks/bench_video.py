@@ -72,7 +72,8 @@ def bench_flow(sizes, repeats: int) -> list[dict]:
 
 
 def bench_audio(tmp: Path) -> list[dict]:
-    from onnxdream.videoio import probe, write_video
+    from onnxdream.videoio import probe
+    from onnxdream.videowrite import write_video
 
     frames = videoclip.frames(10, 64, 48)
     rows = []
@@ -112,7 +113,7 @@ def bench_dream(sizes, n_frames: int, blends, tmp: Path) -> list[dict]:
         dream(inputs[0].astype(np.float32) / 255, {})  # compile, warm up
         runs = [("naive", False, 0.0)] + [(f"flow {b}", True, b) for b in blends]
         for name, flow, blend in runs:
-            out = tmp / f"out-{w}x{h}-{name.replace(' ', '-')}"
+            out = tmp / f"out-{w}x{h}-{name.replace(' ', '-').replace('.', '')}"
             t0 = time.perf_counter()
             result = dream_video(clip, out, dream, flow=flow, blend=blend)
             seconds = time.perf_counter() - t0

@@ -291,7 +291,7 @@ def _schedules(schedules: Mapping[str, Schedule | str | float | int] | None,
 
 def _encode(store: _FrameStore, n: int, output: Path, fps: Fraction, clock: _Clock,
             **audio: Any) -> tuple[tuple[int, int], list[str]]:
-    from onnxdream.videoio import VideoWriter
+    from onnxdream.videowrite import VideoWriter
 
     with VideoWriter(output, fps, **audio) as writer:
         for i in range(n):

@@ -222,3 +222,20 @@ def test_real_dream_is_more_coherent_with_flow(tmp_path, clip, inputs, model_hom
     print(f"temporal error: flow {errors[True]:.4f}, no flow {errors[False]:.4f}, "
           f"ratio {ratio:.2f}")
     assert ratio < 0.8
+
+
+def test_standard_dream_follows_the_layer_schedule(model_home):
+    from onnxdream.ascent import DreamSettings
+    from onnxdream.video import make_dream_frame
+
+    dream = make_dream_frame("efficientnet-lite0", DreamSettings(octaves=1, steps=2),
+                             threads=1)
+    assert dream.settings.seed is not None and dream.key["settings"] == dream.settings
+    x = videoclip.scene(0, 64, 48)
+    a = dream(x, {"layers": "blocks.5"})
+    b = dream(x, {"layers": "blocks.9+blocks.5:0.5", "steps": 1})
+    dream(x, {})  # the model's default layer
+    assert a.shape == b.shape == x.shape and not np.allclose(a, b)
+    assert len(dream._models) == 2  # the last two gradient models stay open
+    assert [t.layer for t in dream.gradient_model(("blocks.9", "blocks.5:0.5")).objective.terms
+            ] == ["blocks.9", "blocks.5"]

@@ -1,4 +1,4 @@
-"""Video reading/writing with PyAV: probing, frame selection, the output kinds, audio
+"""Video reading and writing with PyAV (videoio, videowrite): probing, frame selection, the output kinds, audio
 copy-through, atomic writes and the typed errors for bad input."""
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import videoclip  # noqa: E402
 from onnxdream.errors import OnnxDreamError  # noqa: E402
 from onnxdream.videoio import (  # noqa: E402
     VideoError,
-    VideoWriter,
     check_video_output,
     even_size,
     open_video,
     output_kind,
     probe,
-    write_video,
 )
+from onnxdream.videowrite import VideoWriter, write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
