@@ -160,19 +160,17 @@ def _batch(image: onnx.ValueInfoProto):
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename); large models keep their weights beside the file."""
+    """Write atomically (onnxdream.atomic); large models keep their weights beside the file."""
+    from onnxdream.atomic import write_atomic
+
     path = Path(path)
     if not path.parent.exists():
         raise ModelError(f"cannot write {path}: the directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         if sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000:
-            onnx.save(model, str(tmp), save_as_external_data=True,
-                      location=path.name + ".data")
+            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
         else:
             onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return write_atomic(path, write)
