@@ -90,6 +90,15 @@ class GradientModel:
         self.info = model_geometry(proto)
         self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
 
+    @classmethod
+    def from_settings(cls, settings, *, device: str = "auto", threads: int | None = None,
+                      cache: bool = True) -> GradientModel:
+        """The GradientModel of a :class:`~onnxdream.settings.DreamSettings` (its model, layers,
+        objective, pre_relu and border)."""
+        model, layers, objective, pre_relu, border = settings.gradient_key()
+        return cls(model, list(layers), objective, pre_relu=pre_relu, border=border,
+                   device=device, threads=threads, cache=cache)
+
     @property
     def provider(self) -> str:
         return self.session.provider

@@ -18,7 +18,7 @@ What depends on the image and the model (the octave sizes actually used, the til
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -209,12 +209,13 @@ class DreamSettings:
         preset = given.pop("preset", None)
         if preset is None:
             return cls(**given).validate()
-        from onnxdream.presets import resolve_preset
+        from onnxdream.presets import get_preset, resolve_preset
 
+        recipe = get_preset(preset)  # an unknown name fails before any model is read
         model = given.get("model", cls.model)
         needs_layers = "layers" not in given
         plan = resolve_preset(
-            preset, layers_of(model) if (needs_layers and layers_of is not None) else (),
+            recipe, layers_of(model) if (needs_layers and layers_of is not None) else (),
             layers=list(given.pop("layers", ())) or None, objective=given.pop("objective", None),
             border=given.pop("border", None), pre_relu=given.pop("pre_relu", None),
             **{k: given.pop(k) for k in ASCENT_FIELDS if k in given})
@@ -305,7 +306,3 @@ class VisualizeSettings:
         argv += ["--grid"] if grid else []
         return argv
 
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with the values of ``over`` that are not None laid over it."""
-    return {**base, **{k: v for k, v in over.items() if v is not None}}
