@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from onnxdream.errors import ModelError, OnnxDreamError, SettingsError, did_you_mean
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DreamSettings, require
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "DreamRequest", "Job",
            "JobCancelled", "JobError", "JobManager", "ModelCache", "ModelKey", "QueueFull",
@@ -120,8 +120,6 @@ class ServerConfig:
         return cfg.validate()
 
     def validate(self) -> ServerConfig:
-        from onnxdream.settings import require
-
         require([
             (1 <= self.workers <= 64, "workers", "must be between 1 and 64"),
             (0 <= self.max_queue <= 10_000, "max_queue", "must be between 0 and 10000"),
