@@ -2,16 +2,22 @@
 option declarations, and the ``[dream options]`` turned into one DreamSettings.
 
 A new command lives in its own module, ``engine/cli_<name>.py``, registered on the shared app
-and listed in ``onnxdream.cli.COMMAND_MODULES``::
+and listed in ``onnxdream.cli.COMMAND_MODULES``; ``@with_dream_options`` gives it every
+``[dream options]`` flag (model, preset, layers, objective, octaves, steps, step size, …)::
 
-    from onnxdream.cli_common import DreamOptions, DeviceOpt, QuietOpt, app, user_errors, \\
-        with_dream_options
+    from pathlib import Path
+    from typing import Annotated
+
+    import typer
+
+    from onnxdream.cli_common import (DeviceOpt, DreamOptions, QuietOpt, app, user_errors,
+                                      with_dream_options)
 
     @app.command()
     @with_dream_options
-    def zoom(image: ImageArg, options: DreamOptions = None, device: DeviceOpt = "auto",
-             quiet: QuietOpt = False):
-        \"\"\"...\"\"\"
+    def zoom(image: Annotated[Path, typer.Argument(help="The photo to start from.")],
+             options: DreamOptions = None, device: DeviceOpt = "auto", quiet: QuietOpt = False):
+        # the docstring is the command's --help
         with user_errors():
             settings = options.settings().with_seed()  # validated, preset applied
             ...

@@ -18,6 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from onnxdream.cli_common import DreamOptions, with_dream_options
 from onnxdream.errors import (ImageError, ImageTooLargeError, LayerError, OnnxDreamError,
                               SettingsError, did_you_mean, first_line)
 from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
@@ -130,6 +131,29 @@ def test_from_options_lays_explicit_over_preset_over_defaults():
     assert s.layers == ("mixed7",) and s.objective == "l2"
     with pytest.raises(TypeError):
         DreamSettings.from_options(strength=3)
+
+
+def test_a_new_command_gets_the_dream_options():
+    """What `video`, `zoom`, `batch` do: declare `options`, get one validated DreamSettings."""
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @with_dream_options
+    def zoom(image: Path, options: DreamOptions = None, frames: int = 3):
+        seen["settings"], seen["frames"], seen["image"] = options.settings(), frames, image
+
+    @app.command()
+    def other():  # two commands: zoom is a subcommand
+        pass
+
+    result = CliRunner().invoke(app, ["zoom", "x.png", "--steps", "3", "--layer", "blocks.9:2",
+                                      "--step-size", "0.01", "--frames", "5"])
+    assert result.exit_code == 0, result.output
+    assert seen["settings"] == DreamSettings(steps=3, layers=("blocks.9:2",), step_size=0.01)
+    assert (seen["frames"], seen["image"]) == (5, Path("x.png"))
+    help_text = CliRunner().invoke(app, ["zoom", "--help"], env={"COLUMNS": "200"}).output
+    assert help_text.index("--model") < help_text.index("--seed") < help_text.index("--frames")
 
 
 def _parse_dream(argv: list[str]) -> DreamSettings:
