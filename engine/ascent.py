@@ -10,53 +10,16 @@ enlarge and re-inject the detail that shrinking lost.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from onnxdream.errors import OnnxDreamError
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import resize
-from onnxdream.normalize import NORMALIZERS, normalize
-from onnxdream.settings import describe, random_seed, require
-
-MIN_OCTAVE_SIDE = 32
-
-
-@dataclass(frozen=True)
-class DreamSettings:
-    octaves: int = 4
-    octave_scale: float = 1.4
-    steps: int = 10
-    step_size: float = 0.01
-    jitter: int = 32
-    tile_size: int = 512
-    seed: int | None = None
-    normalize: str = "mean-abs"
-    max_loss: float | None = None
-
-    def validate(self) -> "DreamSettings":
-        checks = [
-            (1 <= self.octaves <= 12, "--octaves must be between 1 and 12"),
-            (1.0 < self.octave_scale <= 4.0, "--octave-scale must be > 1 and <= 4"),
-            (1 <= self.steps <= 10_000, "--steps must be between 1 and 10000"),
-            (0.0 < self.step_size <= 10.0, "--step-size must be > 0 and <= 10"),
-            (0 <= self.jitter <= 4096, "--jitter must be between 0 and 4096 pixels"),
-            (self.tile_size == 0 or 64 <= self.tile_size <= 8192,
-             "--tile-size must be 0 (no tiles) or between 64 and 8192 pixels"),
-            (self.normalize in NORMALIZERS,
-             f"--normalize must be one of {', '.join(NORMALIZERS)}"),
-            (self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2^32-1"),
-        ]
-        require(checks)
-        return self
-
-    def with_seed(self) -> "DreamSettings":
-        """A copy whose seed is fixed (drawn at random when none was given)."""
-        if self.seed is not None:
-            return self
-        return replace(self, seed=random_seed())
-
+from onnxdream.normalize import normalize
+from onnxdream.resolve import ResolvedSettings, resolve
+from onnxdream.settings import DreamSettings, describe, octave_sizes
 
 @dataclass(frozen=True)
 class Progress:
@@ -73,28 +36,20 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def octave_sizes(h: int, w: int, octaves: int, scale: float) -> list[tuple[int, int]]:
-    """Image sizes from the largest (the input) down; stops before a side gets too small."""
-    sizes = [(h, w)]
-    for _ in range(octaves - 1):
-        nh, nw = round(sizes[-1][0] / scale), round(sizes[-1][1] / scale)
-        if min(nh, nw) < MIN_OCTAVE_SIDE:
-            break
-        sizes.append((nh, nw))
-    return sizes
-
-
 def _resize_chw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if x.shape[1:] == tuple(size):
         return x
     return np.ascontiguousarray(resize(np.moveaxis(x, 0, -1), size).transpose(2, 0, 1))
 
 
-def ascend(gm: GradientModel, img: np.ndarray, settings: DreamSettings, rng: np.random.Generator,
-           steps: int, on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
+def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | DreamSettings,
+           rng: np.random.Generator, steps: int,
+           on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
-    One gradient buffer is reused across steps; jitter rolls the network's view, not the image.
+    Reads ``tile_size``, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
+    values; a DreamSettings' own values are taken as they are). One gradient buffer is reused
+    across steps; jitter rolls the network's view, not the image.
     """
     _, h, w = img.shape
     fits = settings.tile_size <= 0 or (h <= settings.tile_size and w <= settings.tile_size)
@@ -137,23 +92,36 @@ def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
     return total / max(flat.size, 1)
 
 
-def dream(gm: GradientModel, rgb: np.ndarray, settings: DreamSettings = DreamSettings(),
+def dream(gm: GradientModel, rgb: np.ndarray,
+          settings: DreamSettings | ResolvedSettings = DreamSettings(),
           progress: ProgressFn | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
 
-    The result is an HxWx3 view of a [3,H,W] array (``np.ascontiguousarray`` it if needed).
+    ``settings``: a DreamSettings (resolved here for this image and ``gm``'s model), or the
+    ResolvedSettings of ``resolve(settings, H, W, gm.info)`` (what the CLI and the server pass,
+    having recorded it). ``gm`` decides the objective; the settings' model and layers are not
+    read here. The result is an HxWx3 view of a [3,H,W] array (``np.ascontiguousarray`` it if
+    needed).
 
     Pass a settings with a seed for a reproducible result (``settings.with_seed()``).
     """
-    settings.validate()
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")
-    rng = np.random.default_rng(settings.seed)
+    if isinstance(settings, ResolvedSettings):
+        if (settings.height, settings.width) != rgb.shape[:2]:
+            raise OnnxDreamError(f"the settings were resolved for {settings.width}x"
+                                 f"{settings.height} pixels, the image is "
+                                 f"{rgb.shape[1]}x{rgb.shape[0]}")
+        resolved = settings
+    else:
+        resolved = resolve(settings, rgb.shape[0], rgb.shape[1], getattr(gm, "info", None))
+    rng = np.random.default_rng(resolved.seed)
     base = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
     if base is rgb or np.shares_memory(base, rgb):
         base = base.copy()
-    sizes = octave_sizes(base.shape[1], base.shape[2], settings.octaves, settings.octave_scale)
-    total = len(sizes) * settings.steps
+    sizes = list(resolved.octave_sizes)
+    steps = resolved.steps
+    total = resolved.steps_total
     done = 0
     stop = False
     detail = None
@@ -173,21 +141,23 @@ def dream(gm: GradientModel, rgb: np.ndarray, settings: DreamSettings = DreamSet
             nonlocal done, stop
             done += 1
             if progress is not None:
-                progress(Progress(octave, len(sizes), i + 1, settings.steps, done, total, obj, size))
-            if settings.max_loss is not None and obj > settings.max_loss:
+                progress(Progress(octave, len(sizes), i + 1, steps, done, total, obj, size))
+            if resolved.max_loss is not None and obj > resolved.max_loss:
                 stop = True
             return stop
 
         if not stop:
-            img = ascend(gm, img, settings, rng, settings.steps, on_step)
+            img = ascend(gm, img, resolved, rng, steps, on_step)
         if not last:
             detail = img - octave_base
     return img.transpose(1, 2, 0)  # a view: HxWx3, no full-size copy
 
 
 def steps_total(h: int, w: int, settings: DreamSettings) -> int:
-    return len(octave_sizes(h, w, settings.octaves, settings.octave_scale)) * settings.steps
+    """Ascent steps of a dream of an h x w image (``resolve(...).steps_total``)."""
+    return resolve(settings, h, w).steps_total
 
 
-__all__ = ["DreamSettings", "Progress", "ascend", "describe", "dream", "octave_sizes",
-           "steps_total"]
+# DreamSettings, describe and octave_sizes live in onnxdream.settings; re-exported here
+__all__ = ["DreamSettings", "Progress", "ResolvedSettings", "ascend", "describe", "dream",
+           "octave_sizes", "resolve", "steps_total"]

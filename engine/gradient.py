@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxdream.errors import ModelError, OnnxDreamError
+from onnxdream.errors import ModelError, OnnxDreamError, first_line
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
 from onnxdream.exporters.graph.compiler import save_model
 from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
+from onnxdream.resolve import model_geometry
 from onnxdream.session import Session, create_session
 
 COMPILER_VERSION = "9"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first
@@ -84,7 +85,19 @@ class GradientModel:
         self._graph, self._threads, self._device_ascent = graph, threads, None
         self.border = border
         self.tile_info = self._tile_info(proto)
+        # native size and fixed/dynamic H/W, for the resolver
+        # TODO(contract): contract.ModelInfo.load(proto) once exporters/graph/contract.py lands
+        self.info = model_geometry(proto)
         self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
+
+    @classmethod
+    def from_settings(cls, settings, *, device: str = "auto", threads: int | None = None,
+                      cache: bool = True) -> GradientModel:
+        """The GradientModel of a :class:`~onnxdream.settings.DreamSettings` (its model, layers,
+        objective, pre_relu and border)."""
+        model, layers, objective, pre_relu, border = settings.gradient_key()
+        return cls(model, list(layers), objective, pre_relu=pre_relu, border=border,
+                   device=device, threads=threads, cache=cache)
 
     @property
     def provider(self) -> str:
@@ -143,7 +156,7 @@ class GradientModel:
                     f"{2 * self.border} positions wide: use a larger image, fewer octaves or a "
                     "smaller border)" if self.border else "")
             raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels"
-                                 f"{hint}: {str(exc).splitlines()[0][:160]}") from None
+                                 f"{hint}: {first_line(exc, 160)}") from None
         return obj, grad
 
     def gradient(self, img: np.ndarray, tile_size: int = 0, shift: tuple[int, int] = (0, 0),

@@ -14,9 +14,10 @@ Safety:
 - Truncated files are errors, never half-grey images: the image is fully decoded with
   ``img.load()`` while ``ImageFile.LOAD_TRUNCATED_IMAGES`` is held at False.
 - Only raster formats are opened (no EPS, which would run Ghostscript).
-- Output is written to a temporary file in the target directory and moved into place with
-  :func:`os.replace`; a failure leaves neither a partial file nor a temporary one behind, and an
-  existing file at the target is untouched until the new one is complete.
+- Output is written with :func:`onnxdream.atomic.write_atomic` (a temporary file in the target
+  directory, moved into place with :func:`os.replace`); a failure leaves neither a partial file
+  nor a temporary one behind, and an existing file at the target is untouched until the new one
+  is complete. :func:`encode_image` gives the same bytes in memory (the server's responses).
 
 The library raises; it never prints or exits.
 """
@@ -28,7 +29,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import threading
 import warnings
 import zlib
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 from PIL.PngImagePlugin import PngInfo
 
-from onnxdream.errors import ImageError
+from onnxdream.errors import ImageError, ImageTooLargeError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -48,6 +48,7 @@ __all__ = [
     "OUTPUT_EXTENSIONS",
     "READ_FORMATS",
     "check_output_path",
+    "encode_image",
     "load_image",
     "load_image_bytes",
     "read_metadata",
@@ -164,15 +165,12 @@ def _pil_limits(max_pixels: int | None) -> Iterator[None]:
             ImageFile.LOAD_TRUNCATED_IMAGES = old_truncated
 
 
-def _bomb_error(name: str, exc: Exception | None, pixels: int | None, limit: int) -> ImageError:
+def _bomb_error(name: str, exc: Exception | None, pixels: int | None,
+                limit: int) -> ImageTooLargeError:
     if pixels is None and exc is not None:
         m = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = int(m.group(1)) if m else None
-    what = f"has {pixels:,} pixels" if pixels is not None else "is too large"
-    return ImageError(
-        f"{name} {what}, more than the limit of {limit:,}; "
-        "it may be a decompression bomb, or pass a larger max_pixels if you trust it"
-    )
+    return ImageTooLargeError(name, pixels, limit)
 
 
 def _open_and_decode(fp, name: str, max_pixels: int | None) -> Image.Image:
@@ -502,16 +500,60 @@ def _save_kwargs(fmt: str, metadata: Mapping[str, str] | None, quality: int) -> 
     return kw
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (thread-safe)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
+def _output_format(fmt: str) -> str:
+    """A Pillow output format from ``"PNG"``/``"png"``/``".png"``/``"jpg"`` …; ImageError else."""
+    key = fmt.strip().lower()
+    found = OUTPUT_EXTENSIONS.get(key if key.startswith(".") else f".{key}")
+    if found is None:
+        raise ImageError(f"cannot encode as {fmt!r}: use one of "
+                         f"{', '.join(e.lstrip('.') for e in OUTPUT_EXTENSIONS)}")
+    if found == "WEBP" and not features.check("webp"):
+        raise ImageError("this Pillow was built without WebP support; use png or jpeg")
+    return found
+
+
+def _pil_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, what: str) -> Image.Image:
+    """Float RGB in [0, 1] (+ alpha) → the Pillow image to encode (alpha dropped for JPEG)."""
+    arr = np.asarray(rgb)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"cannot write {what}: expected an H x W x 3 RGB array, got shape {arr.shape}")
+    pixels = to_uint8(arr)
+    if alpha is not None and fmt in ("PNG", "WEBP"):
+        a8 = _as_alpha_u8(alpha, pixels.shape[:2])
+        return Image.fromarray(np.ascontiguousarray(np.dstack([pixels, a8])))  # RGBA
+    if alpha is not None:
+        _as_alpha_u8(alpha, pixels.shape[:2])  # still reject a mismatched alpha
+    return Image.fromarray(np.ascontiguousarray(pixels))  # RGB
+
+
+def _check_quality(quality: int) -> int:
+    if not 1 <= int(quality) <= 100:
+        raise ImageError(f"quality must be between 1 and 100, got {quality}")
+    return int(quality)
+
+
+def encode_image(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    format: str = "PNG",
+    metadata: Mapping[str, str] | None = None,
+    quality: int = 95,
+) -> bytes:
+    """Encode a float RGB image in [0, 1] (H x W x 3) as PNG, JPEG or WebP bytes, in memory.
+
+    ``format``: a Pillow format or an extension (``"png"``, ``".jpg"``, ``"webp"``). Alpha and
+    metadata are handled as in :func:`save_image` (the same bytes that it would write).
+
+    Raises:
+        ImageError: an unknown format, a malformed array or alpha, a bad quality.
+    """
+    fmt = _output_format(format)
+    quality = _check_quality(quality)
+    img = _pil_image(rgb, alpha, fmt, f"a {fmt} image")
+    kwargs = _save_kwargs(fmt, metadata, quality)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
 
 
 def save_image(
@@ -528,56 +570,30 @@ def save_image(
     tEXt/iTXt chunks; for JPEG and WebP it is stored as one JSON object in an XMP packet (and a
     JPEG comment). Floats become 8-bit by rounding to nearest after clipping to [0, 1].
 
-    The image is written to a temporary file next to ``path`` and renamed over it, so a reader
-    never sees a partial file and a failure leaves any existing file as it was.
+    The image is written with :func:`onnxdream.atomic.write_atomic`, so a reader never sees a
+    partial file and a failure leaves any existing file as it was.
 
     Raises:
         ImageError: unsupported extension or missing directory (before any work is done), a
             malformed array, or a write failure.
     """
+    from onnxdream.atomic import write_atomic
+
     fmt = check_output_path(path)
     p = Path(path)
-    if not 1 <= int(quality) <= 100:
-        raise ImageError(f"quality must be between 1 and 100, got {quality}")
+    quality = _check_quality(quality)
+    img = _pil_image(rgb, alpha, fmt, str(p))
+    kwargs = _save_kwargs(fmt, metadata, quality)
 
-    arr = np.asarray(rgb)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"cannot write {p}: expected an H x W x 3 RGB array, got shape {arr.shape}")
-    pixels = to_uint8(arr)
-    if alpha is not None and fmt in ("PNG", "WEBP"):
-        a8 = _as_alpha_u8(alpha, pixels.shape[:2])
-        img = Image.fromarray(np.ascontiguousarray(np.dstack([pixels, a8])))  # RGBA
-    else:
-        if alpha is not None:
-            _as_alpha_u8(alpha, pixels.shape[:2])  # still reject a mismatched alpha
-        img = Image.fromarray(np.ascontiguousarray(pixels))  # RGB
-    kwargs = _save_kwargs(fmt, metadata, int(quality))
-
-    parent = p.parent if str(p.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise ImageError(f"cannot write {p}: {exc.strerror or exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             img.save(fh, format=fmt, **kwargs)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the image the permissions a plain open() would have
-        try:
-            mode = (os.stat(p).st_mode & 0o777) if p.exists() else (0o666 & ~_umask())
-            os.chmod(tmp, mode)
-        except OSError:
-            pass
-        os.replace(tmp, p)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, (OSError, ValueError, KeyError, TypeError)):
-            detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise ImageError(f"cannot write {p}: {detail}") from exc
-        raise
+
+    try:
+        write_atomic(p, write)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ImageError(f"cannot write {p}: {detail}") from exc
     return p
 
 

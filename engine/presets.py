@@ -29,12 +29,10 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from onnxdream.errors import LayerError, OnnxDreamError, closest
+from onnxdream.errors import LayerError, SettingsError, closest, did_you_mean
+from onnxdream.settings import ASCENT_FIELDS, DreamSettings
 
 __all__ = ["PRESETS", "Preset", "ResolvedPreset", "get_preset", "preset_names", "resolve_preset"]
-
-_SETTINGS = ("octaves", "octave_scale", "steps", "step_size", "jitter", "tile_size", "normalize",
-             "max_loss")
 
 
 @dataclass(frozen=True)
@@ -61,8 +59,9 @@ class Preset:
         near = closest(self.layers[0][0].rsplit(":", 1)[0], sorted(have))
         hint = f" (closest here: {', '.join(near)})" if near else ""
         raise LayerError(
-            f"--preset {self.name} needs layer(s) {wanted}, which this model lacks{hint}; "
-            f"{self.model_hint}, or name layers with --layer"
+            f"preset {self.name} needs layer(s) {wanted}, which this model lacks{hint}; "
+            f"{self.model_hint}, or name the layers yourself",
+            field="layers",
         )
 
 
@@ -126,9 +125,8 @@ def preset_names() -> list[str]:
 def get_preset(name: str) -> Preset:
     if name in PRESETS:
         return PRESETS[name]
-    near = closest(name, list(PRESETS))
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    raise OnnxDreamError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+    raise SettingsError("preset", f"{name!r} is unknown{did_you_mean(name, PRESETS)} "
+                                  f"(presets: {', '.join(PRESETS)})")
 
 
 @dataclass(frozen=True)
@@ -139,12 +137,14 @@ class ResolvedPreset:
     objective: str
     border: int
     pre_relu: bool
-    settings: dict[str, Any]  # DreamSettings keyword arguments
+    settings: dict[str, Any]  # DreamSettings keyword arguments (the ascent fields)
+    preset: str | None = None  # the preset's name
 
-    def dream_settings(self, **extra: Any) -> Any:
-        from onnxdream.ascent import DreamSettings
-
-        return DreamSettings(**{**self.settings, **extra})
+    def dream_settings(self, **extra: Any) -> DreamSettings:
+        """The DreamSettings of this plan; ``extra`` (model, seed, …) overrides."""
+        return DreamSettings(**{"layers": tuple(self.layers), "objective": self.objective,
+                                "border": self.border, "pre_relu": self.pre_relu,
+                                "preset": self.preset, **self.settings, **extra})
 
 
 def resolve_preset(
@@ -164,13 +164,11 @@ def resolve_preset(
     (``layers`` not given). ``settings`` are DreamSettings fields (octaves, step_size, …);
     ``defaults`` fills what neither sets (DreamSettings' own defaults where it lacks a field).
     """
-    from onnxdream.ascent import DreamSettings
-
-    unknown = set(settings) - set(_SETTINGS) - {"seed"}
+    unknown = set(settings) - set(ASCENT_FIELDS) - {"seed"}
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}")
     p = get_preset(preset) if isinstance(preset, str) else preset
-    base = {k: v for k, v in asdict(DreamSettings()).items() if k in _SETTINGS}
+    base = {k: v for k, v in asdict(DreamSettings()).items() if k in ASCENT_FIELDS}
     base.update(defaults or {})
     if p is not None:
         base.update(p.settings)
@@ -182,6 +180,7 @@ def resolve_preset(
         border=border if border is not None else (p.border if p else 0),
         pre_relu=pre_relu if pre_relu is not None else (p.pre_relu if p else False),
         settings=base,
+        preset=p.name if p is not None else None,
     )
 
 

@@ -1,20 +1,54 @@
-"""Helpers shared by the frozen settings dataclasses of dream and visualize."""
+"""What a dream is, and the only place its defaults live.
+
+:class:`DreamSettings` is one frozen value that fully describes a dream: *what* to amplify (the
+model, its layers with their weights, the objective, pre-ReLU, the border, the preset they came
+from) and *how* (octaves, steps, step size, jitter, tiles, normalisation, stop rule, seed). The
+CLI, the server, presets, the Python API — and batch/video jobs — all build this value, so one
+default per setting, one validation, one reproducible command line (:meth:`to_argv`) and one
+settings hash (via :func:`onnxdream.resolve.resolve`). :class:`VisualizeSettings` is the same
+for ``onnxdream visualize``.
+
+Validation raises :class:`~onnxdream.errors.SettingsError` naming the *field* (``step_size``);
+the CLI shows it as ``--step-size``, the server as the form field ``step_size``.
+
+What depends on the image and the model (the octave sizes actually used, the tile size, later
+"auto" octaves and a memory budget) is not decided here but by :func:`onnxdream.resolve.resolve`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict
+import math
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
-from onnxdream.errors import OnnxDreamError
+from onnxdream.errors import SettingsError
+from onnxdream.models.registry import DEFAULT_MODEL
+
+__all__ = ["ASCENT_FIELDS", "DreamSettings", "MIN_OCTAVE_SIDE", "OBJECTIVE_FIELDS",
+           "VISUALIZE_NORMALIZERS", "VisualizeSettings", "describe", "octave_sizes",
+           "random_seed", "require"]
+
+#: The smallest side an octave may have, in pixels (smaller octaves are dropped).
+MIN_OCTAVE_SIDE = 32
+
+#: DreamSettings fields that say what to amplify (a model's gradient graph depends on these).
+OBJECTIVE_FIELDS = ("model", "layers", "objective", "pre_relu", "border", "preset")
+#: DreamSettings fields of the ascent itself (a preset may set these; the seed is separate).
+ASCENT_FIELDS = ("octaves", "octave_scale", "steps", "step_size", "jitter", "tile_size",
+                 "normalize", "max_loss")
+
+#: Gradient normalisations of ``visualize`` (the dream's are ``onnxdream.normalize.NORMALIZERS``).
+VISUALIZE_NORMALIZERS = ("none", "lapnorm")
 
 
-def require(checks: Iterable[tuple[bool, str]]) -> None:
-    """Raise the message of the first check that fails."""
-    for ok, message in checks:
+def require(checks: Iterable[tuple[bool, str, str]]) -> None:
+    """Raise SettingsError(field, reason) for the first ``(ok, field, reason)`` that fails."""
+    for ok, field, reason in checks:
         if not ok:
-            raise OnnxDreamError(message)
+            raise SettingsError(field, reason)
 
 
 def random_seed() -> int:
@@ -22,6 +56,253 @@ def random_seed() -> int:
     return int(np.random.SeedSequence().generate_state(1)[0])
 
 
-def describe(settings) -> dict[str, str]:
-    """A settings dataclass as strings, for PNG metadata (None → "")."""
-    return {k: ("" if v is None else str(v)) for k, v in asdict(settings).items()}
+def describe(settings, names: Iterable[str] | None = None) -> dict[str, str]:
+    """A settings dataclass (or the fields ``names`` of it) as strings, for metadata (None → "")."""
+    values = asdict(settings)
+    keys = list(values) if names is None else list(names)
+    return {k: ("" if values[k] is None else str(values[k])) for k in keys}
+
+
+def octave_sizes(h: int, w: int, octaves: int, scale: float,
+                 min_side: int = MIN_OCTAVE_SIDE) -> list[tuple[int, int]]:
+    """Image sizes from the largest (the input) down, each ``scale`` times smaller; stops
+    before a side would be smaller than ``min_side``. The one octave rule of dream and
+    visualize."""
+    sizes = [(h, w)]
+    for _ in range(octaves - 1):
+        nh, nw = round(sizes[-1][0] / scale), round(sizes[-1][1] / scale)
+        if min(nh, nw) < min_side:
+            break
+        sizes.append((nh, nw))
+    return sizes
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+# -- dream ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    """One dream, fully described. Defaults here are THE defaults (CLI, server, presets, API).
+
+    ``layers`` are ``NAME`` or ``NAME:WEIGHT`` specs; empty means the model's recommended
+    layer(s). ``preset`` records the recipe the values came from (see :meth:`from_options`).
+    """
+
+    # what to amplify
+    model: str = DEFAULT_MODEL
+    layers: tuple[str, ...] = ()
+    objective: str = "mean"
+    pre_relu: bool = False
+    border: int = 0
+    preset: str | None = None
+    # how
+    octaves: int = 4
+    octave_scale: float = 1.4
+    steps: int = 10
+    step_size: float = 0.006
+    jitter: int = 32
+    tile_size: int = 512
+    seed: int | None = None
+    normalize: str = "mean-abs"
+    max_loss: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", (self.layers,))
+        elif not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def validate(self) -> DreamSettings:
+        """This value, if every field is in range; SettingsError naming the first that is not."""
+        from onnxdream.normalize import NORMALIZERS
+
+        require([
+            (isinstance(self.model, str) and bool(self.model.strip()), "model",
+             "must name a zoo model or a dreamable .onnx file"),
+            (all(isinstance(s, str) and s.strip() for s in self.layers), "layers",
+             "must be layer names (NAME or NAME:WEIGHT), none empty"),
+            (isinstance(self.objective, str) and bool(self.objective.strip()), "objective",
+             "must be mean, l2, channel:K, neuron:K or class:K"),
+            (_is_int(self.border) and self.border >= 0, "border",
+             "must be an integer >= 0"),
+            (_is_int(self.octaves) and 1 <= self.octaves <= 12, "octaves",
+             "must be between 1 and 12"),
+            (_is_number(self.octave_scale) and 1.0 < self.octave_scale <= 4.0, "octave_scale",
+             "must be > 1 and <= 4"),
+            (_is_int(self.steps) and 1 <= self.steps <= 10_000, "steps",
+             "must be between 1 and 10000"),
+            (_is_number(self.step_size) and 0.0 < self.step_size <= 10.0, "step_size",
+             "must be > 0 and <= 10"),
+            (_is_int(self.jitter) and 0 <= self.jitter <= 4096, "jitter",
+             "must be between 0 and 4096 pixels"),
+            (_is_int(self.tile_size) and (self.tile_size == 0 or 64 <= self.tile_size <= 8192),
+             "tile_size", "must be 0 (no tiles) or between 64 and 8192 pixels"),
+            (self.normalize in NORMALIZERS, "normalize",
+             f"must be one of {', '.join(NORMALIZERS)}"),
+            (self.max_loss is None or _is_number(self.max_loss), "max_loss",
+             "must be a number"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed",
+             "must be between 0 and 2^32-1"),
+        ])
+        return self
+
+    def with_seed(self) -> DreamSettings:
+        """A copy whose seed is fixed (drawn at random when none was given)."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=random_seed())
+
+    def gradient_key(self) -> tuple:
+        """What the compiled gradient graph depends on: (model, layers, objective, pre_relu,
+        border). Two dreams with the same key share one GradientModel."""
+        return (self.model, tuple(self.layers), self.objective, bool(self.pre_relu),
+                int(self.border))
+
+    def to_argv(self, image: str = "IMAGE", output: str | None = None) -> list[str]:
+        """The ``onnxdream dream`` command line (without ``onnxdream``) that makes this dream.
+
+        Every value is spelled out (no preset), so the command reproduces the dream even when
+        defaults change. Give concrete ``layers`` (not the model's default) for a command that
+        does not depend on the model's metadata either.
+        """
+        argv = ["dream", str(image)] + (["-o", str(output)] if output is not None else [])
+        argv += ["--model", self.model]
+        argv += [a for spec in self.layers for a in ("--layer", spec)]
+        argv += ["--objective", self.objective, "--octaves", str(self.octaves),
+                 "--octave-scale", str(self.octave_scale), "--steps", str(self.steps),
+                 "--step-size", str(self.step_size), "--jitter", str(self.jitter),
+                 "--tile-size", str(self.tile_size), "--normalize", self.normalize]
+        argv += ["--seed", str(self.seed)] if self.seed is not None else []
+        argv += ["--pre-relu"] if self.pre_relu else []
+        argv += ["--border", str(self.border)] if self.border else []
+        argv += ["--max-loss", str(self.max_loss)] if self.max_loss is not None else []
+        return argv
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, *, layers_of: Callable[[str], Collection[str]] | None = None,
+                     **options: Any) -> DreamSettings:
+        """Build and validate a dream from front-end options, ``None`` meaning "not given".
+
+        Explicit values win over the ``preset``'s, which win over the defaults above.
+        ``layers_of(model)`` lists the model's layer names; it is called only when a preset
+        must choose among its layer alternatives (no ``layers`` given). The seed is left as
+        given (see :meth:`with_seed`).
+        """
+        unknown = set(options) - set(cls.field_names())
+        if unknown:
+            raise TypeError(f"unknown dream settings {sorted(unknown)}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if "layers" in given and not given["layers"]:
+            del given["layers"]  # an empty list: not given
+        preset = given.pop("preset", None)
+        if preset is None:
+            return cls(**given).validate()
+        from onnxdream.presets import get_preset, resolve_preset
+
+        recipe = get_preset(preset)  # an unknown name fails before any model is read
+        model = given.get("model", cls.model)
+        needs_layers = "layers" not in given
+        plan = resolve_preset(
+            recipe, layers_of(model) if (needs_layers and layers_of is not None) else (),
+            layers=list(given.pop("layers", ())) or None, objective=given.pop("objective", None),
+            border=given.pop("border", None), pre_relu=given.pop("pre_relu", None),
+            **{k: given.pop(k) for k in ASCENT_FIELDS if k in given})
+        return plan.dream_settings(**given).validate()
+
+
+# -- visualize --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisualizeSettings:
+    """How ``visualize`` renders (the model and the targets are given beside it)."""
+
+    size: int = 224
+    steps: int = 128
+    lr: float = 0.05
+    param: str = "fft"
+    decorrelate: bool = True
+    transforms: str = "standard"
+    octaves: int = 2
+    octave_scale: float = 1.4
+    tv: float = 0.0
+    normalize: str = "none"
+    pre_relu: bool = True
+    seed: int | None = None
+
+    def validate(self) -> VisualizeSettings:
+        from onnxdream.param import PARAMS
+        from onnxdream.transforms import TRANSFORMS
+
+        require([
+            (_is_int(self.size) and 32 <= self.size <= 2048, "size",
+             "must be between 32 and 2048 pixels"),
+            (_is_int(self.steps) and 1 <= self.steps <= 100_000, "steps",
+             "must be between 1 and 100000"),
+            (_is_number(self.lr) and 0.0 < self.lr <= 10.0, "lr", "must be > 0 and <= 10"),
+            (self.param in PARAMS, "param", f"must be one of {', '.join(PARAMS)}"),
+            (self.transforms in TRANSFORMS, "transforms",
+             f"must be one of {', '.join(TRANSFORMS)}"),
+            (_is_int(self.octaves) and 1 <= self.octaves <= 8, "octaves",
+             "must be between 1 and 8"),
+            (_is_number(self.octave_scale) and 1.0 < self.octave_scale <= 4.0, "octave_scale",
+             "must be > 1 and <= 4"),
+            (_is_number(self.tv) and self.tv >= 0.0 and math.isfinite(self.tv), "tv",
+             "must be a number >= 0"),
+            (self.normalize in VISUALIZE_NORMALIZERS, "normalize",
+             f"must be one of {', '.join(VISUALIZE_NORMALIZERS)}"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed",
+             "must be between 0 and 2^32-1"),
+        ])
+        return self
+
+    def with_seed(self) -> VisualizeSettings:
+        if self.seed is not None:
+            return self
+        return replace(self, seed=random_seed())
+
+    def octave_sizes(self) -> list[int]:
+        """Sizes from the smallest up; the last is ``size``."""
+        return [h for h, _ in reversed(octave_sizes(self.size, self.size, self.octaves,
+                                                    self.octave_scale))]
+
+    def octave_steps(self) -> list[int]:
+        """Steps per octave: equal shares of ``steps``, the remainder to the last."""
+        n = len(self.octave_sizes())
+        base = self.steps // n
+        return [base] * (n - 1) + [self.steps - base * (n - 1)]
+
+    def to_argv(self, *, model: str, targets: Iterable[Any] = (), output: str | None = None,
+                grid: bool = False) -> list[str]:
+        """The ``onnxdream visualize`` command line (without ``onnxdream``) for these settings
+        and ``targets`` (``visualize.Target``: kind class, channel or layer)."""
+        targets = list(targets)
+        argv = ["visualize"] + (["-o", str(output)] if output is not None else [])
+        argv += ["--model", model]
+        classes = [str(t.index) for t in targets if t.kind == "class"]
+        argv += ["--class", ",".join(classes)] if classes else []
+        argv += [a for t in targets if t.kind == "channel"
+                 for a in ("--channel", f"{t.layer}:{t.index}")]
+        argv += [a for t in targets if t.kind == "layer" for a in ("--layer", t.layer)]
+        argv += ["--size", str(self.size), "--steps", str(self.steps)]
+        argv += ["--seed", str(self.seed)] if self.seed is not None else []
+        argv += ["--param", self.param, "--transforms", self.transforms,
+                 "--octaves", str(self.octaves), "--octave-scale", str(self.octave_scale),
+                 "--tv", str(self.tv), "--normalize", self.normalize, "--lr", str(self.lr),
+                 "--decorrelate" if self.decorrelate else "--no-decorrelate",
+                 "--pre-relu" if self.pre_relu else "--post-relu"]
+        argv += ["--grid"] if grid else []
+        return argv
+

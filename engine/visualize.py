@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from onnxdream.errors import ObjectiveError, OnnxDreamError, closest
+from onnxdream.errors import ObjectiveError, OnnxDreamError, closest, first_line
 from onnxdream.normalize import lap_normalize
-from onnxdream.settings import describe, random_seed, require
-from onnxdream.param import PARAMS, ImageParam, image
+from onnxdream.param import ImageParam, image
+from onnxdream.settings import VisualizeSettings, describe
 from onnxdream.transforms import TRANSFORMS, Transform, compose
 
 WEIGHTS_INPUT = "weights"
-NORMALIZERS = ("none", "lapnorm")
 
 
 # -- targets ----------------------------------------------------------------------------------
@@ -211,7 +209,7 @@ class BatchObjective:
             obj, grad = self.session.run(["objective", "grad"], {"image": x, WEIGHTS_INPUT: weights})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels: "
-                                 f"{str(exc).splitlines()[0][:200]}") from None
+                                 f"{first_line(exc)}") from None
         return obj, grad
 
 
@@ -237,60 +235,7 @@ def _tensor_shape(proto, tensor: str) -> tuple | None:
     return None
 
 
-# -- settings ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VisualizeSettings:
-    size: int = 224
-    steps: int = 128
-    lr: float = 0.05
-    param: str = "fft"
-    decorrelate: bool = True
-    transforms: str = "standard"
-    octaves: int = 2
-    octave_scale: float = 1.4
-    tv: float = 0.0
-    normalize: str = "none"
-    pre_relu: bool = True
-    seed: int | None = None
-
-    def validate(self) -> "VisualizeSettings":
-        checks = [
-            (32 <= self.size <= 2048, "--size must be between 32 and 2048 pixels"),
-            (1 <= self.steps <= 100_000, "--steps must be between 1 and 100000"),
-            (0.0 < self.lr <= 10.0, "--lr must be > 0 and <= 10"),
-            (self.param in PARAMS, f"--param must be one of {', '.join(PARAMS)}"),
-            (self.transforms in TRANSFORMS, f"--transforms must be one of {', '.join(TRANSFORMS)}"),
-            (1 <= self.octaves <= 8, "--octaves must be between 1 and 8"),
-            (1.0 < self.octave_scale <= 4.0, "--octave-scale must be > 1 and <= 4"),
-            (self.tv >= 0.0 and math.isfinite(self.tv), "--tv must be a number >= 0"),
-            (self.normalize in NORMALIZERS, f"--normalize must be one of {', '.join(NORMALIZERS)}"),
-            (self.seed is None or 0 <= self.seed < 2**32, "--seed must be between 0 and 2^32-1"),
-        ]
-        require(checks)
-        return self
-
-    def with_seed(self) -> "VisualizeSettings":
-        if self.seed is not None:
-            return self
-        return replace(self, seed=random_seed())
-
-    def octave_sizes(self) -> list[int]:
-        """Sizes from the smallest up; the last is ``size``."""
-        sizes = [self.size]
-        for _ in range(self.octaves - 1):
-            s = round(sizes[-1] / self.octave_scale)
-            if s < 32:
-                break
-            sizes.append(s)
-        return sizes[::-1]
-
-    def octave_steps(self) -> list[int]:
-        """Steps per octave: equal shares of ``steps``, the remainder to the last."""
-        n = len(self.octave_sizes())
-        base = self.steps // n
-        return [base] * (n - 1) + [self.steps - base * (n - 1)]
+# -- settings: VisualizeSettings lives in onnxdream.settings (re-exported here) ---------------
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest
+from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.preprocess import PREPROCESSING, preprocess_fn
 from onnxdream.exporters.torch_export import (
     ExportResult,
@@ -40,7 +40,6 @@ from onnxdream.exporters.torch_export import (
     save_atomic,
     say,
 )
-from onnxdream.exporters.tracing import first_line
 
 __all__ = [
     "KerasModel",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import ModelError, OnnxDreamError, closest
+from onnxdream.errors import ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.preprocess import PREPROCESSING, imagenet_preprocess, preprocess_fn
 from onnxdream.exporters.tracing import (
-    first_line,
     import_torch,
     odd_size,
     prepare_for_export,
@@ -201,31 +199,24 @@ def _weight_bytes(model: Any) -> int:
 
 
 def save_atomic(model: Any, out: Path) -> Path:
-    """Write ``out`` (and ``out.data`` for models over ~2 GB) via a temp dir and os.replace."""
+    """Write ``out`` (and ``out.data`` for models over ~2 GB) atomically (onnxdream.atomic)."""
     import onnx
+
+    from onnxdream.atomic import write_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     external = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = out.name + ".data"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         if external:
-            onnx.save_model(
-                model,
-                str(tmp / out.name),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            os.replace(tmp / data_name, out.parent / data_name)
+            onnx.save_model(model, str(tmp), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=out.name + ".data",
+                            size_threshold=1024)
         else:
-            onnx.save_model(model, str(tmp / out.name))
-        os.replace(tmp / out.name, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            onnx.save_model(model, str(tmp))
+
+    return write_atomic(out, write)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import ModelError, OnnxDreamError, closest
+from onnxdream.errors import ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.torch_export import (
     ExportResult,
     Progress,
@@ -25,7 +25,7 @@ from onnxdream.exporters.torch_export import (
     export_module,
     say,
 )
-from onnxdream.exporters.tracing import first_line, import_torch
+from onnxdream.exporters.tracing import import_torch
 
 __all__ = ["build_torchvision", "export_torchvision", "torchvision_models"]
 

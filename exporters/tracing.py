@@ -15,10 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import DependencyError
+from onnxdream.errors import DependencyError, first_line
 
 __all__ = [
-    "first_line",
     "import_torch",
     "make_dynamic_adaptive_avg_pool",
     "odd_size",
@@ -38,12 +37,6 @@ def import_torch() -> Any:
             '(pip install "onnxdream[torch]")'
         ) from exc
     return torch
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, cut (its type's name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnxdream.errors import ModelError, closest
+from onnxdream.errors import ModelError, did_you_mean
 from onnxdream.models.cache import cached_models, model_home
 from onnxdream.models.registry import DEFAULT_MODEL, ZOO, ZooEntry, get_entry
 
@@ -78,6 +78,5 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if path.exists():
         raise ModelError(f"model '{text}' is not a file (a dreamable model is a single .onnx file)")
     names = list(ZOO)
-    near = closest(text, names)
-    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-    raise ModelError(f"unknown model '{text}': not a zoo name ({', '.join(names)}) and no such file{hint}")
+    raise ModelError(f"unknown model '{text}': not a zoo name ({', '.join(names)}) and no such "
+                     f"file{did_you_mean(text, names)}", field="model")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from onnxdream.atomic import write_atomic
 from onnxdream.errors import ModelError
 
 __all__ = [
@@ -88,22 +88,6 @@ def is_valid_model(path: Path) -> bool:
     return True
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def ensure_built(name: str, digest: str, build: Callable[[], bytes]) -> Path:
     """The cached model file for (name, digest), building and storing it first if needed."""
     path = cached_path(name, digest)
@@ -119,7 +103,7 @@ def ensure_built(name: str, digest: str, build: Callable[[], bytes]) -> Path:
         ) from None
     data = build()
     try:
-        _write_atomic(path, data)
+        write_atomic(path, data)
     except OSError as e:
         raise ModelError(f"cannot write the model cache file {path} ({e.strerror}); set {HOME_ENV} to a writable folder") from None
     stamp = _stamp(path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from onnxdream.errors import DependencyError, ModelError, closest
+from onnxdream.errors import DependencyError, ModelError, did_you_mean
 
 __all__ = ["DEFAULT_MODEL", "ZOO", "ZooEntry", "get_entry"]
 
@@ -101,6 +101,5 @@ def get_entry(name: str) -> ZooEntry:
         return ZOO[name]
     except KeyError:
         pass
-    near = closest(name, list(ZOO))
-    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-    raise ModelError(f"unknown zoo model '{name}': the zoo has {', '.join(ZOO)}{hint}")
+    raise ModelError(f"unknown zoo model '{name}': the zoo has {', '.join(ZOO)}"
+                     f"{did_you_mean(name, ZOO)}", field="model")

@@ -84,7 +84,8 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
     monkeypatch.setattr(gm, "session", dataclasses.replace(gm.session, device="cuda"))
     monkeypatch.setattr(gm, "device_ascent", lambda: Fake())
     img = _image()
-    out = ascend(gm, img.copy(), DreamSettings(steps=3, jitter=0), np.random.default_rng(0), 3)
+    out = ascend(gm, img.copy(), DreamSettings(steps=3, step_size=0.01, jitter=0),
+                 np.random.default_rng(0), 3)
     assert calls == [((3, 97, 131), 3, 0.01, (0, 0))]
     assert np.allclose(out, img + 1)
     # big images are tiled on the host instead

@@ -182,7 +182,7 @@ def _length(data: bytes) -> int:
 # Acceptance: the real server
 
 
-def test_dreams_bad_input_and_the_server_lives_on(server, small, chelsea):
+def test_dreams_bad_input_and_the_server_lives_on(server, small, chelsea, tmp_path):
     c = server.client
     before = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"), np.float64)
 
@@ -199,10 +199,17 @@ def test_dreams_bad_input_and_the_server_lives_on(server, small, chelsea):
     for r in results:
         _check_png(r)
 
-    # other formats
-    r = _dream(c, small, format="jpeg")
+    # other formats, with the CLI's provenance (an XMP packet in JPEG)
+    r = _dream(c, small, format="jpeg", seed=4)
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(r.content)).size == SMALL_SIZE
+    from onnxdream.imageio import read_metadata
+
+    (tmp_path / "dream.jpg").write_bytes(r.content)
+    meta = read_metadata(tmp_path / "dream.jpg")
+    assert meta["onnxdream:seed"] == "4" and meta["onnxdream:step_size"] == "0.006"
+    assert meta["onnxdream:command"].startswith(
+        "onnxdream dream IMAGE -o dream.jpg --model efficientnet-lite0 --layer blocks.5:1 ")
 
     # bad input: a 4xx with {"error": "..."} each
     _check_error(_dream(c, b"this is not an image"), 400, "not an image")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from onnxdream.errors import ObjectiveError
+from onnxdream.errors import ObjectiveError, SettingsError
 from onnxdream.imageio import read_png_metadata
 from onnxdream.param import FFTParam, ImageParam, PixelParam, image
 from onnxdream.transforms import (affine_warp, compose, jitter, pad, random_rotate, random_scale,
@@ -187,8 +187,10 @@ def test_per_image_objectives_equal_single_objective_graphs(model_home):
 
 
 def test_settings_and_grid():
-    with pytest.raises(Exception, match="--param"):
+    # the library names the field; the CLI shows it as --param (test_cli_errors_name_flags)
+    with pytest.raises(SettingsError, match="param must be one of") as info:
         VisualizeSettings(param="dct").validate()
+    assert info.value.field == "param"
     s = VisualizeSettings(size=224, octaves=3, steps=100)
     assert s.octave_sizes() == [114, 160, 224] and sum(s.octave_steps()) == 100
     g = grid([np.zeros((32, 32, 3), np.float32)] * 3, ["a", "b", "c"], columns=2)

@@ -3,7 +3,16 @@
 from onnxdream.exporters.graph.compiler import compile_gradient, save_model
 from onnxdream.exporters.graph.layers import LayerInfo, list_layers, load_model
 from onnxdream.exporters.graph.objective import (
-    LayerSpec, Objective, Term, channel, class_logit, l2, mean, neuron, parse_objective)
+    LayerSpec,
+    Objective,
+    Term,
+    channel,
+    class_logit,
+    l2,
+    mean,
+    neuron,
+    parse_objective,
+)
 
 __all__ = [
     "LayerInfo", "LayerSpec", "Objective", "Term", "channel", "class_logit", "compile_gradient",

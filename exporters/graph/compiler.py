@@ -17,7 +17,14 @@ from onnxdream.errors import ModelError
 from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.layers import (
-    image_input, layer_table, load_model, metadata, opset_of, pre_activation, resolve_layer)
+    image_input,
+    layer_table,
+    load_model,
+    metadata,
+    opset_of,
+    pre_activation,
+    resolve_layer,
+)
 from onnxdream.exporters.graph.objective import LayerSpec, Objective, emit_term
 
 COMPILED_KEY = "onnxdream.compiled"
@@ -160,19 +167,17 @@ def _batch(image: onnx.ValueInfoProto):
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename); large models keep their weights beside the file."""
+    """Write atomically (onnxdream.atomic); large models keep their weights beside the file."""
+    from onnxdream.atomic import write_atomic
+
     path = Path(path)
     if not path.parent.exists():
         raise ModelError(f"cannot write {path}: the directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         if sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000:
-            onnx.save(model, str(tmp), save_as_external_data=True,
-                      location=path.name + ".data")
+            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
         else:
             onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return write_atomic(path, write)
