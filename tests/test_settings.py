@@ -313,6 +313,27 @@ def test_write_atomic_failure_leaves_the_old_file(tmp_path, monkeypatch, how):
     assert [x.name for x in tmp_path.iterdir()] == ["keep.txt"]
 
 
+def test_atomic_target_file_and_folder(tmp_path):
+    from onnxdream.atomic import AtomicTarget
+
+    with AtomicTarget(tmp_path / "v.mp4") as t:  # an incremental writer's file
+        t.tmp.write_bytes(b"video")
+        assert not (tmp_path / "v.mp4").exists()
+    assert (tmp_path / "v.mp4").read_bytes() == b"video"
+    old = tmp_path / "frames"
+    old.mkdir()
+    (old / "frame_000000.png").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), AtomicTarget(old, directory=True) as t:
+        (t.tmp / "frame_000000.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert [x.name for x in old.iterdir()] == ["frame_000000.png"]
+    assert (old / "frame_000000.png").read_bytes() == b"old"
+    with AtomicTarget(old, directory=True) as t:  # a folder replaces the old folder whole
+        (t.tmp / "frame_000001.png").write_bytes(b"new")
+    assert [x.name for x in old.iterdir()] == ["frame_000001.png"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["frames", "v.mp4"]
+
+
 def test_remove_stale_temps(tmp_path):
     from onnxdream.atomic import remove_stale_temps
 
