@@ -32,10 +32,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -43,8 +43,12 @@ from onnxdream import __version__
 from onnxdream.errors import OnnxDreamError, SettingsError
 from onnxdream.settings import DreamSettings
 
+if TYPE_CHECKING:
+    from onnxdream.schedule import Schedule
+
 __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "JsonOpt",
            "LAYER_HELP", "LayersOpt", "MODEL_HELP", "ModelOpt", "OBJECTIVE_HELP", "QuietOpt",
+           "SCHEDULE_HELP",
            "app", "default_output", "err", "export_app", "flag_for", "maybe_progress",
            "progress_bar", "user_errors", "warn", "with_dream_options"]
 
@@ -169,48 +173,69 @@ def _default(value: Any) -> str:
     return f"  \\[default: {value}]"
 
 
-# The [dream options], in --help order: name → (annotation, default). Defaults are None
-# ("not given") so a --preset can fill them; the real defaults come from DreamSettings.
-_DREAM_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "model": (ModelOpt, _D.model),
-    "preset": (Annotated[Optional[str], typer.Option(
-        help="A named recipe: keras-classic, keras-io, caffe-googlenet or tf-notebook (layers, "
-        "objective, border, schedule, stop rule); options given explicitly override it.")], None),
-    "layer": (LayersOpt, None),
-    "objective": (Annotated[Optional[str], typer.Option(
-        help=OBJECTIVE_HELP, show_default=False)], None),
-    "pre_relu": (Annotated[Optional[bool], typer.Option(
-        "--pre-relu/--no-pre-relu", help="Use layer values before their ReLU (stronger, more "
-        "varied)  \\[default: no]", show_default=False)], None),
-    "border": (Annotated[Optional[int], typer.Option(
-        help="Pixels to drop at each edge of the layer before reducing" + _default(_D.border),
-        min=0, show_default=False)], None),
-    "octaves": (Annotated[Optional[int], typer.Option(
-        help="Number of scales, smallest first" + _default(_D.octaves),
-        show_default=False)], None),
-    "octave_scale": (Annotated[Optional[float], typer.Option(
-        help="Size ratio between octaves" + _default(_D.octave_scale),
-        show_default=False)], None),
-    "steps": (Annotated[Optional[int], typer.Option(
-        help="Gradient-ascent steps per octave" + _default(_D.steps), show_default=False)], None),
-    "step_size": (Annotated[Optional[float], typer.Option(
-        help="Step length: mean pixel change per step, on the [0,1] scale"
-        + _default(_D.step_size), show_default=False)], None),
-    "jitter": (Annotated[Optional[int], typer.Option(
-        help="Random shift in pixels each step (0: none)" + _default(_D.jitter),
-        show_default=False)], None),
-    "tile_size": (Annotated[Optional[int], typer.Option(
-        help="Images larger than this are processed in tiles of this size (0: never)"
-        + _default(_D.tile_size), show_default=False)], None),
-    "normalize": (Annotated[Optional[str], typer.Option(
-        help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid)"
-        + _default(_D.normalize), show_default=False)], None),
-    "max_loss": (Annotated[Optional[float], typer.Option(
-        help="Stop once the objective exceeds this value.")], None),
-    "seed": (Annotated[Optional[int], typer.Option(
-        help="Random seed for the jitter; the one used is stored in the PNG.")], None),
+# Keyframes for the options a command lets change over a clip (video, zoom): how --help says it.
+SCHEDULE_HELP = {
+    "layer": " In a clip, keyframes: `0:blocks.5,120:blocks.9` cuts to blocks.9 at frame 120 "
+             "(`5s:` at 5 seconds; `+` mixes layers in one key: `0:blocks.5+blocks.9:0.5`).",
+    "steps": " In a clip, keyframes: `0:5,10s:15` (held until the next key).",
+    "step_size": " In a clip, keyframes: `0:0.004,120:0.012` (ramped between keys).",
 }
-DREAM_OPTION_NAMES = tuple(_DREAM_OPTIONS)
+# the settings field each schedulable option keyframes
+_SCHEDULE_FIELDS = {"layer": "layers", "steps": "steps", "step_size": "step_size"}
+
+
+def _dream_options(defaults: Mapping[str, Any] | None = None,
+                   scheduled: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """The [dream options], in --help order: name → (annotation, default).
+
+    Defaults are None ("not given") so a --preset can fill them; the real defaults come from
+    DreamSettings, or from ``defaults`` (a command's own, shown in its --help). Options named in
+    ``scheduled`` take keyframe text (a ``str``) instead of one number.
+    """
+    d = {**asdict(_D), **(defaults or {})}
+
+    def opt(name: str, kind: Any, help: str, *flags: str, **kw: Any) -> Any:
+        if name in scheduled:
+            kind, help = str, help + SCHEDULE_HELP[name]
+        return Annotated[Optional[kind], typer.Option(*flags, help=help, show_default=False,
+                                                      **kw)]
+
+    layer_help = LAYER_HELP + (SCHEDULE_HELP["layer"] if "layer" in scheduled else "")
+    return {
+        "model": (ModelOpt, _D.model),
+        "preset": (Annotated[Optional[str], typer.Option(
+            help="A named recipe: keras-classic, keras-io, caffe-googlenet or tf-notebook "
+            "(layers, objective, border, schedule, stop rule); options given explicitly "
+            "override it.")], None),
+        "layer": (Annotated[Optional[list[str]], typer.Option(
+            "--layer", "-l", help=layer_help)], None),
+        "objective": (opt("objective", str, OBJECTIVE_HELP), None),
+        "pre_relu": (opt("pre_relu", bool, "Use layer values before their ReLU (stronger, "
+                         "more varied)  \\[default: no]", "--pre-relu/--no-pre-relu"), None),
+        "border": (opt("border", int, "Pixels to drop at each edge of the layer before "
+                       "reducing" + _default(d["border"]), min=0), None),
+        "octaves": (opt("octaves", int, "Number of scales, smallest first"
+                        + _default(d["octaves"])), None),
+        "octave_scale": (opt("octave_scale", float, "Size ratio between octaves"
+                             + _default(d["octave_scale"])), None),
+        "steps": (opt("steps", int, "Gradient-ascent steps per octave"
+                      + _default(d["steps"])), None),
+        "step_size": (opt("step_size", float, "Step length: mean pixel change per step, on "
+                          "the [0,1] scale" + _default(d["step_size"])), None),
+        "jitter": (opt("jitter", int, "Random shift in pixels each step (0: none)"
+                       + _default(d["jitter"])), None),
+        "tile_size": (opt("tile_size", int, "Images larger than this are processed in tiles "
+                          "of this size (0: never)" + _default(d["tile_size"])), None),
+        "normalize": (opt("normalize", str, "Gradient normalisation: mean-abs, std or lapnorm "
+                          "(Laplacian pyramid)" + _default(d["normalize"])), None),
+        "max_loss": (Annotated[Optional[float], typer.Option(
+            help="Stop once the objective exceeds this value.")], None),
+        "seed": (Annotated[Optional[int], typer.Option(
+            help="Random seed for the jitter; the one used is stored in the PNG.")], None),
+    }
+
+
+DREAM_OPTION_NAMES = tuple(_dream_options())
 
 
 def _layers_of(model: str) -> list[str]:
@@ -222,24 +247,90 @@ def _layers_of(model: str) -> list[str]:
 
 @dataclass(frozen=True)
 class DreamOptions:
-    """The [dream options] as given on the command line (None: not given)."""
+    """The [dream options] as given on the command line (None: not given).
+
+    ``defaults``: the command's own ascent defaults (below a --preset, above DreamSettings');
+    ``scheduled``: the options given as keyframe text (see :meth:`schedules`).
+    """
 
     values: dict[str, Any]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    scheduled: tuple[str, ...] = ()
+
+    def schedules(self) -> dict[str, Schedule]:
+        """The keyframed options whose value changes over the clip, as settings field →
+        :class:`~onnxdream.schedule.Schedule` (``{"layers": ..., "step_size": ...}``). An
+        option given as one value is not here: :meth:`settings` holds it. Every key's value
+        is checked as a setting (ScheduleError naming the field)."""
+        out = {}
+        for name in self.scheduled:
+            s = self._schedule(name)
+            if s is not None and not (len(s.keys) == 1 and s.keys[0].position == 0):
+                out[_SCHEDULE_FIELDS[name]] = s
+        return out
+
+    def _schedule(self, name: str) -> Schedule | None:
+        from onnxdream.errors import ScheduleError
+        from onnxdream.schedule import parse_schedule
+
+        value = self.values.get(name)
+        if value is None or value == []:
+            return None
+        f = _SCHEDULE_FIELDS[name]
+        if name == "layer":
+            texts = list(value)
+            parsed = [parse_schedule(t, f) for t in texts]
+            if len(texts) > 1 and any(len(p.keys) > 1 or p.keys[0].position for p in parsed):
+                raise ScheduleError(f, "keyframes go in one option: join the layers of a key "
+                                       "with + (0:blocks.5+blocks.9:0.5,120:blocks.9)")
+            value = "+".join(texts)
+
+        def check(v: Any) -> str | None:
+            from onnxdream.video import frame_settings
+
+            try:
+                frame_settings(_D, {f: v}).validate()
+            except SettingsError as exc:
+                return exc.reason
+            return None
+
+        return parse_schedule(value, f, check=check)
 
     def settings(self) -> DreamSettings:
-        """One validated DreamSettings: explicit options over the preset over the defaults
-        (the model's layers are read only when a preset must choose them). Seed as given."""
+        """One validated DreamSettings: explicit options over the preset over the command's
+        defaults over DreamSettings' (the model's layers are read only when a preset must
+        choose them). A keyframed option contributes its first key's value. Seed as given."""
         options = dict(self.values)
+        for name in self.scheduled:
+            s = self._schedule(name)
+            if s is not None:
+                first = s.keys[0].value
+                options[name] = first.split("+") if name == "layer" else first
         options["layers"] = options.pop("layer", None)
-        return DreamSettings.from_options(layers_of=_layers_of, **options)
+        return DreamSettings.from_options(layers_of=_layers_of, defaults=self.defaults,
+                                          **options)
 
 
-def with_dream_options(func: Callable) -> Callable:
+def with_dream_options(func: Callable | None = None, *,
+                       defaults: Mapping[str, Any] | None = None,
+                       schedules: Collection[str] = ()) -> Callable:
     """Give a command the shared [dream options] in place of its ``options`` parameter.
 
     The command declares ``options: DreamOptions = None`` where the options should appear in
-    ``--help``; it is called with ``options=DreamOptions({...})``.
+    ``--help``; it is called with ``options=DreamOptions({...})``. Used bare
+    (``@with_dream_options``) or with arguments:
+
+    - ``defaults``: the command's own ascent defaults (``{"steps": 5}``), shown in its --help;
+      a --preset still overrides them, explicit options override both;
+    - ``schedules``: which of ``layer``, ``steps``, ``step_size`` accept keyframes
+      (``"0:blocks.5,120:blocks.9"``); the command gets them from ``options.schedules()``.
     """
+    if func is None:
+        return functools.partial(with_dream_options, defaults=defaults, schedules=schedules)
+    unknown = set(schedules) - set(SCHEDULE_HELP)
+    if unknown:
+        raise TypeError(f"only {', '.join(SCHEDULE_HELP)} can be keyframed, not {unknown}")
+    table = _dream_options(defaults, schedules)
     sig = inspect.signature(func, eval_str=True)
     if "options" not in sig.parameters:
         raise TypeError(f"{func.__name__} needs an 'options: DreamOptions = None' parameter")
@@ -251,12 +342,14 @@ def with_dream_options(func: Callable) -> Callable:
             params.append(p.replace(kind=kw))
             continue
         params += [inspect.Parameter(name, kw, default=default, annotation=annotation)
-                   for name, (annotation, default) in _DREAM_OPTIONS.items()]
+                   for name, (annotation, default) in table.items()]
+    frozen_defaults = dict(defaults or {})
+    scheduled = tuple(schedules)
 
     @functools.wraps(func)
     def command(**kwargs):
-        values = {name: kwargs.pop(name, None) for name in _DREAM_OPTIONS}
-        return func(options=DreamOptions(values), **kwargs)
+        values = {name: kwargs.pop(name, None) for name in table}
+        return func(options=DreamOptions(values, frozen_defaults, scheduled), **kwargs)
 
     command.__signature__ = sig.replace(parameters=params)
     command.__annotations__ = {p.name: p.annotation for p in params}
