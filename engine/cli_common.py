@@ -286,7 +286,7 @@ class DreamOptions:
             value = "+".join(texts)
 
         def check(v: Any) -> str | None:
-            from onnxdream.video import frame_settings
+            from onnxdream.framedream import frame_settings
 
             try:
                 frame_settings(_D, {f: v}).validate()

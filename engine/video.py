@@ -3,10 +3,10 @@
 Both loops take the dream as an injected function, ``dream_frame(rgb, params) -> rgb``
 (float32 H x W x 3 in [0,1] in and out; ``params`` the frame's keyframed values, see
 :mod:`onnxdream.schedule`), so the same loop runs the CPU ascent or the CUDA device loop.
-:func:`make_dream_frame` builds the standard one from one :class:`~onnxdream.settings.DreamSettings`
-(its seed fixed once, so every frame gets the same jitter sequence) on
-``onnxdream.ascent.dream``; a frame's keyframed ``layers``/``steps``/``step_size`` replace the
-settings' own (:func:`frame_settings`).
+:func:`make_dream_frame` (:mod:`onnxdream.framedream`) builds the standard one from one
+:class:`~onnxdream.settings.DreamSettings` (its seed fixed once, so every frame gets the same
+jitter sequence) on ``onnxdream.ascent.dream``; a frame's keyframed ``layers``/``steps``/
+``step_size`` replace the settings' own (:func:`frame_settings`).
 
 - :func:`dream_video`: reads the input's frames (:mod:`onnxdream.videoio`), blends each with
   the previous frame's dream carried along the optical flow (:mod:`onnxdream.flow`; ``flow=False``
@@ -44,7 +44,6 @@ explicitly is kept.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -61,8 +60,13 @@ from typing import Any
 import numpy as np
 
 from onnxdream.errors import OnnxDreamError, SettingsError
+from onnxdream.framedream import (  # the standard dream; re-exported as onnxdream.video's API
+    StandardDream,
+    file_fingerprint,
+    frame_settings,
+    make_dream_frame,
+)
 from onnxdream.schedule import Schedule, parse_schedule, values_at
-from onnxdream.settings import DreamSettings
 
 __all__ = [
     "DreamFrame",
@@ -80,7 +84,7 @@ __all__ = [
 ]
 
 #: ``dream_frame(rgb, params) -> rgb``: float32 H x W x 3 in [0,1] in and out. It may also have
-#: ``digest(height, width) -> str`` (what identifies it in the work dir's digest) and
+#: ``digest(height, width)`` (what identifies it in the work dir's digest, JSON-able) and
 #: ``metadata(height, width, params) -> dict[str, str]`` (provenance for each frame's PNG).
 DreamFrame = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 ProgressFn = Callable[["VideoProgress"], None]
@@ -93,7 +97,7 @@ _FRAME_FILE = re.compile(r"([0-9a-f]{16})-(\d{6,})\.png")
 
 
 # --------------------------------------------------------------------------------------------
-# (a) the digest and the per-frame dream settings
+# The digest
 
 
 def _canonical(value: Any) -> Any:
@@ -130,123 +134,6 @@ def _dream_identity(dream_frame: DreamFrame, dream_key: Any, height: int, width:
     if callable(digest):
         return digest(height, width)
     return getattr(dream_frame, "__qualname__", type(dream_frame).__qualname__)
-
-
-def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A cheap content fingerprint: size + the first and last MiB (not the name or mtime)."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(p, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if size > 2 << 20:
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def frame_settings(base: DreamSettings, params: Mapping[str, Any]) -> DreamSettings:
-    """The dream settings for one frame: ``base`` with the frame's keyframed ``layers``
-    (``"blocks.5+blocks.9:0.5"``: layers joined by ``+``), ``steps`` and ``step_size``; other
-    params (blend, zoom, …) are not dream settings."""
-    change: dict[str, Any] = {}
-    if params.get("layers"):
-        change["layers"] = tuple(p.strip() for p in str(params["layers"]).split("+"))
-    if "steps" in params:
-        change["steps"] = int(params["steps"])
-    if "step_size" in params:
-        change["step_size"] = float(params["step_size"])
-    return dataclasses.replace(base, **change) if change else base
-
-
-# --------------------------------------------------------------------------------------------
-# (b) the per-frame dream
-
-
-class StandardDream:
-    """``dream_frame`` for :func:`dream_video`/:func:`zoom` on ``onnxdream.ascent.dream``, from
-    one DreamSettings (validated, its seed fixed here once).
-
-    A frame's settings are :func:`frame_settings` of these with its keyframed values, resolved
-    for the frame size (:func:`onnxdream.resolve.resolve`); the gradient models of the last two
-    (model, layers, objective, …) stay open, so a schedule that cuts between two layers does
-    not recompile.
-    """
-
-    def __init__(self, settings: DreamSettings, *, device: str = "auto",
-                 threads: int | None = None):
-        self.settings = settings.validate().with_seed()
-        self.device, self.threads = device, threads
-        self._models: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self._geometry = None
-        self._model_file: str | None = None
-
-    def gradient_model(self, settings: DreamSettings):
-        """The GradientModel of ``settings`` (model, layers, objective, pre_relu, border)."""
-        from onnxdream.gradient import GradientModel
-
-        key = settings.gradient_key()
-        gm = self._models.get(key)
-        if gm is None:
-            gm = GradientModel.from_settings(settings, device=self.device, threads=self.threads)
-            self._models[key] = gm
-            while len(self._models) > 2:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return gm
-
-    def _model_facts(self) -> tuple[Any, str]:
-        """The model's geometry (for the resolver) and its file's fingerprint, read once."""
-        if self._geometry is None:
-            from onnxdream.exporters.graph.layers import load_model
-            from onnxdream.gradient import resolve_model_path
-            from onnxdream.resolve import model_geometry
-
-            path = resolve_model_path(self.settings.model)
-            self._geometry = model_geometry(load_model(path))
-            self._model_file = file_fingerprint(path)
-        return self._geometry, self._model_file
-
-    def resolved(self, height: int, width: int, params: Mapping[str, Any] | None = None):
-        """The ResolvedSettings of a ``height`` x ``width`` frame with keyframed ``params``."""
-        from onnxdream.resolve import resolve
-
-        geometry, _ = self._model_facts()
-        return resolve(frame_settings(self.settings, params or {}), height, width, geometry)
-
-    def digest(self, height: int, width: int) -> dict[str, str]:
-        """What identifies this dream in the work dir's digest: the resolved settings' digest
-        at the frame size and the model file's fingerprint."""
-        _, model_file = self._model_facts()
-        return {"resolved": self.resolved(height, width).digest(), "model_file": model_file}
-
-    def metadata(self, height: int, width: int, params: Mapping[str, Any]) -> dict[str, str]:
-        """A frame's provenance (``onnxdream.provenance.dream_metadata``; the recorded command
-        dreams one still, ``FRAME``: a caller with the whole command overrides it)."""
-        from onnxdream.provenance import dream_metadata
-
-        resolved = self.resolved(height, width, params)
-        gm = self.gradient_model(resolved.settings)
-        return dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
-                              image="FRAME")
-
-    def __call__(self, rgb: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-        from onnxdream.ascent import dream
-
-        resolved = self.resolved(rgb.shape[0], rgb.shape[1], params)
-        return dream(self.gradient_model(resolved.settings), rgb, resolved)
-
-
-def make_dream_frame(settings: DreamSettings | None = None, *, device: str = "auto",
-                     threads: int | None = None) -> StandardDream:
-    """The standard ``dream_frame``: ``onnxdream.ascent.dream`` with ``settings`` (default
-    ``DreamSettings()``; for :func:`zoom`, ``DreamSettings(**ZOOM_DEFAULTS)`` keeps frames
-    quick), its seed fixed here, per-frame ``layers``/``steps``/``step_size`` from the
-    schedules."""
-    if settings is not None and not isinstance(settings, DreamSettings):
-        raise TypeError(f"settings must be a DreamSettings, got {type(settings).__name__}")
-    return StandardDream(settings if settings is not None else DreamSettings(), device=device,
-                         threads=threads)
 
 
 # --------------------------------------------------------------------------------------------
