@@ -24,7 +24,7 @@ from onnxdream.cli_common import (DEVICE_HELP, MODEL_HELP, OBJECTIVE_HELP, Devic
 from onnxdream.settings import DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize",)
+COMMAND_MODULES = ("cli_visualize", "cli_video")
 
 
 # -- dream ------------------------------------------------------------------------------------

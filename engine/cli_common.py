@@ -194,9 +194,11 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
     """
     d = {**asdict(_D), **(defaults or {})}
 
-    def opt(name: str, kind: Any, help: str, *flags: str, **kw: Any) -> Any:
+    def opt(name: str, kind: Any, help: str, *flags: str, default: bool = True,
+            **kw: Any) -> Any:
         if name in scheduled:
-            kind, help = str, help + SCHEDULE_HELP[name]
+            kind, help = str, help + "." + SCHEDULE_HELP[name]
+        help += _default(d[name]) if default else ""
         return Annotated[Optional[kind], typer.Option(*flags, help=help, show_default=False,
                                                       **kw)]
 
@@ -209,25 +211,22 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
             "override it.")], None),
         "layer": (Annotated[Optional[list[str]], typer.Option(
             "--layer", "-l", help=layer_help)], None),
-        "objective": (opt("objective", str, OBJECTIVE_HELP), None),
+        "objective": (opt("objective", str, OBJECTIVE_HELP, default=False), None),
         "pre_relu": (opt("pre_relu", bool, "Use layer values before their ReLU (stronger, "
-                         "more varied)  \\[default: no]", "--pre-relu/--no-pre-relu"), None),
+                         "more varied)  \\[default: no]", "--pre-relu/--no-pre-relu",
+                         default=False), None),
         "border": (opt("border", int, "Pixels to drop at each edge of the layer before "
-                       "reducing" + _default(d["border"]), min=0), None),
-        "octaves": (opt("octaves", int, "Number of scales, smallest first"
-                        + _default(d["octaves"])), None),
-        "octave_scale": (opt("octave_scale", float, "Size ratio between octaves"
-                             + _default(d["octave_scale"])), None),
-        "steps": (opt("steps", int, "Gradient-ascent steps per octave"
-                      + _default(d["steps"])), None),
+                       "reducing", min=0), None),
+        "octaves": (opt("octaves", int, "Number of scales, smallest first"), None),
+        "octave_scale": (opt("octave_scale", float, "Size ratio between octaves"), None),
+        "steps": (opt("steps", int, "Gradient-ascent steps per octave"), None),
         "step_size": (opt("step_size", float, "Step length: mean pixel change per step, on "
-                          "the [0,1] scale" + _default(d["step_size"])), None),
-        "jitter": (opt("jitter", int, "Random shift in pixels each step (0: none)"
-                       + _default(d["jitter"])), None),
+                          "the [0,1] scale"), None),
+        "jitter": (opt("jitter", int, "Random shift in pixels each step (0: none)"), None),
         "tile_size": (opt("tile_size", int, "Images larger than this are processed in tiles "
-                          "of this size (0: never)" + _default(d["tile_size"])), None),
+                          "of this size (0: never)"), None),
         "normalize": (opt("normalize", str, "Gradient normalisation: mean-abs, std or lapnorm "
-                          "(Laplacian pyramid)" + _default(d["normalize"])), None),
+                          "(Laplacian pyramid)"), None),
         "max_loss": (Annotated[Optional[float], typer.Option(
             help="Stop once the objective exceeds this value.")], None),
         "seed": (Annotated[Optional[int], typer.Option(

@@ -16,8 +16,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from onnxdream.settings import DreamSettings
 
-__all__ = ["StandardDream", "file_fingerprint", "frame_settings", "make_dream_frame"]
+__all__ = ["StandardDream", "file_fingerprint", "frame_settings", "make_dream_frame",
+           "stable_seed"]
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -39,6 +41,18 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
             fh.seek(-(1 << 20), os.SEEK_END)
             h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+def stable_seed(settings: DreamSettings, *parts: Any) -> DreamSettings:
+    """``settings`` with a seed: its own, else one derived from the other settings and
+    ``parts`` (the input's fingerprint, the run's options), so the same command run again
+    without a seed gets the same one, and so resumes from (and reproduces) its frames."""
+    if settings.seed is not None:
+        return settings
+    text = json.dumps([dataclasses.asdict(settings), [str(p) for p in parts]], sort_keys=True,
+                      default=str)
+    return dataclasses.replace(settings, seed=int(hashlib.sha256(text.encode()).hexdigest()[:8],
+                                                  16))
 
 
 def frame_settings(base: DreamSettings, params: Mapping[str, Any]) -> DreamSettings:
@@ -102,6 +116,28 @@ class StandardDream:
             self._geometry = model_geometry(load_model(path))
             self._model_file = file_fingerprint(path)
         return self._geometry, self._model_file
+
+    def prepare(self, layers: Iterable[str] = ()):
+        """Open the first frame's gradient model (compiling it if needed) and check that every
+        layer of the keyframed ``layers`` values (``"blocks.5+blocks.9:0.5"``) exists, so that
+        a typo in a late key fails before the first frame. Returns the GradientModel.
+
+        Raises:
+            ModelError, LayerError, ObjectiveError: as GradientModel does.
+        """
+        from onnxdream.exporters.graph import LayerSpec
+        from onnxdream.exporters.graph.layers import layer_table, load_model, resolve_layer
+        from onnxdream.gradient import resolve_model_path
+
+        gm = self.gradient_model(self.settings)
+        values = list(layers)
+        if values:
+            proto = load_model(resolve_model_path(self.settings.model))
+            table = layer_table(proto)
+            for value in values:
+                for spec in str(value).split("+"):
+                    resolve_layer(table, LayerSpec.parse(spec).name, proto)
+        return gm
 
     def resolved(self, height: int, width: int, params: Mapping[str, Any] | None = None):
         """The ResolvedSettings of a ``height`` x ``width`` frame with keyframed ``params``."""

@@ -44,6 +44,7 @@ explicitly is kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,7 +52,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -59,12 +60,14 @@ from typing import Any
 
 import numpy as np
 
+from onnxdream.atomic import remove_stale_temps
 from onnxdream.errors import OnnxDreamError, SettingsError
 from onnxdream.framedream import (  # the standard dream; re-exported as onnxdream.video's API
     StandardDream,
     file_fingerprint,
     frame_settings,
     make_dream_frame,
+    stable_seed,
 )
 from onnxdream.schedule import Schedule, parse_schedule, values_at
 
@@ -74,11 +77,13 @@ __all__ = [
     "VideoProgress",
     "VideoResult",
     "ZOOM_DEFAULTS",
+    "check_zoom",
     "default_work_dir",
     "dream_video",
     "file_fingerprint",
     "frame_settings",
     "make_dream_frame",
+    "stable_seed",
     "transform",
     "zoom",
 ]
@@ -191,6 +196,7 @@ class _FrameStore:
             raise OnnxDreamError(f"cannot use work dir {work_dir}: {exc.strerror or exc}") from exc
         if not work_dir.is_dir():
             raise OnnxDreamError(f"cannot use work dir {work_dir}: it is not a folder")
+        remove_stale_temps(work_dir)  # half-written frames of a killed run (kill -9)
         if prune:  # our own default dir: frames of other settings are stale
             for p in work_dir.iterdir():
                 m = _FRAME_FILE.fullmatch(p.name)
@@ -317,6 +323,19 @@ def _work(output: Path, work_dir: str | os.PathLike[str] | None, digest: str) ->
     return _FrameStore(work, digest, prune=work_dir is None)
 
 
+@contextlib.contextmanager
+def _tidy(store: _FrameStore, default: bool) -> Iterator[None]:
+    """On failure or Ctrl-C, remove our own default work dir if it holds nothing (the frames
+    of a run that stopped midway stay, to resume from)."""
+    try:
+        yield
+    except BaseException:
+        if default:
+            with contextlib.suppress(OSError):
+                store.dir.rmdir()  # only when empty
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # Video
 
@@ -376,26 +395,27 @@ def dream_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
     prev_index: int | None = None
     prev_dream: np.ndarray | None = None  # loaded lazily: only the frame after a gap needs it
     n = 0
-    for i, frame in enumerate(reader):
-        n = i + 1
-        if store.load(i, reader.size) is not None:
-            clock.resumed += 1
-            prev_dream = None
-        else:
-            params = values_at(scheds, i, reader.fps)
-            if prev_in is not None and prev_dream is None:
-                prev_dream = store.load(prev_index, reader.size)
-            cur = frame.astype(np.float32) / 255.0
-            x = coherent_input(cur, prev_in, None if prev_dream is None else
-                               prev_dream.astype(np.float32) / 255.0,
-                               float(params.get("blend", 0.0)), flow=est)
-            prev_dream = frames.dream(i, x, params)
-        prev_in, prev_index = frame.astype(np.float32) / 255.0, i
-        clock.done = n
-        clock.report()
-    clock.total = n
-    size, notes = frames.encode(n, out, reader.fps, audio_from=input, audio_start=reader.start,
-                                audio_duration=reader.duration)
+    with _tidy(store, work_dir is None):
+        for i, frame in enumerate(reader):
+            n = i + 1
+            if store.load(i, reader.size) is not None:
+                clock.resumed += 1
+                prev_dream = None
+            else:
+                params = values_at(scheds, i, reader.fps)
+                if prev_in is not None and prev_dream is None:
+                    prev_dream = store.load(prev_index, reader.size)
+                cur = frame.astype(np.float32) / 255.0
+                x = coherent_input(cur, prev_in, None if prev_dream is None else
+                                   prev_dream.astype(np.float32) / 255.0,
+                                   float(params.get("blend", 0.0)), flow=est)
+                prev_dream = frames.dream(i, x, params)
+            prev_in, prev_index = frame.astype(np.float32) / 255.0, i
+            clock.done = n
+            clock.report()
+        clock.total = n
+        size, notes = frames.encode(n, out, reader.fps, audio_from=input,
+                                    audio_start=reader.start, audio_duration=reader.duration)
     if work_dir is None:
         shutil.rmtree(store.dir, ignore_errors=True)
     return VideoResult(out, n, size, reader.fps, clock.resumed, clock.dreamed, digest, store.dir,
@@ -426,7 +446,8 @@ def transform(rgb: np.ndarray, zoom: float = 1.0, rotate: float = 0.0,
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _positive_zoom(value: float) -> str | None:
+def check_zoom(value: float) -> str | None:
+    """What is wrong with a zoom factor (for ``parse_schedule(..., check=check_zoom)``)."""
     return None if value > 0 else "values must be > 0 (1.03 moves in 3% a frame)"
 
 
@@ -472,7 +493,7 @@ def zoom(image: str | os.PathLike[str] | np.ndarray, output: str | os.PathLike[s
         rgb = resize(rgb, (size[1], size[0]))
     rgb = np.ascontiguousarray(rgb[:size[1], :size[0]])
     zoom_s = zoom if isinstance(zoom, Schedule) else parse_schedule(zoom, "zoom",
-                                                                      check=_positive_zoom)
+                                                                      check=check_zoom)
     scheds = _schedules(schedules, zoom=zoom_s, rotate=rotate)
     for s in scheds.values():
         s.frames(fps)
@@ -484,23 +505,24 @@ def zoom(image: str | os.PathLike[str] | np.ndarray, output: str | os.PathLike[s
     clock.report("start", resumed=store.count(frames))
     loop = _Frames(store, clock, dream_frame, metadata)
     prev: np.ndarray | None = None
-    for i in range(frames):
-        if store.load(i, size) is not None:
-            clock.resumed += 1
-            prev = None
-        else:
-            params = values_at(scheds, i, fps)
-            if i == 0:
-                x = rgb
+    with _tidy(store, work_dir is None):
+        for i in range(frames):
+            if store.load(i, size) is not None:
+                clock.resumed += 1
+                prev = None
             else:
-                if prev is None:
-                    prev = store.load(i - 1, size)
-                x = transform(prev.astype(np.float32) / 255.0, float(params["zoom"]),
-                              float(params["rotate"]), shift)
-            prev = loop.dream(i, x, params)
-        clock.done = i + 1
-        clock.report()
-    out_size, notes = loop.encode(frames, out, fps)
+                params = values_at(scheds, i, fps)
+                if i == 0:
+                    x = rgb
+                else:
+                    if prev is None:
+                        prev = store.load(i - 1, size)
+                    x = transform(prev.astype(np.float32) / 255.0, float(params["zoom"]),
+                                  float(params["rotate"]), shift)
+                prev = loop.dream(i, x, params)
+            clock.done = i + 1
+            clock.report()
+        out_size, notes = loop.encode(frames, out, fps)
     if work_dir is None:
         shutil.rmtree(store.dir, ignore_errors=True)
     return VideoResult(out, frames, out_size, fps, clock.resumed, clock.dreamed, digest,
