@@ -94,14 +94,15 @@ class VideoWriter:
         self._gif_bytes = 0
         self._audio_pump: _AudioPump | None = None
         self._closed = False
-        try:
+        if self._audio is not None and self.kind in ("gif", "png") and _has_audio(audio_from):
+            self.notes.append(f"audio dropped: {'GIF' if self.kind == 'gif' else 'PNG frames'} "
+                              "cannot hold sound")
+        if self.kind in ("gif", "png"):
+            self._audio = None
+        try:  # last: nothing above may fail once the temporary file exists
             self._target = AtomicTarget(self.path, directory=self.kind == "png")
         except OSError as exc:
             raise VideoError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        if self._audio is not None and self.kind in ("gif", "png"):
-            self.notes.append(f"audio dropped: {'GIF' if self.kind == 'gif' else 'PNG frames'} "
-                              "cannot hold sound")
-            self._audio = None
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> VideoWriter:
@@ -269,6 +270,11 @@ class VideoWriter:
         except OSError as exc:
             raise VideoError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         self._target = None
+
+
+def _has_audio(path: str | os.PathLike[str]) -> bool:
+    with contextlib.closing(open_container(path)) as c:
+        return bool(c.streams.audio)
 
 
 class _AudioPump:

@@ -74,6 +74,12 @@ def test_even_size():
     assert even_size(100, 37, 50) == (50, 18)
 
 
+def test_no_note_for_a_silent_input(tmp_path, clip_frames):
+    silent = videoclip.make_clip(tmp_path / "silent.mp4", audio=None, seconds=0.5)
+    for name in ("out.gif", "frames/", "out.mp4"):
+        assert write_video(tmp_path / name, clip_frames[:3], 10, audio_from=silent).notes == []
+
+
 @pytest.mark.parametrize("ext", [".mp4", ".webm", ".gif", ""])
 def test_round_trip_keeps_count_fps_duration(tmp_path, clip, clip_frames, ext):
     out = tmp_path / f"out{ext}"
