@@ -95,8 +95,10 @@ DreamFrame = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 ProgressFn = Callable[["VideoProgress"], None]
 
 #: The zoom's dream settings (the CLI's defaults for ``onnxdream zoom``): few steps and octaves,
-#: so each frame is quick and the feedback loop (not one frame's ascent) does the work.
-ZOOM_DEFAULTS = {"steps": 5, "octaves": 2}
+#: so each frame is quick and the feedback loop (not one frame's ascent) does the work. Each frame
+#: builds on the last, so a still's strength saturates the colours within ~10 frames (5 steps of
+#: 0.006 at 216x144, zoom 1.04); 3 steps of 0.004 keep the picture recognisable for ~2 s.
+ZOOM_DEFAULTS = {"steps": 3, "octaves": 2, "step_size": 0.004}
 
 _FRAME_FILE = re.compile(r"([0-9a-f]{16})-(\d{6,})\.png")
 

@@ -163,7 +163,9 @@ def test_zoom_help_shows_its_quick_defaults(model_home):
     out = run_cli("zoom", "--help", home=model_home).stdout
     steps = out[out.index("--steps"):out.index("--step-size")]
     octaves = out[out.index("--octaves"):out.index("--octave-scale")]
-    assert "[default: 5]" in steps and "[default: 2]" in octaves and "keyframes" in steps
+    step_size = out[out.index("--step-size"):out.index("--jitter")]
+    assert "[default: 3]" in steps and "[default: 2]" in octaves and "keyframes" in steps
+    assert "[default: 0.004]" in step_size
     assert "Example:" in out and "--frames" in out
     dream = run_cli("dream", "--help", home=model_home).stdout
     assert "[default: 10]" in dream[dream.index("--steps"):dream.index("--step-size")]
