@@ -199,17 +199,17 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
         if name in scheduled:
             kind, help = str, help + "." + SCHEDULE_HELP[name]
         help += _default(d[name]) if default else ""
-        return Annotated[Optional[kind], typer.Option(*flags, help=help, show_default=False,
+        return Annotated[kind | None, typer.Option(*flags, help=help, show_default=False,
                                                       **kw)]
 
     layer_help = LAYER_HELP + (SCHEDULE_HELP["layer"] if "layer" in scheduled else "")
     return {
         "model": (ModelOpt, _D.model),
-        "preset": (Annotated[Optional[str], typer.Option(
+        "preset": (Annotated[str | None, typer.Option(
             help="A named recipe: keras-classic, keras-io, caffe-googlenet or tf-notebook "
             "(layers, objective, border, schedule, stop rule); options given explicitly "
             "override it.")], None),
-        "layer": (Annotated[Optional[list[str]], typer.Option(
+        "layer": (Annotated[list[str] | None, typer.Option(
             "--layer", "-l", help=layer_help)], None),
         "objective": (opt("objective", str, OBJECTIVE_HELP, default=False), None),
         "pre_relu": (opt("pre_relu", bool, "Use layer values before their ReLU (stronger, "
@@ -227,9 +227,9 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
                           "of this size (0: never)"), None),
         "normalize": (opt("normalize", str, "Gradient normalisation: mean-abs, std or lapnorm "
                           "(Laplacian pyramid)"), None),
-        "max_loss": (Annotated[Optional[float], typer.Option(
+        "max_loss": (Annotated[float | None, typer.Option(
             help="Stop once the objective exceeds this value.")], None),
-        "seed": (Annotated[Optional[int], typer.Option(
+        "seed": (Annotated[int | None, typer.Option(
             help="Random seed for the jitter; the one used is stored in the PNG.")], None),
     }
 
