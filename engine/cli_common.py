@@ -256,55 +256,28 @@ class DreamOptions:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     scheduled: tuple[str, ...] = ()
 
+    def _keyframed(self) -> tuple[dict[str, Any], dict[str, Schedule]]:
+        from onnxdream.framedream import keyframed_settings
+
+        return keyframed_settings({_SCHEDULE_FIELDS[n]: self.values.get(n)
+                                   for n in self.scheduled})
+
     def schedules(self) -> dict[str, Schedule]:
         """The keyframed options whose value changes over the clip, as settings field →
-        :class:`~onnxdream.schedule.Schedule` (``{"layers": ..., "step_size": ...}``). An
-        option given as one value is not here: :meth:`settings` holds it. Every key's value
-        is checked as a setting (ScheduleError naming the field)."""
-        out = {}
-        for name in self.scheduled:
-            s = self._schedule(name)
-            if s is not None and not (len(s.keys) == 1 and s.keys[0].position == 0):
-                out[_SCHEDULE_FIELDS[name]] = s
-        return out
-
-    def _schedule(self, name: str) -> Schedule | None:
-        from onnxdream.errors import ScheduleError
-        from onnxdream.schedule import parse_schedule
-
-        value = self.values.get(name)
-        if value is None or value == []:
-            return None
-        f = _SCHEDULE_FIELDS[name]
-        if name == "layer":
-            texts = list(value)
-            parsed = [parse_schedule(t, f) for t in texts]
-            if len(texts) > 1 and any(len(p.keys) > 1 or p.keys[0].position for p in parsed):
-                raise ScheduleError(f, "keyframes go in one option: join the layers of a key "
-                                       "with + (0:blocks.5+blocks.9:0.5,120:blocks.9)")
-            value = "+".join(texts)
-
-        def check(v: Any) -> str | None:
-            from onnxdream.framedream import frame_settings
-
-            try:
-                frame_settings(_D, {f: v}).validate()
-            except SettingsError as exc:
-                return exc.reason
-            return None
-
-        return parse_schedule(value, f, check=check)
+        :class:`~onnxdream.schedule.Schedule` (``{"layers": ..., "step_size": ...}``); one
+        given as a single value is not here (:meth:`settings` holds it). Every key's value is
+        checked as a setting (ScheduleError naming the field)."""
+        return self._keyframed()[1]
 
     def settings(self) -> DreamSettings:
         """One validated DreamSettings: explicit options over the preset over the command's
         defaults over DreamSettings' (the model's layers are read only when a preset must
         choose them). A keyframed option contributes its first key's value. Seed as given."""
         options = dict(self.values)
+        first, _ = self._keyframed()
         for name in self.scheduled:
-            s = self._schedule(name)
-            if s is not None:
-                first = s.keys[0].value
-                options[name] = first.split("+") if name == "layer" else first
+            if _SCHEDULE_FIELDS[name] in first:
+                options[name] = first[_SCHEDULE_FIELDS[name]]
         options["layers"] = options.pop("layer", None)
         return DreamSettings.from_options(layers_of=_layers_of, defaults=self.defaults,
                                           **options)

@@ -18,16 +18,22 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from onnxdream.settings import DreamSettings
 
-__all__ = ["StandardDream", "file_fingerprint", "frame_settings", "make_dream_frame",
-           "stable_seed"]
+if TYPE_CHECKING:
+    from onnxdream.schedule import Schedule
+
+__all__ = ["KEYFRAMED", "StandardDream", "file_fingerprint", "frame_settings",
+           "keyframed_settings", "make_dream_frame", "stable_seed"]
+
+#: The DreamSettings fields a clip may keyframe (see :func:`keyframed_settings`).
+KEYFRAMED = ("layers", "steps", "step_size")
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -67,6 +73,54 @@ def frame_settings(base: DreamSettings, params: Mapping[str, Any]) -> DreamSetti
     if "step_size" in params:
         change["step_size"] = float(params["step_size"])
     return dataclasses.replace(base, **change) if change else base
+
+
+def keyframed_settings(texts: Mapping[str, str | Sequence[str] | None]
+                       ) -> tuple[dict[str, Any], dict[str, Schedule]]:
+    """Front-end values of keyframable settings → what DreamSettings gets, and the schedules.
+
+    ``texts``: field (of :data:`KEYFRAMED`) → a value or keyframes as text
+    (``"0:blocks.5,120:blocks.9"``, see :mod:`onnxdream.schedule`), or None (not given);
+    ``layers`` may also be a list of layer specs (a constant mix) or a one-item list holding
+    keyframes. Returns ``(first, schedules)``: ``first`` maps each given field to its first
+    key's value, typed for ``DreamSettings.from_options`` (``layers`` as a list); ``schedules``
+    holds the fields whose value changes over the clip. Every key's value is checked as the
+    setting would be (out of range: a ScheduleError naming the field), so a bad key late in a
+    clip fails before its first frame. The CLI's keyframed options and the server's form
+    fields both go through here.
+    """
+    from onnxdream.errors import ScheduleError, SettingsError
+    from onnxdream.schedule import parse_schedule
+
+    first: dict[str, Any] = {}
+    schedules: dict[str, Schedule] = {}
+    base = DreamSettings()
+    for name, value in texts.items():
+        if name not in KEYFRAMED:
+            raise ScheduleError(name, f"cannot be keyframed (keyframed: {', '.join(KEYFRAMED)})")
+        if value is None or (not isinstance(value, str) and not list(value)):
+            continue
+        if not isinstance(value, str):
+            items = [str(v) for v in value]
+            parsed = [parse_schedule(t, name) for t in items]
+            if len(items) > 1 and any(len(p.keys) > 1 or p.keys[0].position for p in parsed):
+                raise ScheduleError(name, "keyframes go in one value: join the layers of a key "
+                                          "with + (0:blocks.5+blocks.9:0.5,120:blocks.9)")
+            value = "+".join(items)
+
+        def check(v: Any, name: str = name) -> str | None:
+            try:
+                frame_settings(base, {name: v}).validate()
+            except SettingsError as exc:
+                return exc.reason
+            return None
+
+        schedule = parse_schedule(value, name, check=check)
+        head = schedule.keys[0].value
+        first[name] = [p.strip() for p in head.split("+")] if name == "layers" else head
+        if not schedule.constant:
+            schedules[name] = schedule
+    return first, schedules
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from onnxdream.framedream import (  # the standard dream; re-exported as onnxdre
     StandardDream,
     file_fingerprint,
     frame_settings,
+    keyframed_settings,
     make_dream_frame,
     stable_seed,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "dream_video",
     "file_fingerprint",
     "frame_settings",
+    "keyframed_settings",
     "make_dream_frame",
     "stable_seed",
     "transform",

@@ -154,6 +154,26 @@ def test_frame_settings():
     assert frame_settings(s, {}) is s
 
 
+def test_keyframed_settings():
+    """What the CLI's keyframed options and the server's form fields go through."""
+    from onnxdream.errors import ScheduleError, SettingsError
+    from onnxdream.video import keyframed_settings
+
+    first, schedules = keyframed_settings({
+        "layers": ["0:blocks.5+blocks.9:0.5,2s:blocks.9"], "steps": "7",
+        "step_size": "0:0.004,10:0.01"})
+    assert first == {"layers": ["blocks.5", "blocks.9:0.5"], "steps": 7, "step_size": 0.004}
+    assert {k: v.describe() for k, v in schedules.items()} == {
+        "layers": "0:blocks.5+blocks.9:0.5,2s:blocks.9", "step_size": "0:0.004,10:0.01"}
+    assert keyframed_settings({"layers": ["blocks.5", "blocks.9:2"], "steps": None}) == (
+        {"layers": ["blocks.5", "blocks.9:2"]}, {})
+    with pytest.raises(ScheduleError, match="steps schedule '0:3,9:0': must be between") as e:
+        keyframed_settings({"steps": "0:3,9:0"})
+    assert isinstance(e.value, SettingsError) and e.value.field == "steps"
+    with pytest.raises(ScheduleError, match="in one value"):
+        keyframed_settings({"layers": ["0:a,5:b", "c"]})
+
+
 def test_digest_follows_what_changes_a_frame(tmp_path, clip):
     """Same run, same digest; a blend, a schedule, the flow or the frame selection: another."""
     def digest(**kwargs):
