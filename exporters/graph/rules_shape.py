@@ -283,7 +283,8 @@ def _pad(ctx, dys):
             pb = b.op("Gather", [pads, b.ints([i])], axis=0)
             pe = b.op("Gather", [pads, b.ints([n + i])], axis=0)
         # negative pads crop X first; the padding then extends the cropped tensor
-        cb, ce = _arith(b, "Max", _arith(b, "Sub", 0, pb), 0), _arith(b, "Max", _arith(b, "Sub", 0, pe), 0)
+        cb = _arith(b, "Max", _arith(b, "Sub", 0, pb), 0)
+        ce = _arith(b, "Max", _arith(b, "Sub", 0, pe), 0)
         pb, pe = _arith(b, "Max", pb, 0), _arith(b, "Max", pe, 0)
         if mode == "constant":
             end = BIG if (isinstance(pe, int) and pe == 0) else (
