@@ -225,10 +225,17 @@ def test_identity_axes_cost_nothing():
     assert len([n for n in grad.graph.node if n.op_type == "MatMul"]) == 2
 
 
-def TORCH_EXPORT_X2():
+def TORCH_EXPORT_X2(name="bilinear_x2"):
     from gradcheck import export
 
-    return export(TORCH_CASES["bilinear_x2"])
+    return export(TORCH_CASES[name])
+
+
+def test_integer_nearest_upsampling_sums_blocks():
+    """torch's nearest x2 (asymmetric, floor): no interpolation matrix, no MatMul."""
+    grad = compile_gradient(TORCH_EXPORT_X2("nearest_x2"), ["y"], "l2")
+    ops = [n.op_type for n in grad.graph.node]
+    assert ops.count("Resize") == 1 and "MatMul" not in ops and "ReduceSum" in ops
 
 
 def test_tf_crop_and_resize_is_a_clear_error():
