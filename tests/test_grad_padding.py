@@ -308,3 +308,17 @@ def test_same_pads_run_in_one_graph_at_many_sizes():
         obj, grad = sess.run(None, {"image": np.random.default_rng(h).random(
             (1, 3, h, w_), np.float32)})
         assert grad.shape == (1, 3, h, w_) and np.isfinite(grad).all()
+
+
+def test_receptive_field_through_edge_pads():
+    from onnxdream.exporters.graph.receptive_field import receptive_field
+
+    w = weights((4, 3, 3, 3))
+    nodes = [helper.make_node("Pad", ["image", "pads"], ["p"], mode="edge"),
+             helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Conv", ["m", "w"], ["y"], auto_pad="SAME_UPPER")]
+    inits = [numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+             numpy_helper.from_array(w, "w")]
+    assert receptive_field(model(nodes, inits), "y") == (1 + 1 + 2 + 2 * 2, 2)
+    nodes[0] = helper.make_node("Pad", ["image", "pads"], ["p"], mode="wrap")
+    assert receptive_field(model(nodes, inits), "y") is None

@@ -265,3 +265,12 @@ def test_antialias_is_the_adjoint_of_the_forward(mode):
         ax = a @ x.reshape(2, -1).T.astype(np.float64)
         want = (2.0 / a.shape[0] * (a.T @ ax)).T.reshape(x.shape)
         assert relative_error(got, want) < TOL
+
+
+def test_receptive_field_through_an_upsampling():
+    from gradcheck import export
+    from onnxdream.exporters.graph.receptive_field import receptive_field
+
+    m = export(Lambda(lambda x, a: F.interpolate(a(x), scale_factor=2, mode="bilinear"),
+                      conv(3, 4, 3, stride=4)))
+    assert receptive_field(m, "y") == (3 + 4, 2)
