@@ -24,7 +24,7 @@ import onnx
 from onnxdream.errors import ModelError, OnnxDreamError
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
 from onnxdream.exporters.graph.compiler import save_model
-from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
+from onnxdream.exporters.graph.layers import layer_names, layer_table, metadata, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.session import Session, create_session
 
@@ -71,7 +71,7 @@ class GradientModel:
         if not isinstance(layers, Objective) and not layers and not objective.startswith("class"):
             layers = default_layers(self.metadata)  # class objectives read the logits instead
         self.objective = layers if isinstance(layers, Objective) else Objective.build(
-            list(layers), objective)
+            list(layers), objective, known=layer_names(proto))
         graph = self._compiled(proto, pre_relu, border, cache)
         try:
             self.session: Session = create_session(graph, device=device, threads=threads)

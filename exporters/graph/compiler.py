@@ -17,7 +17,8 @@ from onnxdream.errors import ModelError
 from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.layers import (
-    image_input, layer_table, load_model, metadata, opset_of, pre_activation, resolve_layer)
+    image_input, layer_names, layer_table, load_model, metadata, opset_of, pre_activation,
+    resolve_layer)
 from onnxdream.exporters.graph.objective import LayerSpec, Objective, emit_term
 
 COMPILED_KEY = "onnxdream.compiled"
@@ -63,8 +64,9 @@ def compile_gradient(
     model does.
     """
     proto = load_model(model)
-    obj = layers if isinstance(layers, Objective) else Objective.build(list(layers), objective)
     table = layer_table(proto)
+    obj = layers if isinstance(layers, Objective) else Objective.build(
+        list(layers), objective, known=layer_names(proto, table))
     image = image_input(proto)
     opset = max(opset_of(proto), 18)
 
