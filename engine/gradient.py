@@ -28,7 +28,7 @@ from onnxdream.exporters.graph.layers import layer_names, layer_table, metadata,
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.session import Session, create_session
 
-COMPILER_VERSION = "9"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first
+COMPILER_VERSION = "10"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first; 10: negative Pad pads (were mis-cropped)
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
