@@ -98,7 +98,7 @@ def _resize(ctx, dys):
     axes = [int(a) % rank for a in axes] if axes else list(range(rank))
     attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
     g = dys[0]
-    # shrink first: the axes where dY is largest relative to X
+    # one axis at a time (the adjoints along different axes commute), the last axis first
     for p, a in reversed(_resized_axes(ctx, axes)):
         k = _block_factor(ctx, p)
         if k is not None:

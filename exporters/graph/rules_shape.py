@@ -189,10 +189,16 @@ def _nonzero(v: int | str) -> bool:
     return not (isinstance(v, int) and v == 0)
 
 
+def _end_before(b, g: str, axis: int, pe: int | str) -> int | str:
+    """Where the last ``pe`` entries of g along ``axis`` begin (the end of what they follow)."""
+    if isinstance(pe, int):
+        return -pe if pe else BIG
+    return b.op("Sub", [b.dim(g, axis), pe])
+
+
 def _edge_adjoint(b, g: str, axis: int, pb: int | str, pe: int | str) -> str:
     """Edge padding copies x[0] pb times and x[-1] pe times: their gradients sum there."""
-    end = BIG if (isinstance(pe, int) and pe == 0) else (
-        -pe if isinstance(pe, int) else b.op("Sub", [b.dim(g, axis), pe]))
+    end = _end_before(b, g, axis, pe)
     core = _cut(b, g, pb, end, axis)
     if _nonzero(pb):
         head = b.reduce_sum(_cut(b, g, 0, pb, axis), [axis], keepdims=1)
@@ -207,8 +213,7 @@ def _edge_adjoint(b, g: str, axis: int, pb: int | str, pe: int | str) -> str:
 
 def _reflect_adjoint(b, g: str, axis: int, pb: int | str, pe: int | str) -> str:
     """Reflect padding copies x[pb..1] before x and x[-2..-1-pe] after it (pads < size)."""
-    end = BIG if (isinstance(pe, int) and pe == 0) else (
-        -pe if isinstance(pe, int) else b.op("Sub", [b.dim(g, axis), pe]))
+    end = _end_before(b, g, axis, pe)
     core = _cut(b, g, pb, end, axis)
     if _nonzero(pb):
         head = _cut(b, _cut(b, g, 0, pb, axis), -1, -BIG, axis, -1)  # x[1..pb]
@@ -287,9 +292,7 @@ def _pad(ctx, dys):
         ce = _arith(b, "Max", _arith(b, "Sub", 0, pe), 0)
         pb, pe = _arith(b, "Max", pb, 0), _arith(b, "Max", pe, 0)
         if mode == "constant":
-            end = BIG if (isinstance(pe, int) and pe == 0) else (
-                -pe if isinstance(pe, int) else b.op("Sub", [b.dim(g, axis), pe]))
-            g = _cut(b, g, pb, end, axis)
+            g = _cut(b, g, pb, _end_before(b, g, axis, pe), axis)
         elif mode == "edge":
             g = _edge_adjoint(b, g, axis, pb, pe)
         elif mode == "reflect":
