@@ -151,7 +151,9 @@ def default_output(image: Path, suffix: str) -> Path:
 
 MODEL_HELP = "A zoo name (see `onnxdream models`) or a path to a dreamable .onnx file."
 LAYER_HELP = ("Layer to dream on, NAME or NAME:WEIGHT; repeat to mix layers "
-              "(`onnxdream layers MODEL` lists them). Default: the model's recommended layer.")
+              "(`onnxdream layers MODEL` lists them). A name that ends in :N, like tf2onnx's "
+              "model/block_1/Relu6:0, is that layer (weigh it: …/Relu6:0:2). Default: the "
+              "model's recommended layer.")
 OBJECTIVE_HELP = ("What to maximise at the layer(s): mean (default), l2 (mean of squares), "
                   "channel:K, neuron:K (channel K at the centre) or class:K (logit K).")
 DEVICE_HELP = "auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda."

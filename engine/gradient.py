@@ -24,12 +24,12 @@ import onnx
 from onnxdream.errors import ModelError, OnnxDreamError, first_line
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
 from onnxdream.exporters.graph.compiler import save_model
-from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
+from onnxdream.exporters.graph.layers import layer_names, layer_table, metadata, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.resolve import model_geometry
 from onnxdream.session import Session, create_session
 
-COMPILER_VERSION = "9"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first
+COMPILER_VERSION = "10"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first; 10: negative Pad pads (were mis-cropped)
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -72,7 +72,7 @@ class GradientModel:
         if not isinstance(layers, Objective) and not layers and not objective.startswith("class"):
             layers = default_layers(self.metadata)  # class objectives read the logits instead
         self.objective = layers if isinstance(layers, Objective) else Objective.build(
-            list(layers), objective)
+            list(layers), objective, known=layer_names(proto))
         graph = self._compiled(proto, pre_relu, border, cache)
         try:
             self.session: Session = create_session(graph, device=device, threads=threads)

@@ -269,7 +269,8 @@ def differentiate(
     Returns the name of the gradient tensor.
     """
     # Importing the rule modules registers them.
-    from onnxdream.exporters.graph import rules_math, rules_nn, rules_shape  # noqa: F401
+    from onnxdream.exporters.graph import (  # noqa: F401
+        rules_math, rules_nn, rules_resize, rules_shape)
 
     active = active_tensors(nodes, wrt, info)
     if target not in active:

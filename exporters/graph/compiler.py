@@ -18,6 +18,7 @@ from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_in
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.layers import (
     image_input,
+    layer_names,
     layer_table,
     load_model,
     metadata,
@@ -70,8 +71,9 @@ def compile_gradient(
     model does.
     """
     proto = load_model(model)
-    obj = layers if isinstance(layers, Objective) else Objective.build(list(layers), objective)
     table = layer_table(proto)
+    obj = layers if isinstance(layers, Objective) else Objective.build(
+        list(layers), objective, known=layer_names(proto, table))
     image = image_input(proto)
     opset = max(opset_of(proto), 18)
 

@@ -93,6 +93,14 @@ def layer_table(model: onnx.ModelProto) -> dict[str, str]:
     return table
 
 
+def layer_names(model: onnx.ModelProto, table: dict[str, str] | None = None) -> dict[str, str]:
+    """Every name :func:`resolve_layer` accepts → its tensor: the layer table and every tensor
+    a node produces (for parsing ``--layer`` specs; see ``LayerSpec.parse``)."""
+    names = {o: o for n in model.graph.node for o in n.output if o}
+    names.update(layer_table(model) if table is None else table)
+    return names
+
+
 def resolve_layer(table: dict[str, str], name: str, model: onnx.ModelProto) -> str:
     """The tensor that carries layer ``name`` (a layer name or any tensor name)."""
     if name in table:

@@ -10,6 +10,7 @@ same.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -66,12 +67,17 @@ class Objective:
         return " + ".join(t.describe() for t in self.terms)
 
     @classmethod
-    def build(cls, layers: list["LayerSpec | str"], objective: str = "mean") -> "Objective":
-        """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``."""
+    def build(cls, layers: list["LayerSpec | str"], objective: str = "mean",
+              known: Collection[str] | None = None) -> "Objective":
+        """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``.
+
+        ``known``: the model's layer names, so that names ending in ``:N`` parse (see
+        :meth:`LayerSpec.parse`).
+        """
         kind, index = parse_objective(objective)
         if kind == "class":
             # the logits, or the one layer named as the class scores
-            specs = [LayerSpec.parse(s) if isinstance(s, str) else s for s in layers]
+            specs = [LayerSpec.parse(s, known) if isinstance(s, str) else s for s in layers]
             if len(specs) > 1:
                 raise ObjectiveError(f"--objective class:{index} reads one tensor of class "
                                      "scores (the logits); name at most one --layer")
@@ -82,7 +88,7 @@ class Objective:
                              "lists them")
         terms = []
         for spec in layers:
-            spec = LayerSpec.parse(spec) if isinstance(spec, str) else spec
+            spec = LayerSpec.parse(spec, known) if isinstance(spec, str) else spec
             terms.append(Term(spec.name, kind, index, spec.weight))
         return cls(tuple(terms))
 
@@ -113,23 +119,48 @@ class LayerSpec:
     weight: float = 1.0
 
     @classmethod
-    def parse(cls, text: str) -> "LayerSpec":
-        """``NAME`` or ``NAME:WEIGHT`` (the weight a number)."""
+    def parse(cls, text: str, known: Collection[str] | None = None) -> "LayerSpec":
+        """``NAME`` or ``NAME:WEIGHT``; ``known`` are the model's layer names.
+
+        A trailing ``:WEIGHT`` is split off only when it parses as a number AND the whole text
+        is not itself a layer name in ``known``. So tf2onnx's tensor names, which end in
+        ``:0``, read as layers: ``model/block_1/Relu6:0`` is that layer at weight 1, and
+        ``model/block_1/Relu6:0:2`` is it at weight 2. Without ``known`` every numeric suffix is
+        a weight. When both readings name layers (the model has ``x`` and ``x:2`` as different
+        tensors), LayerError says how to write each; ``known`` may map names to tensors, and
+        two names of one tensor are not ambiguous (the whole text wins).
+        """
         text = text.strip()
         if not text:
             raise LayerError("empty layer name")
-        if ":" in text:
-            name, _, w = text.rpartition(":")
-            try:
-                weight = float(w)
-            except ValueError:
-                return cls(text)
-            if not name:
-                raise LayerError(f"layer spec '{text}' has a weight but no name")
-            if not np.isfinite(weight):
-                raise LayerError(f"layer weight in '{text}' must be a finite number")
-            return cls(name, weight)
-        return cls(text)
+        if ":" not in text:
+            return cls(text)
+        name, _, w = text.rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            return cls(text)
+        if known is not None and text in known:
+            if name in known and not _same_tensor(known, name, text):
+                raise LayerError(
+                    f"layer spec '{text}' is ambiguous: the model has a layer '{text}' and a "
+                    f"layer '{name}'; write '{_unused(known, text + ':1', text + ':1.0')}' for "
+                    f"layer '{text}' or '{_unused(known, f'{name}:{weight!r}', f'{name}:+{w}')}' "
+                    f"for layer '{name}' at weight {w}")
+            return cls(text)
+        if not name:
+            raise LayerError(f"layer spec '{text}' has a weight but no name")
+        if not np.isfinite(weight):
+            raise LayerError(f"layer weight in '{text}' must be a finite number")
+        return cls(name, weight)
+
+
+def _same_tensor(known: Collection[str], a: str, b: str) -> bool:
+    return isinstance(known, Mapping) and known[a] == known[b]
+
+
+def _unused(known: Collection[str], *spellings: str) -> str:
+    return next((s for s in spellings if s not in known), spellings[-1])
 
 
 def parse_objective(spec: str) -> tuple[str, int | None]:

@@ -502,7 +502,11 @@ def _match_maxpool_backward(g: _Graph, mp: onnx.NodeProto):
 
 
 def _pool_geometry(mp: onnx.NodeProto):
-    """(kernel, strides, pads[4]) of a 2-D MaxPool without dilation or SAME padding, else None."""
+    """(kernel, strides, pads[4]) of a 2-D MaxPool without dilation, else None.
+
+    SAME padding is static at stride 1 (k - 1 in total, the odd pixel at the end for
+    SAME_UPPER); strided SAME pads depend on the runtime size: None.
+    """
     kernel = list(_attr(mp, "kernel_shape", []))
     if len(kernel) != 2:
         return None
@@ -510,7 +514,13 @@ def _pool_geometry(mp: onnx.NodeProto):
     dil = list(_attr(mp, "dilations", [1, 1]))
     auto_pad = _attr(mp, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if any(d != 1 for d in dil) or auto_pad not in ("NOTSET", "VALID", ""):
+    if any(d != 1 for d in dil):
+        return None
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and strides == [1, 1]:
+        small = [(k - 1) // 2 for k in kernel]
+        big = [k - 1 - h for k, h in zip(kernel, small)]
+        return kernel, strides, small + big if auto_pad == "SAME_UPPER" else big + small
+    if auto_pad not in ("NOTSET", "VALID", ""):
         return None
     pads = [0] * 4 if auto_pad == "VALID" else list(_attr(mp, "pads", [0] * 4))
     return kernel, strides, pads
