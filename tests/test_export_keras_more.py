@@ -24,7 +24,7 @@ import onnx  # noqa: E402
 
 from gradcheck import onnx_decisions, relative_error, session  # noqa: E402
 from onnxdream.exporters.graph import compile_gradient  # noqa: E402
-from onnxdream.exporters.keras import export_keras_result, load_keras  # noqa: E402
+from onnxdream.exporters.keras import export_keras, load_keras  # noqa: E402
 
 
 def randomise_batchnorm(model, seed=0):
@@ -41,7 +41,7 @@ def randomise_batchnorm(model, seed=0):
 def check(km, tmp_path, checks, size, export_size, preprocess="tf", edge_pads=True):
     """Export ``km``, then for each (layers, objective) compare the compiled gradient."""
     t0 = time.perf_counter()
-    result = export_keras_result(km, tmp_path / f"{km.name}.onnx", input_size=export_size)
+    result = export_keras(km, tmp_path / f"{km.name}.onnx", input_size=export_size)
     assert result.dynamic_hw, result.notes
     proto = onnx.load(str(result.path))
     pads = {a.s.decode() for n in proto.graph.node if n.op_type == "Pad"
@@ -135,7 +135,7 @@ def test_layers_built_for_their_size_keep_it_and_say_why(tmp_path):
     path = tmp_path / "parity.keras"
     net.save(path)
     messages = []
-    result = export_keras_result(path, tmp_path / "parity.onnx", preprocess="unit",
+    result = export_keras(path, tmp_path / "parity.onnx", preprocess="unit",
                                  progress=messages.append)
     assert not result.dynamic_hw
     assert any("keeps its fixed 32×32 input" in m for m in messages), messages
