@@ -71,8 +71,6 @@ def _slice(ctx, dys):
     b = ctx.b
     x = ctx.inputs[0]
     rank = ctx.rank(x)
-    if b.opset < 10:
-        raise ctx.fail("Slice before opset 10 is not supported")
     axes_v = ctx.const(3)
     if ctx.input(3) and axes_v is None:
         raise ctx.fail("its axes are not constant")
@@ -155,15 +153,11 @@ def _pad(ctx, dys):
         raise ctx.fail(f"Pad mode '{ctx.attr('mode')}' is not supported (only constant)")
     x, y = ctx.inputs[0], ctx.outputs[0]
     rank = ctx.rank(x)
-    if b.opset < 11:
-        pads = b.ints(ctx.attr("pads"))
-        axes = list(range(rank))
-    else:
-        pads = ctx.inputs[1]
-        av = ctx.const(3)
-        if ctx.input(3) and av is None:
-            raise ctx.fail("its axes are not constant")
-        axes = list(range(rank)) if av is None else [int(a) % rank for a in av.reshape(-1)]
+    pads = ctx.inputs[1]
+    av = ctx.const(3)
+    if ctx.input(3) and av is None:
+        raise ctx.fail("its axes are not constant")
+    axes = list(range(rank)) if av is None else [int(a) % rank for a in av.reshape(-1)]
     n = len(axes)
     begin = b.op("Slice", [pads, b.ints([0]), b.ints([n]), b.ints([0])])
     end_pad = b.op("Slice", [pads, b.ints([n]), b.ints([2 * n]), b.ints([0])])
