@@ -1,6 +1,6 @@
 """Shared torch → ONNX machinery for the framework exporters (torchvision now, Keras 3 later).
 
-A *dreamable model* (see DESIGN.md) is produced in five steps:
+A *dreamable model* (see ``onnxdream.exporters.graph.contract``) is produced in five steps:
 
 1. ``prepare_for_export``: make the network traceable with dynamic H/W and without aliasing —
    every ``inplace`` flag is turned off and each ``nn.AdaptiveAvgPool2d`` whose output is not 1×1
@@ -19,7 +19,6 @@ torch is imported lazily: importing this module does not need it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import DependencyError, ModelError
+from onnxdream.exporters.graph.contract import model_metadata
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FORMAT_VERSION = "1"
 LAYER_PREFIX = "layer:"
 # protobuf cannot serialise a message over 2 GiB; above this the weights go to OUT.onnx.data
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -481,7 +480,7 @@ def export_module(
     extra_metadata: Mapping[str, str] | None = None,
     output_name: str = "logits",
 ) -> ExportResult:
-    """Export a torch classifier as a dreamable model (see DESIGN.md) at ``out``.
+    """Export a torch classifier as a dreamable model (see the contract) at ``out``.
 
     ``module`` maps a preprocessed [N,3,H,W] tensor to logits; ``preprocess`` maps the [0,1] RGB
     image to the module's input (default: ImageNet mean/std). ``layers`` maps layer names to the
@@ -571,20 +570,9 @@ def export_module(
     if default_layers is None:
         guess = default_layer(module, captured)
         default_layers = [guess] if guess else []
-    metadata = {
-        "onnxdream.format": FORMAT_VERSION,
-        "onnxdream.name": name,
-        "onnxdream.source": source or name,
-        "onnxdream.license": license,
-        "onnxdream.input_size": str(max(ih, iw)),  # an int: readers parse it so
-        "onnxdream.dynamic_hw": "1" if dyn else "0",
-        "onnxdream.layers": json.dumps(layer_map),
-        "onnxdream.default_layers": json.dumps(list(default_layers)),
-    }
-    if ih != iw:
-        metadata["onnxdream.input_hw"] = f"{ih}x{iw}"
-    if labels is not None:
-        metadata["onnxdream.labels"] = json.dumps(list(labels))
+    metadata = model_metadata(name=name, source=source, license=license, input_size=(ih, iw),
+                              dynamic_hw=dyn, layers=layer_map, default_layers=default_layers,
+                              labels=labels)
     metadata.update(extra_metadata or {})
     finalize(model, layer_map, metadata, output_name)
     _say(progress, f"writing {out}")

@@ -596,6 +596,8 @@ def export_keras_result(
     ``model`` may also be a :class:`KerasModel` from :func:`load_keras`. ``input_size`` overrides
     the size the export traces and probes at (a model with dynamic H/W only).
     """
+    from onnxdream.exporters.graph.contract import FRAMEWORK_KEY, LAYOUTS_KEY, PREPROCESS_KEY
+
     import_keras()
     km = model if isinstance(model, KerasModel) else load_keras(
         model, weights, preprocess, include_top, progress)
@@ -626,10 +628,10 @@ def export_keras_result(
             dynamic=km.dynamic,
             output_name="logits" if has_logits else "features",
             extra_metadata={
-                "onnxdream.preprocess": f"keras {km.preprocess}: {PREPROCESSING[km.preprocess]} "
-                                        "(inside the graph)",
-                "onnxdream.layer_layouts": json.dumps(layouts),
-                "onnxdream.framework": "keras " + str(import_keras().__version__),
+                PREPROCESS_KEY: f"keras {km.preprocess}: {PREPROCESSING[km.preprocess]} "
+                                "(inside the graph)",
+                LAYOUTS_KEY: json.dumps(layouts),
+                FRAMEWORK_KEY: "keras " + str(import_keras().__version__),
             },
         )
     result.notes[:0] = notes

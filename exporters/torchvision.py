@@ -271,6 +271,8 @@ def export_torchvision_result(
     ``module``, if given, is exported instead of building one (tests use it to set weights);
     it must have the architecture of torchvision's ``name``.
     """
+    from onnxdream.exporters.graph.contract import PREPROCESS_KEY
+
     tv = _import_torchvision()
     name = _check_name(name)
     if module is None:
@@ -297,5 +299,5 @@ def export_torchvision_result(
         default_layers=_default_layers(name, module, paths),
         opset=opset,
         progress=progress,
-        extra_metadata={"onnxdream.preprocess": "imagenet mean/std (inside the graph)"},
+        extra_metadata={PREPROCESS_KEY: "imagenet mean/std (inside the graph)"},
     )

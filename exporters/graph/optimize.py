@@ -106,6 +106,11 @@ class _Graph:
 
     # -- constants ----------------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor, else None. A graph input is never a constant, even
+        with a same-named initializer: that is its default, which a caller overrides (the
+        objective parameters, see the contract)."""
+        if name in self.inputs:
+            return None
         if name in self._arrays:
             return self._arrays[name]
         if name in self.inits:
