@@ -6,6 +6,11 @@ answers ``objective, grad = gm(x)`` for any image size the model allows. ``tiled
 the same gradient tile by tile: each tile is evaluated with a halo of real context around its
 core and only the core's gradient is kept, so where the halo covers twice the layer's receptive
 radius the tiles join without seams (equal to the untiled gradient up to float rounding).
+
+Every run feeds the compiled graph's objective parameters with the image
+(``{"image": x, **gm.params}``, see :mod:`onnxdream.exporters.graph.contract`): the term
+``weights`` are an input, not part of the compiled graph nor of its cache key, and spatial
+parameters are cut per tile and rolled by the jitter like the image.
 """
 
 from __future__ import annotations

@@ -50,7 +50,6 @@ import asyncio
 import collections
 import concurrent.futures
 import io
-import json
 import logging
 import math
 import os

@@ -146,8 +146,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             proto = onnx.load(str(path))
         except Exception as exc:  # noqa: BLE001 - protobuf raises many types
+            why = str(exc).splitlines()[0][:120] if str(exc) else "corrupt"
             raise ModelError(f"{path} is not a valid ONNX model ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:120] if str(exc) else 'corrupt'})") from None
+                             f"{why})") from None
         if not proto.graph.node:
             raise ModelError(f"{path} is not a valid ONNX model (it has no graph nodes)")
     if len(proto.graph.input) < 1:

@@ -12,6 +12,7 @@ import onnx
 
 from onnxdream.errors import LayerError, closest
 from onnxdream.exporters.graph.autodiff import infer_shapes
+from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
 from onnxdream.exporters.graph.contract import image_input, layer_table, load_model, native_size
 
 
@@ -62,10 +63,10 @@ def pre_activation(tensor: str, model: onnx.ModelProto, new_nodes: list[onnx.Nod
             if src is None or src.op_type not in ACTIVATIONS:
                 return tensor
             parts.append(src.input[0])
-        out = f"{t}/pre_relu"
-        new_nodes.append(onnx.helper.make_node("Concat", parts, [out], name=f"{t}/pre_relu_concat",
-                                               axis=[a.i for a in node.attribute
-                                                     if a.name == "axis"][0]))
+        b = GraphBuilder()
+        out = b.op("Concat", parts, out=f"{t}/pre_relu", name=f"{t}/pre_relu_concat",
+                   axis=node_attr(node, "axis"))
+        new_nodes.extend(b.nodes)
         return out
     return tensor
 
