@@ -149,3 +149,11 @@ class GraphBuilder:
 
     def cast(self, x: str, to: int) -> str:
         return self.op("Cast", [x], to=to)
+
+
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of ``node``'s attribute ``name`` (strings as bytes, as onnx gives them)."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
