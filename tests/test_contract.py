@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from conftest import tiny_classifier
 from onnxdream.errors import LayerError, ModelError
 from onnxdream.exporters.graph import compile_gradient
 from onnxdream.exporters.graph.builder import GraphBuilder
@@ -24,20 +25,7 @@ from onnxdream.session import create_session
 
 def tiny(with_metadata: bool = True) -> onnx.ModelProto:
     """image → Conv → Relu → GlobalAveragePool → Flatten → MatMul → logits."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
-    fc = numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "fc")
-    nodes = [helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["conv"], ["act"]),
-             helper.make_node("GlobalAveragePool", ["act"], ["gap"]),
-             helper.make_node("Flatten", ["gap"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "fc"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT,
-                                       ["batch", 3, "height", "width"])],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 5])], [w, fc])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = tiny_classifier()
     if with_metadata:
         write_metadata(model, name="tiny", layers={"conv": "conv", "act": "act"},
                        default_layers=["act"], input_size=(96, 128), dynamic_hw=True,
