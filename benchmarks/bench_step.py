@@ -124,7 +124,8 @@ def floor_model(src: Path, layer: str) -> bytes:
     from onnx import helper
 
     from onnxdream.exporters.graph.compiler import _needed_nodes
-    from onnxdream.exporters.graph.layers import layer_table, load_model, resolve_layer
+    from onnxdream.exporters.graph.contract import layer_table, load_model
+    from onnxdream.exporters.graph.layers import resolve_layer
 
     m = load_model(src)
     t = resolve_layer(layer_table(m), layer, m)

@@ -175,13 +175,13 @@ def compile_cmd(
     """
     with user_errors():
         from onnxdream.exporters.graph import compile_gradient, save_model
-        from onnxdream.exporters.graph.layers import metadata, load_model
-        from onnxdream.gradient import default_layers, resolve_model_path
+        from onnxdream.exporters.graph.contract import ModelInfo
+        from onnxdream.gradient import resolve_model_path
 
         path = resolve_model_path(model)
         names = layer or []
         if not names and not objective.startswith("class:"):
-            names = default_layers(metadata(load_model(path)))
+            names = ModelInfo.load(path).require_default_layers()
         graph = compile_gradient(path, names, objective, pre_relu=pre_relu, border=border)
         save_model(graph, output)
         ops = sorted({n.op_type for n in graph.graph.node})

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
+from onnxdream.exporters.graph.contract import FRAMEWORK_KEY, LAYOUTS_KEY, PREPROCESS_KEY
 from onnxdream.exporters.preprocess import PREPROCESSING, preprocess_fn
 from onnxdream.exporters.torch_export import (
     ExportResult,
@@ -697,10 +698,10 @@ def _export(km: KerasModel, out: str | os.PathLike[str], opset: int, progress: P
             dynamic=km.dynamic,
             output_name="logits" if has_logits else "features",
             extra_metadata={
-                "onnxdream.preprocess": f"keras {km.preprocess}: {PREPROCESSING[km.preprocess]} "
-                                        "(inside the graph)",
-                "onnxdream.layer_layouts": json.dumps(layouts),
-                "onnxdream.framework": "keras " + str(import_keras().__version__),
+                PREPROCESS_KEY: f"keras {km.preprocess}: {PREPROCESSING[km.preprocess]} "
+                                "(inside the graph)",
+                LAYOUTS_KEY: json.dumps(layouts),
+                FRAMEWORK_KEY: "keras " + str(import_keras().__version__),
             },
         )
     if km.dynamic and not result.dynamic_hw:

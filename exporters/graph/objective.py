@@ -4,7 +4,12 @@
 K), ``neuron:K`` (channel K at the centre position), ``class:K`` (logit K, before softmax).
 Several layers combine as a weighted sum: ``Objective.parse`` and ``LayerSpec.parse`` read the
 CLI's spelling; in Python, ``mean("inception4c") + 0.5 * channel("inception4d", 97)`` reads the
-same.
+same. The term weights are the defaults of the compiled graph's ``weights`` input (see
+:mod:`.contract`): one compiled graph serves every weighting of the same terms.
+
+``weighted_channels(layer)`` (Python only) is ``sum_c channel_weights[n, c] * mean(layer[n, c])``
+with the per-image ``channel_weights`` a graph input: feature visualisation's one target per
+image (a one-hot row is a channel or a class, ``1/C`` everywhere the whole layer).
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import numpy as np
 from onnxdream.errors import LayerError, ObjectiveError
 from onnxdream.exporters.graph.builder import GraphBuilder
 
-KINDS = ("mean", "l2", "channel", "neuron", "class")
 _SPEC = re.compile(r"^(mean|l2|channel|neuron|class)(?::(-?\d+))?$")
 
 
@@ -66,6 +70,15 @@ class Objective:
     def describe(self) -> str:
         return " + ".join(t.describe() for t in self.terms)
 
+    def structure(self) -> list[tuple[str, str, int | None]]:
+        """The terms without their weights: what a compiled graph depends on."""
+        return [(t.layer, t.kind, t.index) for t in self.terms]
+
+    @property
+    def weights(self) -> list[float]:
+        """The term weights, in term order (the compiled graph's ``weights`` input)."""
+        return [t.weight for t in self.terms]
+
     @classmethod
     def build(cls, layers: list["LayerSpec | str"], objective: str = "mean",
               known: Collection[str] | None = None) -> "Objective":
@@ -111,6 +124,11 @@ def neuron(layer: str, k: int) -> Objective:
 
 def class_logit(k: int) -> Objective:
     return Objective((Term("logits", "class", int(k)),))
+
+
+def weighted_channels(layer: str) -> Objective:
+    """``sum_c channel_weights[n, c] * mean(layer[n, c])``, per image (a graph input)."""
+    return Objective((Term(layer, "weighted_channels"),))
 
 
 @dataclass(frozen=True)
@@ -188,11 +206,25 @@ def _channel_axis(rank: int, layout: str) -> int:
     return 2 if rank == 3 else 1
 
 
+def channel_weights_shape(term: Term, shape: tuple | None, batch, layout: str = "NCHW") -> list:
+    """The ``channel_weights`` input's shape for a weighted_channels term on a layer of ``shape``:
+    ``[N, C]``, ``[N, C, 1, 1]`` (NCHW) or ``[N, 1, 1, C]`` (NHWC)."""
+    rank = len(shape) if shape is not None else 0
+    axis = _channel_axis(rank, layout) if rank in (2, 4) else None
+    c = shape[axis] if axis is not None else None
+    if not isinstance(c, int):
+        raise ObjectiveError(f"layer '{term.layer}' has shape {shape}: a visualisation needs "
+                             "[N,C] or [N,C,H,W] with a known channel count")
+    return [batch] + [c if a == axis else 1 for a in range(1, rank)]
+
+
 def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
-              border: int = 0, layout: str = "NCHW") -> str:
-    """Nodes computing one term's value per image ([N]); returns the tensor name.
+              border: int = 0, layout: str = "NCHW", channel_weights: str | None = None) -> str:
+    """Nodes computing one term's value per image ([N]), unweighted; returns the tensor name.
 
     ``layout`` is the layer's axis order, "NCHW" (default) or "NHWC" (channels last).
+    ``channel_weights`` names the input a weighted_channels term reads. The compiler multiplies
+    the result by the term's entry of the ``weights`` input.
     """
     if shape is None:
         raise ObjectiveError(f"the rank of layer '{term.layer}' is unknown")
@@ -201,6 +233,13 @@ def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
     if border and rank == 4:
         spatial = [1, 2] if layout == "NHWC" else [2, 3]
         t = b.slice(t, [border, border], [-border, -border], spatial)
+    if term.kind == "weighted_channels":
+        # C * mean over (C, H, W) of weights * layer = sum_c weights[n, c] * mean_hw(layer[n, c])
+        if channel_weights is None:
+            raise ObjectiveError("a weighted_channels term needs the channel_weights input")
+        channels = shape[_channel_axis(rank, layout)]
+        t = b.reduce_mean(b.op("Flatten", [b.mul(t, channel_weights)], axis=1), [1], keepdims=0)
+        return b.mul(t, b.scalar(float(channels)))
     if rank == 4 and layout == "NHWC" and term.kind == "neuron":
         t = b.op("Transpose", [t], perm=[0, 3, 1, 2])  # the centre search walks axes 1..
         layout = "NCHW"
@@ -224,6 +263,4 @@ def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
         t = b.mul(t, t)
     if rank > 1:
         t = b.reduce_mean(b.op("Flatten", [t], axis=1), [1], keepdims=0)
-    if term.weight != 1.0:
-        t = b.mul(t, b.scalar(term.weight))
     return t

@@ -79,15 +79,12 @@ def _resize(ctx, dys):
     b = ctx.b
     x = ctx.inputs[0]
     rank = ctx.rank(x)
-    mode = ctx.attr("mode", "nearest")
     ctm = ctx.attr("coordinate_transformation_mode", "half_pixel")
     if ctm == "tf_crop_and_resize":
         raise ctx.fail("Resize with coordinate_transformation_mode=tf_crop_and_resize has no "
                        "gradient rule")
     if any(ctx.needs(i) for i in (1, 2, 3)):
         raise ctx.fail("its roi, scales or sizes depend on the image values")
-    if b.opset < 11:
-        raise ctx.fail("Resize before opset 11 is not supported; re-export at opset >= 11")
     scales, sizes = ctx.input(2), ctx.input(3)
     if sizes and ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise ctx.fail("Resize with sizes and keep_aspect_ratio_policy="

@@ -71,8 +71,6 @@ def _slice(ctx, dys):
     b = ctx.b
     x = ctx.inputs[0]
     rank = ctx.rank(x)
-    if b.opset < 10:
-        raise ctx.fail("Slice before opset 10 is not supported")
     axes_v = ctx.const(3)
     if ctx.input(3) and axes_v is None:
         raise ctx.fail("its axes are not constant")
@@ -261,16 +259,11 @@ def _pad(ctx, dys):
         raise ctx.fail(f"Pad mode '{mode}' has no gradient rule")
     x, y = ctx.inputs[0], ctx.outputs[0]
     rank = ctx.rank(x)
-    if b.opset < 11:
-        pads = b.ints(ctx.attr("pads"))
-        pads_v = np.array(ctx.attr("pads"), np.int64)
-        axes = list(range(rank))
-    else:
-        pads, pads_v = ctx.inputs[1], ctx.const(1)
-        av = ctx.const(3)
-        if ctx.input(3) and av is None:
-            raise ctx.fail("its axes are not constant")
-        axes = list(range(rank)) if av is None else [int(a) % rank for a in av.reshape(-1)]
+    pads, pads_v = ctx.inputs[1], ctx.const(1)
+    av = ctx.const(3)
+    if ctx.input(3) and av is None:
+        raise ctx.fail("its axes are not constant")
+    axes = list(range(rank)) if av is None else [int(a) % rank for a in av.reshape(-1)]
     n = len(axes)
     none = [None] * (len(ctx.inputs) - 1)
     if mode == "constant" and pads_v is not None and np.all(pads_v >= 0):
