@@ -79,7 +79,6 @@ def torch_module(name: str, layer: str, device: str = "cpu"):
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         import torch_efficientnet_lite as tel
-
         from onnxdream.models import ZOO
         from onnxdream.models.checkpoint import load_state_dict
 

@@ -35,7 +35,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -69,7 +69,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[Optional[bool], typer.Option(
+def _main(version: Annotated[bool | None, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None):
     pass
 
@@ -124,8 +124,14 @@ def user_errors():
 def progress_bar():
     """A rich progress bar on stderr: description, bar, done/total, info, elapsed, ETA."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -159,7 +165,7 @@ OBJECTIVE_HELP = ("What to maximise at the layer(s): mean (default), l2 (mean of
 DEVICE_HELP = "auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda."
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
-LayersOpt = Annotated[Optional[list[str]], typer.Option("--layer", "-l", help=LAYER_HELP)]
+LayersOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help=LAYER_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -175,41 +181,41 @@ def _default(value: Any) -> str:
 # ("not given") so a --preset can fill them; the real defaults come from DreamSettings.
 _DREAM_OPTIONS: dict[str, tuple[Any, Any]] = {
     "model": (ModelOpt, _D.model),
-    "preset": (Annotated[Optional[str], typer.Option(
+    "preset": (Annotated[str | None, typer.Option(
         help="A named recipe: keras-classic, keras-io, caffe-googlenet or tf-notebook (layers, "
         "objective, border, schedule, stop rule); options given explicitly override it.")], None),
     "layer": (LayersOpt, None),
-    "objective": (Annotated[Optional[str], typer.Option(
+    "objective": (Annotated[str | None, typer.Option(
         help=OBJECTIVE_HELP, show_default=False)], None),
-    "pre_relu": (Annotated[Optional[bool], typer.Option(
+    "pre_relu": (Annotated[bool | None, typer.Option(
         "--pre-relu/--no-pre-relu", help="Use layer values before their ReLU (stronger, more "
         "varied)  \\[default: no]", show_default=False)], None),
-    "border": (Annotated[Optional[int], typer.Option(
+    "border": (Annotated[int | None, typer.Option(
         help="Pixels to drop at each edge of the layer before reducing" + _default(_D.border),
         min=0, show_default=False)], None),
-    "octaves": (Annotated[Optional[int], typer.Option(
+    "octaves": (Annotated[int | None, typer.Option(
         help="Number of scales, smallest first" + _default(_D.octaves),
         show_default=False)], None),
-    "octave_scale": (Annotated[Optional[float], typer.Option(
+    "octave_scale": (Annotated[float | None, typer.Option(
         help="Size ratio between octaves" + _default(_D.octave_scale),
         show_default=False)], None),
-    "steps": (Annotated[Optional[int], typer.Option(
+    "steps": (Annotated[int | None, typer.Option(
         help="Gradient-ascent steps per octave" + _default(_D.steps), show_default=False)], None),
-    "step_size": (Annotated[Optional[float], typer.Option(
+    "step_size": (Annotated[float | None, typer.Option(
         help="Step length: mean pixel change per step, on the [0,1] scale"
         + _default(_D.step_size), show_default=False)], None),
-    "jitter": (Annotated[Optional[int], typer.Option(
+    "jitter": (Annotated[int | None, typer.Option(
         help="Random shift in pixels each step (0: none)" + _default(_D.jitter),
         show_default=False)], None),
-    "tile_size": (Annotated[Optional[int], typer.Option(
+    "tile_size": (Annotated[int | None, typer.Option(
         help="Images larger than this are processed in tiles of this size (0: never)"
         + _default(_D.tile_size), show_default=False)], None),
-    "normalize": (Annotated[Optional[str], typer.Option(
+    "normalize": (Annotated[str | None, typer.Option(
         help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid)"
         + _default(_D.normalize), show_default=False)], None),
-    "max_loss": (Annotated[Optional[float], typer.Option(
+    "max_loss": (Annotated[float | None, typer.Option(
         help="Stop once the objective exceeds this value.")], None),
-    "seed": (Annotated[Optional[int], typer.Option(
+    "seed": (Annotated[int | None, typer.Option(
         help="Random seed for the jitter; the one used is stored in the PNG.")], None),
 }
 DREAM_OPTION_NAMES = tuple(_DREAM_OPTIONS)

@@ -37,8 +37,6 @@ from onnxdream.param import ImageParam, image
 from onnxdream.settings import VisualizeSettings, describe
 from onnxdream.transforms import TRANSFORMS, Transform, compose
 
-
-
 # -- targets ----------------------------------------------------------------------------------
 
 

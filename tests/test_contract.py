@@ -17,8 +17,16 @@ from onnxdream.errors import LayerError, ModelError
 from onnxdream.exporters.graph import compile_gradient
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.contract import (
-    CHANNEL_WEIGHTS, INPUT_HW_KEY, LABELS_KEY, MASK, WEIGHTS, ModelInfo, graph_params,
-    param_input, write_metadata)
+    CHANNEL_WEIGHTS,
+    INPUT_HW_KEY,
+    LABELS_KEY,
+    MASK,
+    WEIGHTS,
+    ModelInfo,
+    graph_params,
+    param_input,
+    write_metadata,
+)
 from onnxdream.exporters.graph.objective import channel, l2, mean, weighted_channels
 from onnxdream.session import create_session
 

@@ -15,16 +15,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
-
-from test_export_keras import (keras, keras_gradient, keras_shared_decisions,  # noqa: F401
-                               torch)
-
 import onnx  # noqa: E402
+import pytest
 
 from gradcheck import onnx_decisions, relative_error, session  # noqa: E402
 from onnxdream.exporters.graph import compile_gradient  # noqa: E402
 from onnxdream.exporters.keras import export_keras, load_keras  # noqa: E402
+from test_export_keras import keras, keras_gradient, keras_shared_decisions, torch  # noqa: F401
 
 
 def randomise_batchnorm(model, seed=0):

@@ -19,10 +19,16 @@ import typer
 from typer.testing import CliRunner
 
 from onnxdream.cli_common import DreamOptions, with_dream_options
-from onnxdream.errors import (ImageError, ImageTooLargeError, LayerError, OnnxDreamError,
-                              SettingsError, did_you_mean, first_line)
+from onnxdream.errors import (
+    ImageError,
+    ImageTooLargeError,
+    LayerError,
+    OnnxDreamError,
+    SettingsError,
+    did_you_mean,
+    first_line,
+)
 from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
-
 
 # -- one default per setting ------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("av")
 cv2 = pytest.importorskip("cv2")
 
-import videoclip  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import videoclip  # noqa: E402
 from onnxdream.errors import OnnxDreamError  # noqa: E402
 from onnxdream.flow import temporal_error  # noqa: E402
 from onnxdream.video import (  # noqa: E402

@@ -12,7 +12,6 @@ import pytest
 pytest.importorskip("av")
 
 import videoclip  # noqa: E402
-
 from onnxdream.errors import OnnxDreamError  # noqa: E402
 from onnxdream.videoio import (  # noqa: E402
     VideoError,

@@ -270,7 +270,7 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, model: str | os.PathLike | onnx.ModelProto) -> "ModelInfo":
+    def load(cls, model: str | os.PathLike | onnx.ModelProto) -> ModelInfo:
         """Read a model (a path, or a loaded ModelProto)."""
         proto = load_model(model)
         meta = metadata(proto)

@@ -35,12 +35,12 @@ class Term:
     index: int | None = None
     weight: float = 1.0
 
-    def __mul__(self, k: float) -> "Objective":
+    def __mul__(self, k: float) -> Objective:
         return Objective((replace(self, weight=self.weight * float(k)),))
 
     __rmul__ = __mul__
 
-    def __add__(self, other: "Term | Objective") -> "Objective":
+    def __add__(self, other: Term | Objective) -> Objective:
         return Objective((self,)) + other
 
     def describe(self) -> str:
@@ -54,11 +54,11 @@ class Objective:
 
     terms: tuple[Term, ...]
 
-    def __add__(self, other: "Term | Objective") -> "Objective":
+    def __add__(self, other: Term | Objective) -> Objective:
         other_terms = (other,) if isinstance(other, Term) else other.terms
         return Objective(self.terms + other_terms)
 
-    def __mul__(self, k: float) -> "Objective":
+    def __mul__(self, k: float) -> Objective:
         return Objective(tuple(replace(t, weight=t.weight * float(k)) for t in self.terms))
 
     __rmul__ = __mul__
@@ -80,8 +80,8 @@ class Objective:
         return [t.weight for t in self.terms]
 
     @classmethod
-    def build(cls, layers: list["LayerSpec | str"], objective: str = "mean",
-              known: Collection[str] | None = None) -> "Objective":
+    def build(cls, layers: list[LayerSpec | str], objective: str = "mean",
+              known: Collection[str] | None = None) -> Objective:
         """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``.
 
         ``known``: the model's layer names, so that names ending in ``:N`` parse (see
@@ -137,7 +137,7 @@ class LayerSpec:
     weight: float = 1.0
 
     @classmethod
-    def parse(cls, text: str, known: Collection[str] | None = None) -> "LayerSpec":
+    def parse(cls, text: str, known: Collection[str] | None = None) -> LayerSpec:
         """``NAME`` or ``NAME:WEIGHT``; ``known`` are the model's layer names.
 
         A trailing ``:WEIGHT`` is split off only when it parses as a number AND the whole text

@@ -47,7 +47,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxdream.exporters.graph import fast_adjoints
-from onnxdream.exporters.graph.builder import FLOAT, GraphBuilder, node_attr as _attr
+from onnxdream.exporters.graph.builder import FLOAT, GraphBuilder
+from onnxdream.exporters.graph.builder import node_attr as _attr
 
 _FOLDABLE = {"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Neg", "Reshape", "Unsqueeze",
              "Squeeze", "Cast", "Concat", "Transpose", "Flatten", "Identity", "Abs", "Pow"}
