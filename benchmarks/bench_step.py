@@ -79,7 +79,6 @@ def torch_module(name: str, layer: str, device: str = "cpu"):
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         import torch_efficientnet_lite as tel
-
         from onnxdream.models import ZOO
         from onnxdream.models.checkpoint import load_state_dict
 
@@ -124,7 +123,8 @@ def floor_model(src: Path, layer: str) -> bytes:
     from onnx import helper
 
     from onnxdream.exporters.graph.compiler import _needed_nodes
-    from onnxdream.exporters.graph.layers import layer_table, load_model, resolve_layer
+    from onnxdream.exporters.graph.contract import layer_table, load_model
+    from onnxdream.exporters.graph.layers import resolve_layer
 
     m = load_model(src)
     t = resolve_layer(layer_table(m), layer, m)

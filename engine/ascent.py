@@ -21,6 +21,7 @@ from onnxdream.normalize import normalize
 from onnxdream.resolve import ResolvedSettings, resolve
 from onnxdream.settings import DreamSettings, describe, octave_sizes
 
+
 @dataclass(frozen=True)
 class Progress:
     octave: int  # 1-based

@@ -12,15 +12,30 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from onnxdream import __version__
-from onnxdream.cli_common import (DEVICE_HELP, MODEL_HELP, OBJECTIVE_HELP, DeviceOpt,
-                                  DreamOptions, JsonOpt, LayersOpt, ModelOpt, QuietOpt, app,
-                                  default_output, err, export_app, maybe_progress, user_errors,
-                                  warn, with_dream_options)
+from onnxdream.cli_common import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    OBJECTIVE_HELP,
+    DeviceOpt,
+    DreamOptions,
+    JsonOpt,
+    LayersOpt,
+    ModelOpt,
+    QuietOpt,
+    app,
+    default_output,
+    err,
+    export_app,
+    maybe_progress,
+    user_errors,
+    warn,
+    with_dream_options,
+)
 from onnxdream.settings import DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
@@ -34,7 +49,7 @@ COMMAND_MODULES = ("cli_visualize", "cli_video")
 @with_dream_options
 def dream(
     image: Annotated[Path, typer.Argument(help="The photo to dream on (PNG, JPEG, WebP, …).")],
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Where to write the dream; the extension picks the format "
         "(.png, .jpg, .webp). Default: IMAGE-dream.png in the current directory.")] = None,
     options: DreamOptions = None,
@@ -175,13 +190,13 @@ def compile_cmd(
     """
     with user_errors():
         from onnxdream.exporters.graph import compile_gradient, save_model
-        from onnxdream.exporters.graph.layers import metadata, load_model
-        from onnxdream.gradient import default_layers, resolve_model_path
+        from onnxdream.exporters.graph.contract import ModelInfo
+        from onnxdream.gradient import resolve_model_path
 
         path = resolve_model_path(model)
         names = layer or []
         if not names and not objective.startswith("class:"):
-            names = default_layers(metadata(load_model(path)))
+            names = ModelInfo.load(path).require_default_layers()
         graph = compile_gradient(path, names, objective, pre_relu=pre_relu, border=border)
         save_model(graph, output)
         ops = sorted({n.op_type for n in graph.graph.node})
@@ -216,11 +231,11 @@ def export_keras_cmd(
         help="A keras.applications model (InceptionV3, VGG16, MobileNetV2, EfficientNetB0, …) "
         "or a .keras / .h5 model file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
-    preprocess: Annotated[Optional[str], typer.Option(
+    preprocess: Annotated[str | None, typer.Option(
         help="How the model expects its input: tf (x/127.5-1), caffe (BGR minus the ImageNet "
         "mean, 0..255), torch (ImageNet mean/std), none (0..255; the model scales itself) or "
         "unit ([0,1]). Inferred for application names; required for files.")] = None,
-    weights: Annotated[Optional[str], typer.Option(
+    weights: Annotated[str | None, typer.Option(
         help="For names: imagenet (Keras' download, needs internet once; the default), none "
         "(random) or a .weights.h5 FILE. For model files: a weights FILE to load instead of "
         "the file's own.")] = None,
@@ -248,25 +263,25 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")]
         = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         help="Dreams run at once (threads sharing the sessions). Default: 1 on a CPU with "
         "fewer than 8 cores, else 2 \\[env ONNXDREAM_WORKERS].", min=1, max=64)] = None,
-    max_queue: Annotated[Optional[int], typer.Option(
+    max_queue: Annotated[int | None, typer.Option(
         help="Dreams that may wait beyond the running ones; more get 503 + Retry-After "
         "(default 16) \\[env ONNXDREAM_MAX_QUEUE].", min=0)] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(
+    max_pixels: Annotated[int | None, typer.Option(
         help="Largest image accepted, width x height (default 16000000) "
         "\\[env ONNXDREAM_MAX_PIXELS].", min=1)] = None,
-    max_body: Annotated[Optional[float], typer.Option(
+    max_body: Annotated[float | None, typer.Option(
         help="Largest request body in MB (default 32) \\[env ONNXDREAM_MAX_BODY_MB].",
         min=0.001)] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
+    max_steps: Annotated[int | None, typer.Option(
         help="Most ascent steps (octaves x steps) per dream (default 1000) "
         "\\[env ONNXDREAM_MAX_STEPS].", min=1)] = None,
-    model_path: Annotated[Optional[list[Path]], typer.Option(
+    model_path: Annotated[list[Path] | None, typer.Option(
         "--model-path", help="A dreamable .onnx file to offer, by its file stem; repeatable "
         "\\[env ONNXDREAM_MODEL_PATHS]. Requests can name only these and the zoo.")] = None,
-    device: Annotated[Optional[str], typer.Option(
+    device: Annotated[str | None, typer.Option(
         help=DEVICE_HELP + " \\[env ONNXDREAM_DEVICE]")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):

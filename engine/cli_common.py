@@ -35,7 +35,7 @@ import inspect
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -73,7 +73,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[Optional[bool], typer.Option(
+def _main(version: Annotated[bool | None, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None):
     pass
 
@@ -128,8 +128,14 @@ def user_errors():
 def progress_bar():
     """A rich progress bar on stderr: description, bar, done/total, info, elapsed, ETA."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -155,13 +161,15 @@ def default_output(image: Path, suffix: str) -> Path:
 
 MODEL_HELP = "A zoo name (see `onnxdream models`) or a path to a dreamable .onnx file."
 LAYER_HELP = ("Layer to dream on, NAME or NAME:WEIGHT; repeat to mix layers "
-              "(`onnxdream layers MODEL` lists them). Default: the model's recommended layer.")
+              "(`onnxdream layers MODEL` lists them). A name that ends in :N, like tf2onnx's "
+              "model/block_1/Relu6:0, is that layer (weigh it: …/Relu6:0:2). Default: the "
+              "model's recommended layer.")
 OBJECTIVE_HELP = ("What to maximise at the layer(s): mean (default), l2 (mean of squares), "
                   "channel:K, neuron:K (channel K at the centre) or class:K (logit K).")
 DEVICE_HELP = "auto (CUDA when onnxruntime-gpu sees a GPU, else CPU), cpu or cuda."
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
-LayersOpt = Annotated[Optional[list[str]], typer.Option("--layer", "-l", help=LAYER_HELP)]
+LayersOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help=LAYER_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -200,7 +208,7 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
             kind, help = str, help + "." + SCHEDULE_HELP[name]
         help += _default(d[name]) if default else ""
         return Annotated[kind | None, typer.Option(*flags, help=help, show_default=False,
-                                                      **kw)]
+                                                   **kw)]
 
     layer_help = LAYER_HELP + (SCHEDULE_HELP["layer"] if "layer" in scheduled else "")
     return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,25 +17,25 @@ _V = VisualizeSettings()
 
 @app.command()
 def visualize(
-    class_: Annotated[Optional[str], typer.Option(
+    class_: Annotated[str | None, typer.Option(
         "--class", "-c", help="Class(es) to render: numbers or names from the model's labels, "
         "comma-separated (--class 130,zebra,banana).")] = None,
-    channel: Annotated[Optional[list[str]], typer.Option(
+    channel: Annotated[list[str] | None, typer.Option(
         help="A channel to render, LAYER:K (e.g. blocks.9:12); repeatable.")] = None,
-    layer: Annotated[Optional[list[str]], typer.Option(
+    layer: Annotated[list[str] | None, typer.Option(
         "--layer", "-l", help="A whole layer to render (the mean of its channels); repeatable.")] = None,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Where to write; with several targets and no --grid, one file "
         "each (OUT-1-NAME.png, …). Default: visualize-NAME.png in the current directory.")] = None,
     model: ModelOpt = DreamSettings.model,
     size: Annotated[int, typer.Option(help="Side of the square image in pixels.")] = _V.size,
     steps: Annotated[int, typer.Option(help="Optimisation steps (in all octaves together).")]
         = _V.steps,
-    seed: Annotated[Optional[int], typer.Option(
+    seed: Annotated[int | None, typer.Option(
         help="Random seed; the one used is stored in the PNG.")] = None,
     grid: Annotated[bool, typer.Option(
         "--grid", help="Put all targets in one labelled image.")] = False,
-    columns: Annotated[Optional[int], typer.Option(help="Images per row with --grid.", min=1)] = None,
+    columns: Annotated[int | None, typer.Option(help="Images per row with --grid.", min=1)] = None,
     param: Annotated[str, typer.Option(
         help="Image parameterisation: fft (1/f Fourier spectrum) or pixel.")] = _V.param,
     decorrelate: Annotated[bool, typer.Option(
@@ -69,8 +69,14 @@ def visualize(
         from onnxdream.errors import ObjectiveError
         from onnxdream.imageio import check_output_path, save_image
         from onnxdream.provenance import visualize_metadata
-        from onnxdream.visualize import (BatchObjective, channel_target, class_targets,
-                                         grid as make_grid, layer_target, render)
+        from onnxdream.visualize import (
+            BatchObjective,
+            channel_target,
+            class_targets,
+            layer_target,
+            render,
+        )
+        from onnxdream.visualize import grid as make_grid
 
         settings = VisualizeSettings(size=size, steps=steps, lr=lr, param=param,
                                      decorrelate=decorrelate, transforms=transforms,

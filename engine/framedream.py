@@ -160,14 +160,14 @@ class StandardDream:
         return gm
 
     def _model_facts(self) -> tuple[Any, str]:
-        """The model's geometry (for the resolver) and its file's fingerprint, read once."""
+        """The model's contract facts (``ModelInfo``: what the resolver reads) and its file's
+        fingerprint, read once."""
         if self._geometry is None:
-            from onnxdream.exporters.graph.layers import load_model
+            from onnxdream.exporters.graph.contract import ModelInfo
             from onnxdream.gradient import resolve_model_path
-            from onnxdream.resolve import model_geometry
 
             path = resolve_model_path(self.settings.model)
-            self._geometry = model_geometry(load_model(path))
+            self._geometry = ModelInfo.load(path)
             self._model_file = file_fingerprint(path)
         return self._geometry, self._model_file
 
@@ -180,17 +180,17 @@ class StandardDream:
             ModelError, LayerError, ObjectiveError: as GradientModel does.
         """
         from onnxdream.exporters.graph import LayerSpec
-        from onnxdream.exporters.graph.layers import layer_table, load_model, resolve_layer
-        from onnxdream.gradient import resolve_model_path
+        from onnxdream.exporters.graph.contract import load_model
+        from onnxdream.exporters.graph.layers import layer_names, resolve_layer
 
         gm = self.gradient_model(self.settings)
         values = list(layers)
         if values:
-            proto = load_model(resolve_model_path(self.settings.model))
-            table = layer_table(proto)
+            proto = load_model(gm.model_path)
+            known = layer_names(proto, gm.info.layers)
             for value in values:
                 for spec in str(value).split("+"):
-                    resolve_layer(table, LayerSpec.parse(spec).name, proto)
+                    resolve_layer(gm.info.layers, LayerSpec.parse(spec, known).name, proto)
         return gm
 
     def resolved(self, height: int, width: int, params: Mapping[str, Any] | None = None):

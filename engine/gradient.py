@@ -6,6 +6,11 @@ answers ``objective, grad = gm(x)`` for any image size the model allows. ``tiled
 the same gradient tile by tile: each tile is evaluated with a halo of real context around its
 core and only the core's gradient is kept, so where the halo covers twice the layer's receptive
 radius the tiles join without seams (equal to the untiled gradient up to float rounding).
+
+Every run feeds the compiled graph's objective parameters with the image
+(``{"image": x, **gm.params}``, see :mod:`onnxdream.exporters.graph.contract`): the term
+``weights`` are an input, not part of the compiled graph nor of its cache key, and spatial
+parameters are cut per tile and rolled by the jitter like the image.
 """
 
 from __future__ import annotations
@@ -22,14 +27,27 @@ import numpy as np
 import onnx
 
 from onnxdream.errors import ModelError, OnnxDreamError, first_line
-from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient, load_model
+from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient
 from onnxdream.exporters.graph.compiler import save_model
-from onnxdream.exporters.graph.layers import layer_table, metadata, resolve_layer
+from onnxdream.exporters.graph.contract import (
+    GRAD,
+    IMAGE,
+    OBJECTIVE,
+    WEIGHTS,
+    ModelInfo,
+    cut_spatial,
+    is_spatial,
+    load_model,
+)
+from onnxdream.exporters.graph.layers import layer_names, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
-from onnxdream.resolve import model_geometry
 from onnxdream.session import Session, create_session
 
-COMPILER_VERSION = "9"  # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first
+# 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
+# masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
+# 10: term weights are the graph's `weights` input (the cache key leaves them out);
+# 11: negative Pad pads (were mis-cropped)
+COMPILER_VERSION = "11"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -68,11 +86,15 @@ class GradientModel:
                  device: str = "auto", threads: int | None = None, cache: bool = True):
         self.model_path = resolve_model_path(model)
         proto = load_model(self.model_path)
-        self.metadata = metadata(proto)
+        self.info = ModelInfo.load(proto)
+        self.metadata = self.info.metadata
         if not isinstance(layers, Objective) and not layers and not objective.startswith("class"):
-            layers = default_layers(self.metadata)  # class objectives read the logits instead
+            layers = self.info.require_default_layers()  # class objectives read the logits
         self.objective = layers if isinstance(layers, Objective) else Objective.build(
-            list(layers), objective)
+            list(layers), objective, known=layer_names(proto, self.info.layers))
+        #: the objective parameters every run feeds (see the contract): the term weights
+        self.params: dict[str, np.ndarray] = {
+            WEIGHTS: np.asarray(self.objective.weights, np.float32)}
         graph = self._compiled(proto, pre_relu, border, cache)
         try:
             self.session: Session = create_session(graph, device=device, threads=threads)
@@ -85,10 +107,7 @@ class GradientModel:
         self._graph, self._threads, self._device_ascent = graph, threads, None
         self.border = border
         self.tile_info = self._tile_info(proto)
-        # native size and fixed/dynamic H/W, for the resolver
-        # TODO(contract): contract.ModelInfo.load(proto) once exporters/graph/contract.py lands
-        self.info = model_geometry(proto)
-        self.labels = json.loads(self.metadata.get("onnxdream.labels", "null") or "null")
+        self.labels = self.info.labels
 
     @classmethod
     def from_settings(cls, settings, *, device: str = "auto", threads: int | None = None,
@@ -107,7 +126,9 @@ class GradientModel:
         key = hashlib.sha256()
         key.update(self.model_path.read_bytes() if self.model_path.stat().st_size < 2**31 else
                    str(self.model_path.stat()).encode())
-        key.update(json.dumps([COMPILER_VERSION, self.objective.describe(), pre_relu, border]).encode())
+        # not the weights: they are the graph's `weights` input, fed on every run
+        key.update(json.dumps([COMPILER_VERSION, self.objective.structure(), pre_relu,
+                               border]).encode())
         path = _cache_dir() / f"{self.model_path.stem}-{key.hexdigest()[:16]}.onnx"
         if cache and path.exists():
             return str(path)
@@ -122,7 +143,7 @@ class GradientModel:
             return graph.SerializeToString()
 
     def _tile_info(self, proto) -> TileInfo:
-        table = layer_table(proto)
+        table = self.info.layers
         fields, strides = [], []
         for term in self.objective.terms:
             if term.kind in ("class", "neuron"):
@@ -142,15 +163,20 @@ class GradientModel:
             graph = self._graph
             proto = onnx.load(graph) if isinstance(graph, str) else onnx.load_from_string(graph)
             self._device_ascent = DeviceAscent(proto, device=self.session.device,
-                                               threads=self._threads)
+                                               threads=self._threads, params=self.params)
         return self._device_ascent
 
     # -- evaluation ---------------------------------------------------------------------------
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x: float32 [N,3,H,W] in [0,1] → (objective [N], grad [N,3,H,W])."""
+    def __call__(self, x: np.ndarray, params: dict[str, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """x: float32 [N,3,H,W] in [0,1] → (objective [N], grad [N,3,H,W]).
+
+        ``params`` are the objective parameters to feed (default: :attr:`params`), already cut
+        to x's extent where spatial.
+        """
+        feeds = {IMAGE: x, **(self.params if params is None else params)}
         try:
-            obj, grad = self.session.session.run(["objective", "grad"], {"image": x},
-                                                 _quiet_run_options())
+            obj, grad = self.session.run([OBJECTIVE, GRAD], feeds, _quiet_run_options())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             hint = (f" (with --border {self.border}, the layer must be more than "
                     f"{2 * self.border} positions wide: use a larger image, fewer octaves or a "
@@ -172,7 +198,9 @@ class GradientModel:
         tileable = all(t.kind not in ("class", "neuron") for t in self.objective.terms)
         if not tileable or tile_size <= 0 or (h <= tile_size and w <= tile_size):
             x = np.roll(img, (dy, dx), axis=(1, 2)) if (dy or dx) else img
-            obj, grad = self(x[None])
+            params = {k: np.roll(v, (dy, dx), axis=(-2, -1)) if (dy or dx) and is_spatial(k)
+                      else v for k, v in self.params.items()}  # spatial ones roll with it
+            obj, grad = self(x[None], params)
             g = np.roll(grad[0], (-dy, -dx), axis=(1, 2)) if (dy or dx) else grad[0]
             if out is None:
                 return float(obj[0]), g
@@ -187,7 +215,8 @@ class GradientModel:
         Tiles of one shape run in batches of at most ``budget`` pixels. The gradient is exact
         where the halo covers the receptive field; the objective returned is an estimate (each
         tile's mean, weighted by its core's share of the image), since a tile's mean also counts
-        its halo. With a shift, tiles are cut from the rolled image by index arithmetic.
+        its halo. With a shift, tiles are cut from the rolled image by index arithmetic; spatial
+        objective parameters (see the contract) are cut the same way.
         """
         _, h, w = img.shape
         dy, dx = shift
@@ -196,6 +225,7 @@ class GradientModel:
         core = max(stride, (tile_size - 2 * halo) // stride * stride)
         grad = np.zeros_like(img) if out is None else out
         total = 0.0
+        spatial = [k for k in self.params if is_spatial(k)]
         tiles: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
         for y0 in range(0, h, core):
             for x0 in range(0, w, core):
@@ -220,7 +250,12 @@ class GradientModel:
                 chunk = group[i:i + batch]
                 xb = np.stack([img[:, rows(ty0, ty0 + th)[:, None], cols(tx0, tx0 + tw)]
                                for (_, _, _, _, ty0, tx0) in chunk])
-                obj, gb = self(xb)
+                params = dict(self.params)
+                for k in spatial:
+                    params[k] = np.concatenate([
+                        cut_spatial(self.params[k], rows(ty0, ty0 + th), cols(tx0, tx0 + tw))
+                        for (_, _, _, _, ty0, tx0) in chunk])
+                obj, gb = self(xb, params)
                 # each tile's objective is a mean over its own extent: rescale to the image's
                 scale = positions(th, tw) / area
                 for (y0, y1, x0, x1, ty0, tx0), o, g in zip(chunk, obj, gb):
@@ -238,11 +273,3 @@ def _quiet_run_options():
     options = ort.RunOptions()
     options.log_severity_level = 4
     return options
-
-
-def default_layers(meta: dict[str, str]) -> list[str]:
-    layers = json.loads(meta.get("onnxdream.default_layers", "[]") or "[]")
-    if not layers:
-        raise OnnxDreamError("this model names no default layer: choose one with --layer "
-                             "(`onnxdream layers MODEL` lists them)")
-    return layers

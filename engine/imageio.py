@@ -456,7 +456,7 @@ def _xmp_packet(metadata: Mapping[str, str]) -> bytes:
         f"<onnxdream:parameters>{payload}</onnxdream:parameters>"
         "</rdf:Description></rdf:RDF></x:xmpmeta>"
         '<?xpacket end="w"?>'
-    ).encode("utf-8")
+    ).encode()
 
 
 def _png_info(metadata: Mapping[str, str]) -> PngInfo:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
 import logging
 import math
 import os
@@ -223,13 +222,12 @@ class ModelCache:
         with self._lock:
             if name in self._layers:
                 return self._layers[name]
-        from onnxdream.exporters.graph.layers import layer_table, load_model, metadata
+        from onnxdream.exporters.graph.contract import ModelInfo
         from onnxdream.gradient import resolve_model_path
 
         with self._build_lock:
-            proto = load_model(resolve_model_path(self.source(name)))
-            defaults = json.loads(metadata(proto).get("onnxdream.default_layers", "[]") or "[]")
-            result = (list(layer_table(proto)), list(defaults))
+            info = ModelInfo.load(resolve_model_path(self.source(name)))
+            result = (list(info.layers), list(info.default_layers))
         with self._lock:
             self._layers[name] = result
         return result

@@ -49,7 +49,7 @@ class Spatial(Protocol):
 
     def backward(self, g: np.ndarray) -> list[np.ndarray]: ...
 
-    def resized(self, h: int, w: int) -> "Spatial": ...
+    def resized(self, h: int, w: int) -> Spatial: ...
 
 
 class PixelParam:
@@ -60,7 +60,7 @@ class PixelParam:
 
     @classmethod
     def random(cls, shape: tuple[int, int, int, int], rng: np.random.Generator,
-               sd: float = 0.01) -> "PixelParam":
+               sd: float = 0.01) -> PixelParam:
         return cls(sd * rng.standard_normal(shape, dtype=np.float32))
 
     @property
@@ -73,7 +73,7 @@ class PixelParam:
     def backward(self, g: np.ndarray) -> list[np.ndarray]:
         return [g]
 
-    def resized(self, h: int, w: int) -> "PixelParam":
+    def resized(self, h: int, w: int) -> PixelParam:
         t = self.params[0]
         out = np.stack([resize(img.transpose(1, 2, 0), (h, w), resample="bilinear")
                         .transpose(2, 0, 1) for img in t])
@@ -112,7 +112,7 @@ class FFTParam:
 
     @classmethod
     def random(cls, shape: tuple[int, int, int, int], rng: np.random.Generator,
-               sd: float = 0.01, decay_power: float = 1.0) -> "FFTParam":
+               sd: float = 0.01, decay_power: float = 1.0) -> FFTParam:
         n, c, h, w = shape
         spec = sd * rng.standard_normal((n, c, h, w // 2 + 1, 2), dtype=np.float32)
         return cls(spec, h, w, decay_power)
@@ -135,7 +135,7 @@ class FFTParam:
         return [np.ascontiguousarray(f.astype(np.complex64, copy=False)[..., None]
                                      .view(np.float32))]
 
-    def resized(self, h: int, w: int) -> "FFTParam":
+    def resized(self, h: int, w: int) -> FFTParam:
         """The same image, band-limited, at h x w: the spectrum embedded in a larger one."""
         old = self.params[0]
         n, c = old.shape[:2]
@@ -218,7 +218,7 @@ class ImageParam:
             g = decorrelate_backward(g)
         return self.spatial.backward(np.asarray(g, np.float32))
 
-    def resized(self, h: int, w: int) -> "ImageParam":
+    def resized(self, h: int, w: int) -> ImageParam:
         return ImageParam(self.spatial.resized(h, w), self.decorrelate, self.valid)
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from onnxdream.errors import ModelError
-from onnxdream.exporters.graph.layers import load_model, metadata, native_size
+from onnxdream.exporters.graph.contract import IMAGE, LOGITS, ModelInfo
 from onnxdream.gradient import resolve_model_path
 from onnxdream.imageio import resize
 from onnxdream.session import create_session
@@ -19,18 +17,16 @@ class Classifier:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None):
         path = resolve_model_path(model)
-        proto = load_model(path)
-        if "logits" not in [o.name for o in proto.graph.output]:
-            raise ModelError(f"{path.name} has no 'logits' output, so it cannot classify")
-        meta = metadata(proto)
-        self.size = native_size(proto)
-        self.labels: list[str] | None = json.loads(meta.get("onnxdream.labels", "null") or "null")
+        info = ModelInfo.load(path)
+        info.require_logits("it cannot classify")
+        self.size = info.native_size
+        self.labels: list[str] | None = info.labels
         self.session = create_session(path, device=device, threads=threads)
 
     def logits(self, rgb: np.ndarray) -> np.ndarray:
         x = resize(rgb, self.size).transpose(2, 0, 1)[None]
         x = np.ascontiguousarray(np.clip(x, 0.0, 1.0), dtype=np.float32)
-        return self.session.session.run(["logits"], {"image": x})[0][0]
+        return self.session.run([LOGITS], {IMAGE: x})[0][0]
 
     def predict(self, rgb: np.ndarray, top: int = 5) -> list[dict]:
         """The ``top`` classes, best first: ``{"index", "label", "probability"}``."""

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from onnxdream.settings import DreamSettings, octave_sizes
 
-__all__ = ["ModelGeometry", "ResolvedSettings", "model_geometry", "resolve"]
+__all__ = ["ModelGeometry", "ResolvedSettings", "resolve"]
 
 
 class ModelGeometry(Protocol):
@@ -30,25 +30,6 @@ class ModelGeometry(Protocol):
 
     native_size: tuple[int, int]  # (height, width) the model was trained at
     dynamic_hw: bool  # whether its input accepts any height and width
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    native_size: tuple[int, int]
-    dynamic_hw: bool
-
-
-def model_geometry(proto) -> ModelGeometry:
-    """A model's native size and whether its H/W are dynamic, from its ONNX graph.
-
-    TODO(contract): replace with ``exporters.graph.contract.ModelInfo.load(proto)``, which
-    carries these (and more); kept minimal until the contract module lands.
-    """
-    from onnxdream.exporters.graph.layers import image_input, native_size
-
-    dims = image_input(proto).type.tensor_type.shape.dim
-    fixed = len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value")
-    return _Geometry(tuple(native_size(proto)), not fixed)
 
 
 @dataclass(frozen=True)

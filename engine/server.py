@@ -60,11 +60,32 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream import __version__
-from onnxdream.errors import (DependencyError, ImageTooLargeError, ModelError, OnnxDreamError,
-                              SettingsError, did_you_mean)
-from onnxdream.jobs import (CANCELLED, DONE, FAILED, MB, QUEUED, RUNNING, SHUTDOWN, DreamRequest,
-                            Job, JobError, JobManager, ModelCache, QueueFull, ServerConfig,
-                            ShuttingDown, UnknownJob)
+from onnxdream.errors import (
+    DependencyError,
+    ImageTooLargeError,
+    ModelError,
+    OnnxDreamError,
+    SettingsError,
+    did_you_mean,
+)
+from onnxdream.jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    MB,
+    QUEUED,
+    RUNNING,
+    SHUTDOWN,
+    DreamRequest,
+    Job,
+    JobError,
+    JobManager,
+    ModelCache,
+    QueueFull,
+    ServerConfig,
+    ShuttingDown,
+    UnknownJob,
+)
 from onnxdream.settings import ASCENT_FIELDS, DreamSettings
 
 try:

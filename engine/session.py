@@ -14,8 +14,9 @@ print to stdout and quietly move a session, or a running dream, to the CPU.
 onnxruntime is imported lazily so that ``import onnxdream`` works without the ``[cpu]``/``[gpu]``
 extra, and the error for a missing runtime says how to install one.
 
-The :class:`Session` wrapper keeps the raw ``onnxruntime.InferenceSession`` in ``.session`` so
-the engine can use ``session.session.io_binding()`` and device-resident ``OrtValue``s on CUDA.
+The engine runs sessions only through the :class:`Session` wrapper (``run``, ``io_binding``,
+``run_with_iobinding``, which take run options); the raw ``onnxruntime.InferenceSession`` stays
+in ``.session`` for what the wrapper does not cover.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ class Session:
     """An onnxruntime session plus what was asked for and what was actually used.
 
     Attributes:
-        session: the ``onnxruntime.InferenceSession`` (use it for ``run`` and ``io_binding``).
+        session: the ``onnxruntime.InferenceSession`` (run through :meth:`run`,
+            :meth:`io_binding` and :meth:`run_with_iobinding`).
         provider: the provider that runs the model: ``CUDAExecutionProvider`` or
             ``CPUExecutionProvider`` (the first of ``session.get_providers()``).
         device: ``"cuda"`` or ``"cpu"``, from ``provider``.
@@ -269,13 +271,18 @@ class Session:
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
-    def run(self, output_names: list[str] | None, feeds: Mapping[str, Any]) -> list[Any]:
-        """``InferenceSession.run``."""
-        return self.session.run(output_names, dict(feeds))
+    def run(self, output_names: list[str] | None, feeds: Mapping[str, Any],
+            run_options: Any = None) -> list[Any]:
+        """``InferenceSession.run``; ``run_options`` an ``onnxruntime.RunOptions`` or None."""
+        return self.session.run(output_names, dict(feeds), run_options)
 
     def io_binding(self) -> Any:
         """``InferenceSession.io_binding()``, for device-resident inputs and outputs on CUDA."""
         return self.session.io_binding()
+
+    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
+        """``InferenceSession.run_with_iobinding``: run with the inputs/outputs ``binding`` holds."""
+        self.session.run_with_iobinding(binding, run_options)
 
 
 def _model_name(model: Any) -> str:

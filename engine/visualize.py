@@ -15,16 +15,14 @@ Octaves render small first and continue at full size (the Fourier spectrum is em
 larger one, so the image carries over exactly, band-limited).
 
 Every image of a batch has its own target: the gradient graph is compiled once per layer with
-a second input ``weights`` (``[N,C]`` or ``[N,C,1,1]``) and the objective
-``sum_c weights[n,c] * mean_hw(layer[n,c])``. A class is a one-hot row at ``logits``, a channel
+a second input ``channel_weights`` (``[N,C]`` or ``[N,C,1,1]``) and the objective
+``sum_c channel_weights[n,c] * mean_hw(layer[n,c])``. A class is a one-hot row at ``logits``, a channel
 a one-hot row at its layer, a whole layer ``1/C`` everywhere; so ``--class 130,340,954`` is one
 batched run.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -33,13 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdream.errors import ObjectiveError, OnnxDreamError, closest, first_line
+from onnxdream.exporters.graph.contract import CHANNEL_WEIGHTS, GRAD, IMAGE, LOGITS, OBJECTIVE
 from onnxdream.normalize import lap_normalize
 from onnxdream.param import ImageParam, image
 from onnxdream.settings import VisualizeSettings, describe
 from onnxdream.transforms import TRANSFORMS, Transform, compose
-
-WEIGHTS_INPUT = "weights"
-
 
 # -- targets ----------------------------------------------------------------------------------
 
@@ -130,60 +126,31 @@ def layer_target(name: str) -> Target:
 
 
 class BatchObjective:
-    """objective[n] = sum_c weights[n,c] * mean(layer[n,c]), and its gradient, per image."""
+    """objective[n] = sum_c weights[n,c] * mean(layer[n,c]), and its gradient, per image.
+
+    The compiler emits it (a ``weighted_channels`` term): the per-image rows are the compiled
+    graph's ``channel_weights`` input (see the contract).
+    """
 
     def __init__(self, model: str | os.PathLike, layer: str, *, pre_relu: bool = True,
                  device: str = "auto", threads: int | None = None):
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-
         from onnxdream.exporters.graph import compile_gradient
-        from onnxdream.exporters.graph.layers import (
-            layer_table, load_model, metadata, pre_activation, resolve_layer)
-        from onnxdream.exporters.graph.objective import LayerSpec
+        from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model
+        from onnxdream.exporters.graph.objective import weighted_channels
         from onnxdream.gradient import resolve_model_path
         from onnxdream.session import create_session
 
         path = resolve_model_path(model)
-        proto = onnx.ModelProto()
-        proto.CopyFrom(load_model(path))
-        meta = metadata(proto)
-        self.labels: list[str] | None = json.loads(meta.get("onnxdream.labels", "null") or "null")
-        if layer == "logits" and "logits" not in [o.name for o in proto.graph.output]:
-            raise ObjectiveError(f"{path.name} has no 'logits' output, so class objectives do "
-                                 "not apply; use --channel or --layer")
-        tensor = resolve_layer(layer_table(proto), layer, proto)
-        if pre_relu and layer != "logits":
-            extra: list = []
-            tensor = pre_activation(tensor, proto, extra)
-            proto.graph.node.extend(extra)
-        shape = _tensor_shape(proto, tensor)
-        if shape is None or len(shape) not in (2, 4) or not isinstance(shape[1], int):
-            raise ObjectiveError(f"layer '{layer}' has shape {shape}: a visualisation needs "
-                                 "[N,C] or [N,C,H,W] with a known channel count")
-        self.layer, self.channels, self.rank = layer, int(shape[1]), len(shape)
-        wshape = [1, self.channels] + [1] * (self.rank - 2)
-        weighted = f"{WEIGHTS_INPUT}/weighted"
-        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(wshape, np.float32),
-                                                               WEIGHTS_INPUT))
-        proto.graph.node.append(helper.make_node("Mul", [tensor, WEIGHTS_INPUT], [weighted],
-                                                 name=f"{WEIGHTS_INPUT}/mul"))
-        # mean over C (and H, W) times C: sum over c of weights * spatial mean
-        # compiled unoptimised: the optimiser would fold the (zero) weights into the convolution
-        # before them; it runs once they are a runtime input, one row per image
-        spec = [LayerSpec(weighted, float(self.channels))]
-        optimizable = "optimize" in inspect.signature(compile_gradient).parameters
-        graph = (compile_gradient(proto, spec, "mean", optimize=False) if optimizable
-                 else compile_gradient(proto, spec, "mean"))
-        init = [i for i in graph.graph.initializer if i.name == WEIGHTS_INPUT]
-        for i in init:
-            graph.graph.initializer.remove(i)
-        graph.graph.input.append(helper.make_tensor_value_info(
-            WEIGHTS_INPUT, TensorProto.FLOAT, ["batch"] + wshape[1:]))
-        if optimizable:
-            from onnxdream.exporters.graph.optimize import optimize
-
-            graph = optimize(graph)
+        proto = load_model(path)
+        info = ModelInfo.load(proto)
+        self.labels: list[str] | None = info.labels
+        if layer == LOGITS and not info.has_logits:
+            info.require_logits("class objectives do not apply; use --channel or --layer")
+        graph = compile_gradient(proto, weighted_channels(layer),
+                                 pre_relu=pre_relu and layer != LOGITS)
+        #: the channel_weights input's shape past the batch axis: (C,), (C,1,1) or (1,1,C)
+        self.row_shape = tuple(int(d) for d in graph_params(graph)[CHANNEL_WEIGHTS].shape[1:])
+        self.layer, self.channels = layer, int(np.prod(self.row_shape))
         self.session = create_session(graph.SerializeToString(), device=device, threads=threads)
 
     @property
@@ -202,37 +169,15 @@ class BatchObjective:
                 raise ObjectiveError(f"{t.kind} {t.index} is out of range for layer '{t.layer}', "
                                      f"which has {self.channels} {what} (0..{self.channels - 1})")
             w[n, t.index] = 1.0
-        return w.reshape((len(targets), self.channels) + (1,) * (self.rank - 2))
+        return w.reshape((len(targets),) + self.row_shape)
 
     def __call__(self, x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         try:
-            obj, grad = self.session.run(["objective", "grad"], {"image": x, WEIGHTS_INPUT: weights})
+            obj, grad = self.session.run([OBJECTIVE, GRAD], {IMAGE: x, CHANNEL_WEIGHTS: weights})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels: "
                                  f"{first_line(exc)}") from None
         return obj, grad
-
-
-def _tensor_shape(proto, tensor: str) -> tuple | None:
-    import onnx
-
-    from onnxdream.exporters.graph.layers import image_input, native_size
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    h, w = native_size(probe)
-    for d, v in zip(image_input(probe).type.tensor_type.shape.dim, (1, 3, h, w)):
-        d.Clear()
-        d.dim_value = v
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe)
-    except Exception:  # noqa: BLE001
-        return None
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
-            return tuple(d.dim_value if d.HasField("dim_value") else None
-                         for d in vi.type.tensor_type.shape.dim)
-    return None
 
 
 # -- settings: VisualizeSettings lives in onnxdream.settings (re-exported here) ---------------

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
+from onnxdream.exporters.graph.contract import FRAMEWORK_KEY, LAYOUTS_KEY, PREPROCESS_KEY
 from onnxdream.exporters.preprocess import PREPROCESSING, preprocess_fn
 from onnxdream.exporters.torch_export import (
     ExportResult,
@@ -40,6 +41,7 @@ from onnxdream.exporters.torch_export import (
     save_atomic,
     say,
 )
+from onnxdream.exporters.tracing import odd_size
 
 __all__ = [
     "KerasModel",
@@ -244,15 +246,42 @@ def make_dynamic(model: Any) -> tuple[Any, bool, str | None]:
     spatial = shape[1:3] if channels_last else shape[2:4]
     if all(d is None for d in spatial):
         return model, True, None
+    fixed = f"{model.name} keeps its fixed {spatial[0]}×{spatial[1]} input"
     try:
         new_shape = (None, None, 3) if channels_last else (3, None, None)
         clone = keras.models.clone_model(model, input_tensors=keras.Input(shape=new_shape))
         clone.set_weights(model.get_weights())
     except Exception as exc:  # noqa: BLE001 - any failure means "its layers need the size"
-        return model, False, (f"{model.name} keeps its fixed {spatial[0]}×{spatial[1]} input: its "
-                              f"layers need that size ({first_line(exc, 160)})")
+        return model, False, f"{fixed}: its layers need that size ({keras_error_line(exc)})"
+    # Layers may have been built for the size (NASNet pads its reduction cells by the parity
+    # of the build size): the clone must run at that size, and at an odd one too.
+    h, w = int(spatial[0]), int(spatial[1])
+    for size in ((h, w), (odd_size(h)[0], odd_size(w)[1])):
+        try:
+            _run_keras(clone, size, channels_last)
+        except Exception as exc:  # noqa: BLE001 - translated into the note
+            return model, False, (f"{fixed}: its layers were built for that size and fail at "
+                                  f"{size[0]}×{size[1]} ({keras_error_line(exc)})")
     return clone, True, f"{model.name} was rebuilt with dynamic H/W (its input was " \
         f"{spatial[0]}×{spatial[1]})"
+
+
+def keras_error_line(exc: BaseException) -> str:
+    """first_line for Keras' errors: no ANSI colours, and the cause after Keras' own wrapper."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Keras wraps errors in "Exception encountered when calling X.call()": keep the cause too
+    if len(lines) > 1 and lines[0].startswith("Exception encountered"):
+        return f"{lines[0]} {lines[1]}"[:200]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _run_keras(model: Any, size: tuple[int, int], channels_last: bool) -> None:
+    import torch
+
+    shape = (1, *size, 3) if channels_last else (1, 3, *size)
+    with torch.no_grad():
+        model(torch.zeros(shape), training=False)
 
 
 def _native_size(model: Any, name: str, channels_last: bool) -> int | tuple[int, int] | None:
@@ -416,7 +445,13 @@ def load_keras(
             label = "imagenet"
         else:
             say(progress, f"building {name}")
-            net = builder(weights=None, **kwargs)
+            try:
+                net = builder(weights=None, **kwargs)
+            except (OnnxDreamError, MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. NASNet, refused on torch by Keras
+                raise ModelError(f"Keras cannot build {name} on its torch backend: "
+                                 f"{keras_error_line(exc)}") from exc
             label = "none"
             if is_file:
                 path = Path(os.path.expanduser(choice))
@@ -475,6 +510,70 @@ def _logits_head(model: Any, notes: list[str]) -> Iterator[None]:
         yield
     finally:
         head.activation = original
+
+
+@contextmanager
+def traceable_keras_ops() -> Iterator[None]:
+    """Make Keras' torch backend trace with symbolic H/W (the TorchScript exporter).
+
+    Keras computes two things in Python from the traced sizes, which the tracer then records as
+    runtime shape ops the ONNX exporter cannot take (or freezes at the traced size):
+
+    - ``LayerNormalization`` passes ``normalized_shape`` read off ``x.shape`` to
+      ``F.layer_norm``: that is the channel count, constant, so it is made a Python int here
+      (ConvNeXt's "Failed to export a node … onnx::Gather").
+    - ``padding="same"`` with strides (convolutions, pools) computes its pads with
+      ``max(0, …)`` and picks ``F.pad`` or the op's own padding by an ``if`` on their symmetry;
+      here the pads are torch ops on the runtime size, always applied by ``F.pad``, as Keras
+      does in the asymmetric case (Xception's "Failed to export a node … onnx::Cast").
+
+    Outside tracing both do exactly what Keras does.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    import_keras()
+    from keras.src.backend.torch import nn as keras_nn
+
+    layer_norm, same_padding = F.layer_norm, keras_nn._apply_same_padding
+
+    def static_layer_norm(x: Any, normalized_shape: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():
+            normalized_shape = tuple(int(d) for d in normalized_shape)
+        return layer_norm(x, normalized_shape, *args, **kwargs)
+
+    def traced_same_padding(inputs: Any, kernel_size: Any, strides: Any, data_format: Any,
+                            operation_type: str, dilation_rate: Any = 1) -> Any:
+        if not torch.jit.is_tracing():
+            return same_padding(inputs, kernel_size, strides, data_format, operation_type,
+                                dilation_rate)
+        nd = inputs.dim() - 2
+        dil = [1] * nd if operation_type == "pooling" else (
+            [int(dilation_rate)] * nd if isinstance(dilation_rate, int) else list(dilation_rate))
+        pads: list[tuple[Any, Any]] = []
+        for i in range(nd):
+            keff, s = (int(kernel_size[i]) - 1) * dil[i] + 1, int(strides[i])
+            if s == 1:  # keff - 1 whatever the size
+                pads.append(((keff - 1) // 2, keff - 1 - (keff - 1) // 2))
+                continue
+            n = torch.as_tensor(inputs.shape[2 + i])
+            out = torch.div(n + (s - 1), s, rounding_mode="floor")
+            total = torch.clamp((out - 1) * s + keff - n, min=0)
+            left = torch.div(total, 2, rounding_mode="floor")
+            pads.append((left, total - left))
+        if all(isinstance(a, int) and a == b for a, b in pads):
+            return inputs, [a for a, _ in pads]
+        flat = tuple(p for pair in reversed(pads) for p in pair)
+        mode = "replicate" if operation_type == "pooling" else "constant"
+        return F.pad(inputs, pad=flat, mode=mode), 0
+
+    F.layer_norm = static_layer_norm
+    keras_nn._apply_same_padding = traced_same_padding
+    try:
+        yield
+    finally:
+        F.layer_norm = layer_norm
+        keras_nn._apply_same_padding = same_padding
 
 
 def drop_noop_casts(model: Any) -> int:
@@ -580,7 +679,7 @@ def _export(km: KerasModel, out: str | os.PathLike[str], opset: int, progress: P
     layouts = _layouts(layers, km.channels_last)
     has_logits = _output_units(km.model) is not None
     notes = list(km.notes)
-    with _logits_head(km.model, notes):
+    with _logits_head(km.model, notes), traceable_keras_ops():
         for note in notes:
             say(progress, note)
         result = export_module(
@@ -599,12 +698,16 @@ def _export(km: KerasModel, out: str | os.PathLike[str], opset: int, progress: P
             dynamic=km.dynamic,
             output_name="logits" if has_logits else "features",
             extra_metadata={
-                "onnxdream.preprocess": f"keras {km.preprocess}: {PREPROCESSING[km.preprocess]} "
-                                        "(inside the graph)",
-                "onnxdream.layer_layouts": json.dumps(layouts),
-                "onnxdream.framework": "keras " + str(import_keras().__version__),
+                PREPROCESS_KEY: f"keras {km.preprocess}: {PREPROCESSING[km.preprocess]} "
+                                "(inside the graph)",
+                LAYOUTS_KEY: json.dumps(layouts),
+                FRAMEWORK_KEY: "keras " + str(import_keras().__version__),
             },
         )
+    if km.dynamic and not result.dynamic_hw:
+        # say why in the command's output, not only in result.notes
+        say(progress, f"{km.name} exports with a fixed input size: "
+                       + "; ".join(result.notes[-2:]))
     result.notes[:0] = notes
     proto = onnx.load(str(result.path))
     if drop_noop_casts(proto):

@@ -23,7 +23,6 @@ torch is imported lazily: importing this module does not need it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import ModelError, OnnxDreamError, closest, first_line
+from onnxdream.exporters.graph.contract import PREPROCESS_KEY, model_metadata
 from onnxdream.exporters.preprocess import PREPROCESSING, imagenet_preprocess, preprocess_fn
 from onnxdream.exporters.tracing import (
     import_torch,
@@ -43,7 +43,6 @@ from onnxdream.exporters.tracing import (
     run_exporter,
 )
 
-FORMAT_VERSION = "1"
 LAYER_PREFIX = "layer:"
 # protobuf cannot serialise a message over 2 GiB; above this the weights go to OUT.onnx.data
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -384,20 +383,9 @@ def _export_module(
     if default_layers is None:
         guess = default_layer(module, captured)
         default_layers = [guess] if guess else []
-    metadata = {
-        "onnxdream.format": FORMAT_VERSION,
-        "onnxdream.name": name,
-        "onnxdream.source": source or name,
-        "onnxdream.license": license,
-        "onnxdream.input_size": str(max(ih, iw)),  # an int: readers parse it so
-        "onnxdream.dynamic_hw": "1" if dyn else "0",
-        "onnxdream.layers": json.dumps(layer_map),
-        "onnxdream.default_layers": json.dumps(list(default_layers)),
-    }
-    if ih != iw:
-        metadata["onnxdream.input_hw"] = f"{ih}x{iw}"
-    if labels is not None:
-        metadata["onnxdream.labels"] = json.dumps(list(labels))
+    metadata = model_metadata(name=name, source=source, license=license, input_size=(ih, iw),
+                              dynamic_hw=dyn, layers=layer_map, default_layers=default_layers,
+                              labels=labels)
     metadata.update(extra_metadata or {})
     finalize(model, layer_map, metadata, output_name)
     say(progress, f"writing {out}")
@@ -531,6 +519,6 @@ def export_module(
             progress=progress,
             rtol=rtol,
             dynamic=dynamic,
-            extra_metadata={"onnxdream.preprocess": described, **(extra_metadata or {})},
+            extra_metadata={PREPROCESS_KEY: described, **(extra_metadata or {})},
             output_name=output_name,
         )

@@ -16,19 +16,22 @@ BatchNorm (eps 1e-3) is folded into the convolutions, ReLU6 is ``Clip(0, 6)``, a
 preprocessing ``(x - 0.498) / 0.502`` is inside the graph. The model follows the dreamable-model
 contract: input ``image`` float32 ``[batch, 3, height, width]`` RGB in [0, 1]; output ``logits``
 ``[batch, 1000]``; every dreamable layer (``stem``, ``blocks.<i>``, ``head``, ``logits``) is a
-tensor of that very name, listed in the ``onnxdream.layers`` metadata.
+tensor of that very name, listed in the ``onnxdream.layers`` metadata (the contract:
+:mod:`onnxdream.exporters.graph.contract`). The graph is emitted with the compiler's
+:class:`~onnxdream.exporters.graph.builder.GraphBuilder`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxdream.errors import ModelError
+from onnxdream.exporters.graph.builder import GraphBuilder
+from onnxdream.exporters.graph.contract import IMAGE, LOGITS, write_metadata
 
 __all__ = ["BUILDER_VERSION", "OPSET", "build_efficientnet_lite", "describe_architecture"]
 
@@ -98,34 +101,21 @@ def describe_architecture(sd: Mapping[str, np.ndarray]) -> list[dict]:
     return blocks
 
 
-class _Graph:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+def _conv_bn(b: GraphBuilder, x: str, sd, conv: str, bn: str, out: str, prefix: str,
+             stride: int = 1, group: int = 1) -> str:
+    w, bias = _bn_fold(sd, conv, bn)
+    k = int(w.shape[2])
+    pad = k // 2
+    return b.op(
+        "Conv", [x, b.initializer(w, f"{prefix}/weight"), b.initializer(bias, f"{prefix}/bias")],
+        out=out, name=f"{prefix}/Conv",
+        kernel_shape=[k, k], strides=[stride, stride], pads=[pad, pad, pad, pad],
+        dilations=[1, 1], group=group,
+    )
 
-    def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
 
-    def node(self, op: str, inputs: Sequence[str], output: str, name: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [output], name=name, **attrs))
-        return output
-
-    def conv_bn(self, x: str, sd, conv: str, bn: str, out: str, prefix: str, stride: int = 1,
-                group: int = 1) -> str:
-        w, b = _bn_fold(sd, conv, bn)
-        k = int(w.shape[2])
-        pad = k // 2
-        wn = self.const(f"{prefix}/weight", w)
-        bname = self.const(f"{prefix}/bias", b)
-        return self.node(
-            "Conv", [x, wn, bname], out, name=f"{prefix}/Conv",
-            kernel_shape=[k, k], strides=[stride, stride], pads=[pad, pad, pad, pad],
-            dilations=[1, 1], group=group,
-        )
-
-    def relu6(self, x: str, out: str, prefix: str) -> str:
-        return self.node("Clip", [x, "relu6/min", "relu6/max"], out, name=f"{prefix}/Clip")
+def _relu6(b: GraphBuilder, x: str, out: str, prefix: str) -> str:
+    return b.op("Clip", [x, "relu6/min", "relu6/max"], out=out, name=f"{prefix}/Clip")
 
 
 def build_efficientnet_lite(
@@ -141,49 +131,52 @@ def build_efficientnet_lite(
     """The dreamable ONNX model (opset 18) of an EfficientNet-Lite state dict."""
     sd = state_dict
     blocks = describe_architecture(sd)
-    g = _Graph()
-    g.const("relu6/min", np.array(0.0, np.float32))
-    g.const("relu6/max", np.array(6.0, np.float32))
-    g.const("preprocess/mean", np.array(MEAN, np.float32))
-    g.const("preprocess/std", np.array(STD, np.float32))
+    g = GraphBuilder(OPSET, taken={IMAGE})
+    g.initializer(np.array(0.0, np.float32), "relu6/min")
+    g.initializer(np.array(6.0, np.float32), "relu6/max")
+    g.initializer(np.array(MEAN, np.float32), "preprocess/mean")
+    g.initializer(np.array(STD, np.float32), "preprocess/std")
     layers: dict[str, str] = {}
 
-    x = g.node("Sub", ["image", "preprocess/mean"], "preprocess/centred", name="preprocess/Sub")
-    x = g.node("Div", [x, "preprocess/std"], "preprocess/normalised", name="preprocess/Div")
+    x = g.op("Sub", [IMAGE, "preprocess/mean"], out="preprocess/centred", name="preprocess/Sub")
+    x = g.op("Div", [x, "preprocess/std"], out="preprocess/normalised", name="preprocess/Div")
 
-    x = g.conv_bn(x, sd, "_conv_stem", "_bn0", "stem/conv", "stem/conv", stride=2)
-    x = layers["stem"] = g.relu6(x, "stem", "stem")
+    x = _conv_bn(g, x, sd, "_conv_stem", "_bn0", "stem/conv", "stem/conv", stride=2)
+    x = layers["stem"] = _relu6(g, x, "stem", "stem")
 
     for blk in blocks:
         i = blk["index"]
         p, lname = f"_blocks.{i}.", f"blocks.{i}"
         inp = x
         if blk["expand"]:
-            x = g.conv_bn(x, sd, p + "_expand_conv", p + "_bn0", f"{lname}/expand", f"{lname}/expand")
-            x = g.relu6(x, f"{lname}/expand_relu6", f"{lname}/expand")
-        x = g.conv_bn(x, sd, p + "_depthwise_conv", p + "_bn1", f"{lname}/depthwise",
-                      f"{lname}/depthwise", stride=blk["stride"], group=blk["mid"])
-        x = g.relu6(x, f"{lname}/depthwise_relu6", f"{lname}/depthwise")
+            x = _conv_bn(g, x, sd, p + "_expand_conv", p + "_bn0", f"{lname}/expand",
+                         f"{lname}/expand")
+            x = _relu6(g, x, f"{lname}/expand_relu6", f"{lname}/expand")
+        x = _conv_bn(g, x, sd, p + "_depthwise_conv", p + "_bn1", f"{lname}/depthwise",
+                     f"{lname}/depthwise", stride=blk["stride"], group=blk["mid"])
+        x = _relu6(g, x, f"{lname}/depthwise_relu6", f"{lname}/depthwise")
         if blk["residual"]:
-            x = g.conv_bn(x, sd, p + "_project_conv", p + "_bn2", f"{lname}/project", f"{lname}/project")
-            x = g.node("Add", [x, inp], lname, name=f"{lname}/Add")
+            x = _conv_bn(g, x, sd, p + "_project_conv", p + "_bn2", f"{lname}/project",
+                         f"{lname}/project")
+            x = g.op("Add", [x, inp], out=lname, name=f"{lname}/Add")
         else:
-            x = g.conv_bn(x, sd, p + "_project_conv", p + "_bn2", lname, f"{lname}/project")
+            x = _conv_bn(g, x, sd, p + "_project_conv", p + "_bn2", lname, f"{lname}/project")
         layers[lname] = x
 
     try:
-        x = g.conv_bn(x, sd, "_conv_head", "_bn1", "head/conv", "head/conv")
-        x = layers["head"] = g.relu6(x, "head", "head")
+        x = _conv_bn(g, x, sd, "_conv_head", "_bn1", "head/conv", "head/conv")
+        x = layers["head"] = _relu6(g, x, "head", "head")
         fc_w = sd["_fc.weight"].astype(np.float32)
         fc_b = sd["_fc.bias"].astype(np.float32)
     except KeyError as e:
         raise ModelError(f"the checkpoint is not an EfficientNet-Lite state dict: key {e} is missing") from None
     n_classes = int(fc_w.shape[0])
-    x = g.node("GlobalAveragePool", [x], "pool/avg", name="pool/GlobalAveragePool")
-    x = g.node("Flatten", [x], "pool/flat", name="pool/Flatten", axis=1)
-    g.const("fc/weight", fc_w)
-    g.const("fc/bias", fc_b)
-    layers["logits"] = g.node("Gemm", [x, "fc/weight", "fc/bias"], "logits", name="fc/Gemm", transB=1)
+    x = g.op("GlobalAveragePool", [x], out="pool/avg", name="pool/GlobalAveragePool")
+    x = g.op("Flatten", [x], out="pool/flat", name="pool/Flatten", axis=1)
+    g.initializer(fc_w, "fc/weight")
+    g.initializer(fc_b, "fc/bias")
+    layers[LOGITS] = g.op("Gemm", [x, "fc/weight", "fc/bias"], out=LOGITS, name="fc/Gemm",
+                          transB=1)
 
     if len(labels) != n_classes:
         raise ModelError(f"{name} has {n_classes} classes but {len(labels)} labels were given")
@@ -194,9 +187,9 @@ def build_efficientnet_lite(
     graph = helper.make_graph(
         g.nodes,
         name.replace("-", "_"),
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
-        initializer=g.inits,
+        [helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=g.initializers,
     )
     model = helper.make_model(
         graph,
@@ -206,17 +199,7 @@ def build_efficientnet_lite(
         doc_string=f"{name}: dreamable EfficientNet-Lite built by onnxdream from {source}",
     )
     model.ir_version = IR_VERSION
-    meta = {
-        "onnxdream.format": "1",
-        "onnxdream.name": name,
-        "onnxdream.layers": json.dumps(layers),
-        "onnxdream.default_layers": json.dumps(list(default_layers)),
-        "onnxdream.source": source,
-        "onnxdream.license": license,
-        "onnxdream.labels": json.dumps(list(labels)),
-        "onnxdream.input_size": str(int(input_size)),
-        "onnxdream.dynamic_hw": "1",
-        "onnxdream.builder_version": BUILDER_VERSION,
-    }
-    helper.set_model_props(model, meta)
-    return model
+    return write_metadata(model, name=name, layers=layers, default_layers=default_layers,
+                          source=source, license=license, labels=labels,
+                          input_size=int(input_size), dynamic_hw=True,
+                          builder_version=BUILDER_VERSION)

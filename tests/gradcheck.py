@@ -62,6 +62,9 @@ def onnx_decisions(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[np.n
     m = onnx.ModelProto()
     m.CopyFrom(model)
     fetch: dict[str, list[str]] = {"maxpool": [], "relu": [], "clip": []}
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types = {v.name: v.type.tensor_type.elem_type for v in (
+        *inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     for k, node in enumerate(m.graph.node):
         if node.output[0].startswith("opt/"):
             continue  # added by the optimiser for the backward (e.g. a separable pool's rows)
@@ -73,7 +76,9 @@ def onnx_decisions(model: onnx.ModelProto, x: np.ndarray) -> dict[str, list[np.n
             fetch["maxpool"].append(node.output[1])
             m.graph.output.append(onnx.helper.make_tensor_value_info(
                 node.output[1], onnx.TensorProto.INT64, None))
-        elif node.op_type in ("Relu", "Clip"):
+        elif node.op_type in ("Relu", "Clip") and types.get(
+                node.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT:
+            # (an integer Clip computes a shape, e.g. Keras' runtime "same" pads)
             fetch[node.op_type.lower()].append(node.input[0])
             m.graph.output.append(onnx.helper.make_tensor_value_info(
                 node.input[0], onnx.TensorProto.FLOAT, None))

@@ -20,7 +20,7 @@ from onnxdream.models.checkpoint import load_state_dict, read_checkpoint  # noqa
 from onnxdream.models.registry import ZOO  # noqa: E402
 
 
-def _as_numpy(t: "torch.Tensor") -> np.ndarray:
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.float()  # exact widening; the reader does the same

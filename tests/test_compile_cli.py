@@ -7,30 +7,13 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
-from conftest import run_cli
+from conftest import run_cli, tiny_classifier
 
 
 def tiny_model(path, op="Relu", extra_domain=None):
     """image → Conv → <op> → GlobalAveragePool → logits, with onnxdream layer metadata."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
-    fc = numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "fc")
-    nodes = [helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv0"),
-             helper.make_node(op, ["conv"], ["act"], name="act0",
-                              **({"domain": extra_domain} if extra_domain else {})),
-             helper.make_node("GlobalAveragePool", ["act"], ["gap"]),
-             helper.make_node("Flatten", ["gap"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "fc"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT,
-                                       ["batch", 3, "height", "width"])],
-        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 5])], [w, fc])
-    opsets = [helper.make_opsetid("", 18)] + (
-        [helper.make_opsetid(extra_domain, 1)] if extra_domain else [])
-    model = helper.make_model(graph, opset_imports=opsets)
+    model = tiny_classifier(op, extra_domain)
     model.metadata_props.add(key="onnxdream.layers",
                              value=json.dumps({"conv": "conv", "act": "act", "logits": "logits"}))
     onnx.save(model, str(path))

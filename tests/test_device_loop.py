@@ -12,7 +12,8 @@ import pytest
 
 from conftest import photo
 from onnxdream.ascent import DreamSettings, ascend
-from onnxdream.device_loop import DeviceAscent, step_graph
+from onnxdream.device_loop import DeviceAscent
+from onnxdream.exporters.graph.step import step_graph
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import load_image, resize
 
@@ -27,7 +28,8 @@ def test_step_graph_is_standard_onnx(gm):
     step = step_graph(proto)
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
-    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size"]
+    # the step's own inputs, then the gradient graph's objective parameters, passed through
+    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "weights"]
     assert [o.name for o in step.graph.output] == ["objective", "image_out"]
 
 
@@ -96,8 +98,8 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
 
 # -- per-shape sessions and CUDA graphs ---------------------------------------------------------
 from onnxdream import device_loop  # noqa: E402
-from onnxdream.device_loop import (STATIC_CACHE, StaticSteps, roll_indices,  # noqa: E402
-                                   static_step_graph)
+from onnxdream.device_loop import STATIC_CACHE, StaticSteps, roll_indices  # noqa: E402
+from onnxdream.exporters.graph.step import STATIC_INPUTS, static_step_graph  # noqa: E402
 
 
 def _proto(gm):
@@ -117,7 +119,7 @@ def test_static_step_graph_is_standard_onnx_with_a_fixed_shape(gm):
     step = static_step_graph(_proto(gm), (1, 3, 97, 131))
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
-    assert [i.name for i in step.graph.input] == list(device_loop.STATIC_INPUTS)
+    assert [i.name for i in step.graph.input] == list(STATIC_INPUTS) + ["weights"]
     dims = [d.dim_value for d in step.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 97, 131]
     assert not any(n.op_type == "Slice" and n.output[0].startswith("step/")

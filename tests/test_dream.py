@@ -42,9 +42,8 @@ def test_default_dream_without_frameworks(model_home, tmp_path):
 
 def torch_lite0():
     torch = pytest.importorskip("torch")
-    from torch_efficientnet_lite import load
-
     from onnxdream.models.registry import ZOO
+    from torch_efficientnet_lite import load
 
     sd = torch.load(ZOO["efficientnet-lite0"].checkpoint_path(), map_location="cpu",
                     weights_only=True)
@@ -120,9 +119,9 @@ def test_predict_json(model_home, name, accept, top):
 
 def test_compile_class_objective_matches_autograd(model_home, tmp_path):
     torch = pytest.importorskip("torch")
-    from gradcheck import relative_error, session
-
     import onnx
+
+    from gradcheck import relative_error, session
 
     out = tmp_path / "class285.onnx"
     run_cli("compile", "efficientnet-lite0", "--objective", "class:285", "-o", str(out),

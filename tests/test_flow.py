@@ -8,7 +8,6 @@ import pytest
 pytest.importorskip("cv2")
 
 import videoclip  # noqa: E402
-
 from onnxdream.errors import OnnxDreamError  # noqa: E402
 from onnxdream.flow import (  # noqa: E402
     FlowEstimator,

@@ -170,17 +170,13 @@ def _optimize_all_strides(graph):
     """optimize(), with the MaxPool rewrite enabled for strided pools too (off by default)."""
     import onnxdream.exporters.graph.optimize as opt_mod
 
-    original = opt_mod._emit_maxpool_backward
-
-    def emit(g, mp, dy, out, max_stride=8):
-        return original(g, mp, dy, out, max_stride=max_stride)
-
-    opt_mod._emit_maxpool_backward = emit
+    original = opt_mod.MAXPOOL_MAX_STRIDE
+    opt_mod.MAXPOOL_MAX_STRIDE = 8
     try:
         rep = OptimizeReport()
         out = optimize(graph, report=rep)
     finally:
-        opt_mod._emit_maxpool_backward = original
+        opt_mod.MAXPOOL_MAX_STRIDE = original
     assert rep.rewrites["maxpool"] == 1
     assert rep.rewrites["pool_masks"] == 1  # relu -> pool: the mask moved to the pool's output
     return out

@@ -19,10 +19,16 @@ import typer
 from typer.testing import CliRunner
 
 from onnxdream.cli_common import DreamOptions, with_dream_options
-from onnxdream.errors import (ImageError, ImageTooLargeError, LayerError, OnnxDreamError,
-                              SettingsError, did_you_mean, first_line)
+from onnxdream.errors import (
+    ImageError,
+    ImageTooLargeError,
+    LayerError,
+    OnnxDreamError,
+    SettingsError,
+    did_you_mean,
+    first_line,
+)
 from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
-
 
 # -- one default per setting ------------------------------------------------------------------
 
@@ -278,11 +284,10 @@ def test_digest_covers_what_decides_the_result():
 
 
 def test_model_geometry_of_the_zoo_model(model_home):
-    from onnxdream.exporters.graph.layers import load_model
+    from onnxdream.exporters.graph.contract import ModelInfo
     from onnxdream.models import resolve_model
-    from onnxdream.resolve import model_geometry
 
-    g = model_geometry(load_model(resolve_model("efficientnet-lite0")))
+    g = ModelInfo.load(resolve_model("efficientnet-lite0"))
     assert tuple(g.native_size) == (224, 224) and g.dynamic_hw
 
 

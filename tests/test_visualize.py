@@ -17,10 +17,25 @@ from conftest import run_cli
 from onnxdream.errors import ObjectiveError, SettingsError
 from onnxdream.imageio import read_png_metadata
 from onnxdream.param import FFTParam, ImageParam, PixelParam, image
-from onnxdream.transforms import (affine_warp, compose, jitter, pad, random_rotate, random_scale,
-                                  random_scale_rotate, standard_transforms)
-from onnxdream.visualize import (Adam, VisualizeSettings, channel_target, class_targets, grid,
-                                 resolve_class, total_variation)
+from onnxdream.transforms import (
+    affine_warp,
+    compose,
+    jitter,
+    pad,
+    random_rotate,
+    random_scale,
+    random_scale_rotate,
+    standard_transforms,
+)
+from onnxdream.visualize import (
+    Adam,
+    VisualizeSettings,
+    channel_target,
+    class_targets,
+    grid,
+    resolve_class,
+    total_variation,
+)
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -1,7 +1,8 @@
-"""The framework-free gradient compiler (onnx + numpy only)."""
+"""The framework-free gradient compiler (onnx + numpy only); the model contract is in contract.py."""
 
 from onnxdream.exporters.graph.compiler import compile_gradient, save_model
-from onnxdream.exporters.graph.layers import LayerInfo, list_layers, load_model
+from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model
+from onnxdream.exporters.graph.layers import LayerInfo, list_layers
 from onnxdream.exporters.graph.objective import (
     LayerSpec,
     Objective,
@@ -12,9 +13,11 @@ from onnxdream.exporters.graph.objective import (
     mean,
     neuron,
     parse_objective,
+    weighted_channels,
 )
 
 __all__ = [
-    "LayerInfo", "LayerSpec", "Objective", "Term", "channel", "class_logit", "compile_gradient",
-    "l2", "list_layers", "load_model", "mean", "neuron", "parse_objective", "save_model",
+    "LayerInfo", "LayerSpec", "ModelInfo", "Objective", "Term", "channel", "class_logit",
+    "compile_gradient", "graph_params", "l2", "list_layers", "load_model", "mean", "neuron",
+    "parse_objective", "save_model", "weighted_channels",
 ]

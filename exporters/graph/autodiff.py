@@ -92,7 +92,7 @@ class GraphInfo:
     constants: dict[str, np.ndarray]
 
     @classmethod
-    def from_model(cls, model: onnx.ModelProto) -> "GraphInfo":
+    def from_model(cls, model: onnx.ModelProto) -> GraphInfo:
         inferred = infer_shapes(model)
         shapes: dict[str, tuple | None] = {}
         dtypes: dict[str, int] = {}
@@ -269,7 +269,7 @@ def differentiate(
     Returns the name of the gradient tensor.
     """
     # Importing the rule modules registers them.
-    from onnxdream.exporters.graph import rules_math, rules_nn, rules_shape  # noqa: F401
+    from onnxdream.exporters.graph import rules_math, rules_nn, rules_resize, rules_shape  # noqa: F401
 
     active = active_tensors(nodes, wrt, info)
     if target not in active:

@@ -1,7 +1,9 @@
-"""A small tape for emitting ONNX nodes: unique names, deduplicated constants, opset-aware helpers.
+"""The one emitter of ONNX: a small tape with unique names, deduplicated constants and helpers.
 
-The gradient rules speak in terms of this builder so that they never hand-assemble protobuf and
-never have to care whether the model's opset takes reduction axes as an attribute or an input.
+The gradient rules, the objective, the optimiser's rewrites, the step graphs and the zoo builder
+all speak in terms of this builder, so none of them hand-assembles protobuf. Graphs are built at
+opset >= 18 (the loader converts older models), so reductions, Unsqueeze and Slice take their
+axes as inputs.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ INT64 = onnx.TensorProto.INT64
 class GraphBuilder:
     """Appends nodes and initializers to lists; names every value it creates uniquely."""
 
-    def __init__(self, opset: int, prefix: str, taken: set[str]):
+    def __init__(self, opset: int = 18, prefix: str = "", taken: set[str] | None = None):
         self.opset = opset
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self._taken = taken
+        self._taken = taken if taken is not None else set()
         self._count = 0
         self._consts: dict[tuple, str] = {}
         self._shapes: dict[str, str] = {}
@@ -39,23 +41,44 @@ class GraphBuilder:
                 self._taken.add(name)
                 return name
 
+    def take_name(self, name: str) -> str:
+        """Reserve an explicit name (a graph's own tensor names: ``image``, ``logits``)."""
+        self._taken.add(name)
+        return name
+
     # -- nodes --------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, hint: str | None = None,
+           *, out: str | Sequence[str] | None = None, name: str | None = None,
            **attrs) -> str | list[str]:
-        outputs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
+        """Append one node; returns its output name(s).
+
+        Outputs get fresh names from ``hint`` unless ``out`` names them; the node is named
+        ``name`` or a fresh name. Attributes that are None are left out.
+        """
+        if out is None:
+            outputs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
+        else:
+            outputs = [self.take_name(o) for o in ([out] if isinstance(out, str) else out)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        node = helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type), **attrs)
+        node = helper.make_node(op_type, list(inputs), outputs,
+                                name=self.take_name(name) if name else self.fresh(op_type),
+                                **attrs)
         self.nodes.append(node)
-        return outputs[0] if n_out == 1 else outputs
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def const(self, value, dtype=np.float32, hint: str = "const") -> str:
+        """A constant (initializer); equal constants share one name."""
         arr = np.asarray(value, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            name = self.fresh(hint)
-            self.initializers.append(numpy_helper.from_array(arr, name))
-            self._consts[key] = name
+            self._consts[key] = self.initializer(arr, hint=hint)
         return self._consts[key]
+
+    def initializer(self, value: np.ndarray, name: str | None = None, hint: str = "const") -> str:
+        """A new initializer (not shared: weights), named ``name`` or a fresh name from ``hint``."""
+        name = self.take_name(name) if name else self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
 
     def ints(self, values: Sequence[int]) -> str:
         return self.const(list(values), np.int64, "ints")
@@ -84,37 +107,20 @@ class GraphBuilder:
     def reshape_like(self, x: str, like: str) -> str:
         return self.op("Reshape", [x, self.shape(like)], hint="reshape")
 
-    # -- opset-aware helpers ------------------------------------------------------------------
-    def _reduce(self, op_type: str, x: str, axes: Sequence[int] | str | None, keepdims: int,
-                input_axes_since: int) -> str:
+    # -- helpers ------------------------------------------------------------------------------
+    def _reduce(self, op_type: str, x: str, axes: Sequence[int] | None, keepdims: int) -> str:
         if axes is None:
             return self.op(op_type, [x], keepdims=keepdims)
-        if self.opset >= input_axes_since:
-            ax = axes if isinstance(axes, str) else self.ints(axes)
-            extra = {"noop_with_empty_axes": 1} if isinstance(axes, str) else {}
-            return self.op(op_type, [x, ax], keepdims=keepdims, **extra)
-        if isinstance(axes, str):
-            raise ValueError(f"{op_type} with runtime axes needs opset >= {input_axes_since}")
-        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
+        return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
 
-    def reduce_sum(self, x, axes, keepdims=1):
-        return self._reduce("ReduceSum", x, axes, keepdims, 13)
+    def reduce_sum(self, x: str, axes: Sequence[int] | None, keepdims: int = 1) -> str:
+        return self._reduce("ReduceSum", x, axes, keepdims)
 
-    def reduce_mean(self, x, axes, keepdims=1):
-        return self._reduce("ReduceMean", x, axes, keepdims, 18)
-
-    def reduce_max(self, x, axes, keepdims=1):
-        return self._reduce("ReduceMax", x, axes, keepdims, 18)
+    def reduce_mean(self, x: str, axes: Sequence[int] | None, keepdims: int = 1) -> str:
+        return self._reduce("ReduceMean", x, axes, keepdims)
 
     def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
-        if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.ints(axes)])
-        return self.op("Unsqueeze", [x], axes=list(axes))
-
-    def squeeze(self, x: str, axes: Sequence[int]) -> str:
-        if self.opset >= 13:
-            return self.op("Squeeze", [x, self.ints(axes)])
-        return self.op("Squeeze", [x], axes=list(axes))
+        return self.op("Unsqueeze", [x, self.ints(axes)])
 
     def slice(self, x: str, starts, ends, axes: Sequence[int], steps=None) -> str:
         """Slice; starts/ends are int lists or names of int64 tensors."""
@@ -143,3 +149,11 @@ class GraphBuilder:
 
     def cast(self, x: str, to: int) -> str:
         return self.op("Cast", [x], to=to)
+
+
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of ``node``'s attribute ``name`` (strings as bytes, as onnx gives them)."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default

@@ -1,34 +1,42 @@
 """The gradient compiler: dreamable model + objective → a graph with ``objective`` and ``grad``.
 
-Pure onnx + numpy: importable and runnable with no deep learning framework installed.
+Pure onnx + numpy: importable and runnable with no deep learning framework installed. What the
+compiled graph takes and gives (``image``, the objective parameters, ``objective``, ``grad``) is
+the contract's (:mod:`.contract`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
-from onnxdream.errors import ModelError
+from onnxdream.errors import ModelError, ObjectiveError
+from onnxdream.exporters.graph import contract
 from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
-from onnxdream.exporters.graph.layers import (
+from onnxdream.exporters.graph.contract import (
+    CHANNEL_WEIGHTS,
+    GRAD,
+    OBJECTIVE,
+    WEIGHTS,
+    ModelInfo,
     image_input,
-    layer_table,
     load_model,
-    metadata,
     opset_of,
-    pre_activation,
-    resolve_layer,
+    param_input,
 )
-from onnxdream.exporters.graph.objective import LayerSpec, Objective, emit_term
-
-COMPILED_KEY = "onnxdream.compiled"
-LAYOUTS_KEY = "onnxdream.layer_layouts"  # {layer: "NHWC"} for channels-last layers
+from onnxdream.exporters.graph.layers import layer_names, pre_activation, resolve_layer
+from onnxdream.exporters.graph.objective import (
+    LayerSpec,
+    Objective,
+    channel_weights_shape,
+    emit_term,
+)
 
 
 def _needed_nodes(nodes: Sequence[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProto]:
@@ -65,24 +73,27 @@ def compile_gradient(
     in Python. ``pre_relu`` reads layers that come out of a Relu/Clip before the activation;
     ``border`` drops that many pixels at each spatial edge of 4-D layers before reducing.
 
-    The result has the model's input ``image`` and outputs ``objective`` ([N]) and ``grad``
-    (shaped like ``image``), uses default-domain ops only, and serves every input size the
-    model does.
+    The result has the model's input ``image``, the objective parameters ``weights`` (one per
+    term, default the terms' weights) and, for a ``weighted_channels`` term, ``channel_weights``;
+    outputs ``objective`` ([N]) and ``grad`` (shaped like ``image``); uses default-domain ops
+    only, and serves every input size the model does (see :mod:`.contract`).
     """
     proto = load_model(model)
-    obj = layers if isinstance(layers, Objective) else Objective.build(list(layers), objective)
-    table = layer_table(proto)
+    info_model = ModelInfo.load(proto)
+    table = info_model.layers
+    obj = layers if isinstance(layers, Objective) else Objective.build(
+        list(layers), objective, known=layer_names(proto, table))
     image = image_input(proto)
     opset = max(opset_of(proto), 18)
+    if sum(t.kind == "weighted_channels" for t in obj.terms) > 1:
+        raise ObjectiveError("an objective has at most one weighted_channels term (one "
+                             f"{CHANNEL_WEIGHTS} input)")
 
     extra_nodes: list[onnx.NodeProto] = []
     layer_tensor: dict[str, str] = {}
     for name in obj.layers:
-        if name == "logits" and name not in table:
-            outs = [o.name for o in proto.graph.output]
-            if "logits" not in outs:
-                raise ModelError("the model has no 'logits' output, so class objectives do not "
-                                 f"apply (outputs: {', '.join(outs)})")
+        if name == contract.LOGITS and name not in table:
+            info_model.require_logits("class objectives do not apply")
         tensor = resolve_layer(table, name, proto)
         if pre_relu and not any(t.kind == "class" for t in obj.terms if t.layer == name):
             tensor = pre_activation(tensor, proto, extra_nodes)
@@ -97,6 +108,7 @@ def compile_gradient(
 
     taken = {o for n in all_nodes for o in n.output} | {n.name for n in all_nodes}
     taken |= {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    taken |= {OBJECTIVE, GRAD, WEIGHTS, CHANNEL_WEIGHTS}
     fwd_builder = GraphBuilder(opset, "objective", taken)
 
     # shapes of the forward tensors (including the pre-relu concat)
@@ -106,52 +118,66 @@ def compile_gradient(
     probe.graph.node.extend(forward)
     info = GraphInfo.from_model(probe)
 
-    layouts = json.loads(metadata(proto).get(LAYOUTS_KEY, "{}") or "{}")
-    terms = [emit_term(fwd_builder, t, layer_tensor[t.layer], info.shapes.get(layer_tensor[t.layer]),
-                       border if t.kind != "class" else 0, layouts.get(t.layer, "NCHW"))
-             for t in obj.terms]
-    total = fwd_builder.add_all(terms) if len(terms) > 1 else fwd_builder.op("Identity", terms)
+    # the objective parameters: graph inputs whose defaults are same-named initializers
+    params = [param_input(WEIGHTS, np.asarray(obj.weights, np.float32), [len(obj.terms)])]
+    values = []
+    for k, t in enumerate(obj.terms):
+        tensor, layout = layer_tensor[t.layer], info_model.layout(t.layer)
+        shape = info.shapes.get(tensor)
+        cw = None
+        if t.kind == "weighted_channels":
+            cw_shape = channel_weights_shape(t, shape, _batch(image), layout)
+            channels = int(np.prod(cw_shape[1:]))  # one axis is C, the others 1
+            params.append(param_input(CHANNEL_WEIGHTS, np.full([1] + cw_shape[1:], 1 / channels,
+                                                               np.float32), cw_shape))
+            cw = CHANNEL_WEIGHTS
+        value = emit_term(fwd_builder, t, tensor, shape, border if t.kind != "class" else 0,
+                          layout, cw)
+        weight = fwd_builder.op("Gather", [WEIGHTS, fwd_builder.const(k, np.int64)], axis=0,
+                                hint="term_weight")
+        values.append(fwd_builder.mul(value, weight))
+    total = fwd_builder.add_all(values) if len(values) > 1 else fwd_builder.op("Identity", values)
+    fwd_builder.op("Identity", [total], out=OBJECTIVE, name="objective/output")
     objective_nodes = fwd_builder.nodes
-    objective_nodes.append(helper.make_node("Identity", [total], ["objective"],
-                                            name="objective/output"))
     forward_all = forward + objective_nodes
 
-    # shapes again, now with the objective nodes, for the rules
+    # shapes again, now with the objective nodes, for the rules; the parameters are inputs
+    # only (never constants: a caller overrides them)
     probe2 = onnx.ModelProto()
     probe2.CopyFrom(proto)
     del probe2.graph.node[:]
     probe2.graph.node.extend(forward_all)
     probe2.graph.initializer.extend(fwd_builder.initializers)
+    probe2.graph.input.extend(vi for vi, _ in params)
     info = GraphInfo.from_model(probe2)
 
     bwd = GraphBuilder(opset, "grad", taken)
-    seed = bwd.ones_of_shape(bwd.shape("objective"))
+    seed = bwd.ones_of_shape(bwd.shape(OBJECTIVE))
     upstream = {name: _upstream_of(forward_all, t) for name, t in layer_tensor.items()}
 
     def blame(node: onnx.NodeProto) -> str:
         names = [n for n, ids in upstream.items() if id(node) in ids]
         return "layer " + ", ".join(f"'{n}'" for n in names) if names else "the objective"
 
-    grad = differentiate(forward_all, image.name, "objective", seed, bwd, info, blame)
-    bwd.nodes.append(helper.make_node("Identity", [grad], ["grad"], name="grad/output"))
+    grad = differentiate(forward_all, image.name, OBJECTIVE, seed, bwd, info, blame)
+    bwd.op("Identity", [grad], out=GRAD, name="grad/output")
 
     used = {i for n in forward_all + bwd.nodes for i in n.input}
     inits = [i for i in proto.graph.initializer if i.name in used]
-    obj_out = helper.make_tensor_value_info("objective", onnx.TensorProto.FLOAT, [_batch(image)])
+    obj_out = helper.make_tensor_value_info(OBJECTIVE, onnx.TensorProto.FLOAT, [_batch(image)])
     grad_out = onnx.ValueInfoProto()
     grad_out.CopyFrom(image)
-    grad_out.name = "grad"
-    graph = helper.make_graph(forward_all + bwd.nodes, "onnxdream_gradient", [image],
-                              [obj_out, grad_out],
-                              inits + fwd_builder.initializers + bwd.initializers)
+    grad_out.name = GRAD
+    graph = helper.make_graph(forward_all + bwd.nodes, "onnxdream_gradient",
+                              [image] + [vi for vi, _ in params], [obj_out, grad_out],
+                              inits + fwd_builder.initializers + bwd.initializers
+                              + [default for _, default in params])
     opsets = [helper.make_opsetid("", opset)]
     out = helper.make_model(graph, opset_imports=opsets, producer_name="onnxdream",
                             ir_version=proto.ir_version)
-    for p in proto.metadata_props:
-        out.metadata_props.add(key=p.key, value=p.value)
-    out.metadata_props.add(key=COMPILED_KEY, value=json.dumps({
+    contract.write_compiled(out, proto, {
         "objective": obj.describe(), "terms": [t.__dict__ for t in obj.terms],
-        "layers": layer_tensor, "pre_relu": pre_relu, "border": border}))
+        "layers": layer_tensor, "pre_relu": pre_relu, "border": border})
     if optimize:  # same values, fewer/faster nodes (see optimize.py)
         from onnxdream.exporters.graph.optimize import optimize as _optimize
 

@@ -1,96 +1,27 @@
-"""Layers of a dreamable model: loading, the name → tensor table, listing, pre-activation lookup."""
+"""Layers of a dreamable model: name lookup, listing, pre-activation lookup.
+
+Loading and the name → tensor table are the contract's (:mod:`.contract`).
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
-from onnxdream.errors import LayerError, ModelError, closest
-from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE, infer_shapes
-
-MIN_OPSET = 18
-LAYERS_KEY = "onnxdream.layers"
-
-
-def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Load an ONNX model from a path (or pass a ModelProto through), at opset >= 18."""
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        path = Path(model)
-        if not path.exists():
-            raise ModelError(f"no such model file: {path}")
-        if path.is_dir():
-            raise ModelError(f"{path} is a directory, not an ONNX model file")
-        try:
-            proto = onnx.load(str(path))
-        except Exception as exc:  # noqa: BLE001 - protobuf raises many types
-            raise ModelError(f"{path} is not a valid ONNX model ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:120] if str(exc) else 'corrupt'})") from None
-        if not proto.graph.node:
-            raise ModelError(f"{path} is not a valid ONNX model (it has no graph nodes)")
-    if len(proto.graph.input) < 1:
-        raise ModelError("the model has no input")
-    return ensure_opset(proto)
+from onnxdream.errors import LayerError, closest
+from onnxdream.exporters.graph.autodiff import infer_shapes
+from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
+from onnxdream.exporters.graph.contract import image_input, layer_table, load_model, native_size
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 1
-
-
-def ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    if opset_of(model) >= MIN_OPSET:
-        return model
-    from onnx import version_converter
-
-    try:
-        return version_converter.convert_version(model, MIN_OPSET)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"the model uses opset {opset_of(model)} and could not be converted to "
-                         f"opset {MIN_OPSET} ({exc}); re-export it at opset {MIN_OPSET}") from None
-
-
-def metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ModelError(f"a dreamable model has exactly one input, this one has {len(inputs)}: "
-                         + ", ".join(i.name for i in inputs))
-    return inputs[0]
-
-
-def layer_table(model: onnx.ModelProto) -> dict[str, str]:
-    """Layer name → tensor name. From the model's metadata, else every float node output."""
-    meta = metadata(model)
-    if LAYERS_KEY in meta:
-        try:
-            table = json.loads(meta[LAYERS_KEY])
-        except json.JSONDecodeError:
-            raise ModelError(f"the model's {LAYERS_KEY} metadata is not valid JSON") from None
-        if "logits" not in table and any(o.name == "logits" for o in model.graph.output):
-            table["logits"] = "logits"
-        return table
-    table = {}
-    for node in model.graph.node:
-        if node.op_type in NON_DIFFERENTIABLE:
-            continue
-        for out in node.output:
-            if out:
-                table[out] = out
-    for o in model.graph.output:
-        table.setdefault(o.name, o.name)
-    return table
+def layer_names(model: onnx.ModelProto, table: dict[str, str] | None = None) -> dict[str, str]:
+    """Every name :func:`resolve_layer` accepts → its tensor: the layer table and every tensor
+    a node produces (for parsing ``--layer`` specs; see ``LayerSpec.parse``)."""
+    names = {o: o for n in model.graph.node for o in n.output if o}
+    names.update(layer_table(model) if table is None else table)
+    return names
 
 
 def resolve_layer(table: dict[str, str], name: str, model: onnx.ModelProto) -> str:
@@ -140,10 +71,10 @@ def pre_activation(tensor: str, model: onnx.ModelProto, new_nodes: list[onnx.Nod
             if src is None or src.op_type not in ACTIVATIONS:
                 return tensor
             parts.append(src.input[0])
-        out = f"{t}/pre_relu"
-        new_nodes.append(onnx.helper.make_node("Concat", parts, [out], name=f"{t}/pre_relu_concat",
-                                               axis=[a.i for a in node.attribute
-                                                     if a.name == "axis"][0]))
+        b = GraphBuilder()
+        out = b.op("Concat", parts, out=f"{t}/pre_relu", name=f"{t}/pre_relu_concat",
+                   axis=node_attr(node, "axis"))
+        new_nodes.extend(b.nodes)
         return out
     return tensor
 
@@ -154,15 +85,6 @@ class LayerInfo:
     tensor: str
     op_type: str
     shape: tuple | None  # at the model's native size (224 unless the model says otherwise)
-
-
-def native_size(model: onnx.ModelProto) -> tuple[int, int]:
-    meta = metadata(model)
-    dims = image_input(model).type.tensor_type.shape.dim
-    if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
-        return dims[2].dim_value, dims[3].dim_value
-    size = int(meta.get("onnxdream.input_size", "224") or 224)
-    return size, size
 
 
 def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:

@@ -4,12 +4,18 @@
 K), ``neuron:K`` (channel K at the centre position), ``class:K`` (logit K, before softmax).
 Several layers combine as a weighted sum: ``Objective.parse`` and ``LayerSpec.parse`` read the
 CLI's spelling; in Python, ``mean("inception4c") + 0.5 * channel("inception4d", 97)`` reads the
-same.
+same. The term weights are the defaults of the compiled graph's ``weights`` input (see
+:mod:`.contract`): one compiled graph serves every weighting of the same terms.
+
+``weighted_channels(layer)`` (Python only) is ``sum_c channel_weights[n, c] * mean(layer[n, c])``
+with the per-image ``channel_weights`` a graph input: feature visualisation's one target per
+image (a one-hot row is a channel or a class, ``1/C`` everywhere the whole layer).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -17,7 +23,6 @@ import numpy as np
 from onnxdream.errors import LayerError, ObjectiveError
 from onnxdream.exporters.graph.builder import GraphBuilder
 
-KINDS = ("mean", "l2", "channel", "neuron", "class")
 _SPEC = re.compile(r"^(mean|l2|channel|neuron|class)(?::(-?\d+))?$")
 
 
@@ -30,12 +35,12 @@ class Term:
     index: int | None = None
     weight: float = 1.0
 
-    def __mul__(self, k: float) -> "Objective":
+    def __mul__(self, k: float) -> Objective:
         return Objective((replace(self, weight=self.weight * float(k)),))
 
     __rmul__ = __mul__
 
-    def __add__(self, other: "Term | Objective") -> "Objective":
+    def __add__(self, other: Term | Objective) -> Objective:
         return Objective((self,)) + other
 
     def describe(self) -> str:
@@ -49,11 +54,11 @@ class Objective:
 
     terms: tuple[Term, ...]
 
-    def __add__(self, other: "Term | Objective") -> "Objective":
+    def __add__(self, other: Term | Objective) -> Objective:
         other_terms = (other,) if isinstance(other, Term) else other.terms
         return Objective(self.terms + other_terms)
 
-    def __mul__(self, k: float) -> "Objective":
+    def __mul__(self, k: float) -> Objective:
         return Objective(tuple(replace(t, weight=t.weight * float(k)) for t in self.terms))
 
     __rmul__ = __mul__
@@ -65,13 +70,27 @@ class Objective:
     def describe(self) -> str:
         return " + ".join(t.describe() for t in self.terms)
 
+    def structure(self) -> list[tuple[str, str, int | None]]:
+        """The terms without their weights: what a compiled graph depends on."""
+        return [(t.layer, t.kind, t.index) for t in self.terms]
+
+    @property
+    def weights(self) -> list[float]:
+        """The term weights, in term order (the compiled graph's ``weights`` input)."""
+        return [t.weight for t in self.terms]
+
     @classmethod
-    def build(cls, layers: list["LayerSpec | str"], objective: str = "mean") -> "Objective":
-        """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``."""
+    def build(cls, layers: list[LayerSpec | str], objective: str = "mean",
+              known: Collection[str] | None = None) -> Objective:
+        """From the CLI's spelling: ``--layer NAME[:W]`` (repeatable) and ``--objective SPEC``.
+
+        ``known``: the model's layer names, so that names ending in ``:N`` parse (see
+        :meth:`LayerSpec.parse`).
+        """
         kind, index = parse_objective(objective)
         if kind == "class":
             # the logits, or the one layer named as the class scores
-            specs = [LayerSpec.parse(s) if isinstance(s, str) else s for s in layers]
+            specs = [LayerSpec.parse(s, known) if isinstance(s, str) else s for s in layers]
             if len(specs) > 1:
                 raise ObjectiveError(f"--objective class:{index} reads one tensor of class "
                                      "scores (the logits); name at most one --layer")
@@ -82,7 +101,7 @@ class Objective:
                              "lists them")
         terms = []
         for spec in layers:
-            spec = LayerSpec.parse(spec) if isinstance(spec, str) else spec
+            spec = LayerSpec.parse(spec, known) if isinstance(spec, str) else spec
             terms.append(Term(spec.name, kind, index, spec.weight))
         return cls(tuple(terms))
 
@@ -107,29 +126,59 @@ def class_logit(k: int) -> Objective:
     return Objective((Term("logits", "class", int(k)),))
 
 
+def weighted_channels(layer: str) -> Objective:
+    """``sum_c channel_weights[n, c] * mean(layer[n, c])``, per image (a graph input)."""
+    return Objective((Term(layer, "weighted_channels"),))
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     name: str
     weight: float = 1.0
 
     @classmethod
-    def parse(cls, text: str) -> "LayerSpec":
-        """``NAME`` or ``NAME:WEIGHT`` (the weight a number)."""
+    def parse(cls, text: str, known: Collection[str] | None = None) -> LayerSpec:
+        """``NAME`` or ``NAME:WEIGHT``; ``known`` are the model's layer names.
+
+        A trailing ``:WEIGHT`` is split off only when it parses as a number AND the whole text
+        is not itself a layer name in ``known``. So tf2onnx's tensor names, which end in
+        ``:0``, read as layers: ``model/block_1/Relu6:0`` is that layer at weight 1, and
+        ``model/block_1/Relu6:0:2`` is it at weight 2. Without ``known`` every numeric suffix is
+        a weight. When both readings name layers (the model has ``x`` and ``x:2`` as different
+        tensors), LayerError says how to write each; ``known`` may map names to tensors, and
+        two names of one tensor are not ambiguous (the whole text wins).
+        """
         text = text.strip()
         if not text:
             raise LayerError("empty layer name")
-        if ":" in text:
-            name, _, w = text.rpartition(":")
-            try:
-                weight = float(w)
-            except ValueError:
-                return cls(text)
-            if not name:
-                raise LayerError(f"layer spec '{text}' has a weight but no name")
-            if not np.isfinite(weight):
-                raise LayerError(f"layer weight in '{text}' must be a finite number")
-            return cls(name, weight)
-        return cls(text)
+        if ":" not in text:
+            return cls(text)
+        name, _, w = text.rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            return cls(text)
+        if known is not None and text in known:
+            if name in known and not _same_tensor(known, name, text):
+                raise LayerError(
+                    f"layer spec '{text}' is ambiguous: the model has a layer '{text}' and a "
+                    f"layer '{name}'; write '{_unused(known, text + ':1', text + ':1.0')}' for "
+                    f"layer '{text}' or '{_unused(known, f'{name}:{weight!r}', f'{name}:+{w}')}' "
+                    f"for layer '{name}' at weight {w}")
+            return cls(text)
+        if not name:
+            raise LayerError(f"layer spec '{text}' has a weight but no name")
+        if not np.isfinite(weight):
+            raise LayerError(f"layer weight in '{text}' must be a finite number")
+        return cls(name, weight)
+
+
+def _same_tensor(known: Collection[str], a: str, b: str) -> bool:
+    return isinstance(known, Mapping) and known[a] == known[b]
+
+
+def _unused(known: Collection[str], *spellings: str) -> str:
+    return next((s for s in spellings if s not in known), spellings[-1])
 
 
 def parse_objective(spec: str) -> tuple[str, int | None]:
@@ -157,11 +206,25 @@ def _channel_axis(rank: int, layout: str) -> int:
     return 2 if rank == 3 else 1
 
 
+def channel_weights_shape(term: Term, shape: tuple | None, batch, layout: str = "NCHW") -> list:
+    """The ``channel_weights`` input's shape for a weighted_channels term on a layer of ``shape``:
+    ``[N, C]``, ``[N, C, 1, 1]`` (NCHW) or ``[N, 1, 1, C]`` (NHWC)."""
+    rank = len(shape) if shape is not None else 0
+    axis = _channel_axis(rank, layout) if rank in (2, 4) else None
+    c = shape[axis] if axis is not None else None
+    if not isinstance(c, int):
+        raise ObjectiveError(f"layer '{term.layer}' has shape {shape}: a visualisation needs "
+                             "[N,C] or [N,C,H,W] with a known channel count")
+    return [batch] + [c if a == axis else 1 for a in range(1, rank)]
+
+
 def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
-              border: int = 0, layout: str = "NCHW") -> str:
-    """Nodes computing one term's value per image ([N]); returns the tensor name.
+              border: int = 0, layout: str = "NCHW", channel_weights: str | None = None) -> str:
+    """Nodes computing one term's value per image ([N]), unweighted; returns the tensor name.
 
     ``layout`` is the layer's axis order, "NCHW" (default) or "NHWC" (channels last).
+    ``channel_weights`` names the input a weighted_channels term reads. The compiler multiplies
+    the result by the term's entry of the ``weights`` input.
     """
     if shape is None:
         raise ObjectiveError(f"the rank of layer '{term.layer}' is unknown")
@@ -170,6 +233,13 @@ def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
     if border and rank == 4:
         spatial = [1, 2] if layout == "NHWC" else [2, 3]
         t = b.slice(t, [border, border], [-border, -border], spatial)
+    if term.kind == "weighted_channels":
+        # C * mean over (C, H, W) of weights * layer = sum_c weights[n, c] * mean_hw(layer[n, c])
+        if channel_weights is None:
+            raise ObjectiveError("a weighted_channels term needs the channel_weights input")
+        channels = shape[_channel_axis(rank, layout)]
+        t = b.reduce_mean(b.op("Flatten", [b.mul(t, channel_weights)], axis=1), [1], keepdims=0)
+        return b.mul(t, b.scalar(float(channels)))
     if rank == 4 and layout == "NHWC" and term.kind == "neuron":
         t = b.op("Transpose", [t], perm=[0, 3, 1, 2])  # the centre search walks axes 1..
         layout = "NCHW"
@@ -193,6 +263,4 @@ def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
         t = b.mul(t, t)
     if rank > 1:
         t = b.reduce_mean(b.op("Flatten", [t], axis=1), [1], keepdims=0)
-    if term.weight != 1.0:
-        t = b.mul(t, b.scalar(term.weight))
     return t

@@ -17,6 +17,45 @@ _POINTWISE = {
 _WINDOWED = {"Conv", "MaxPool", "AveragePool"}
 
 
+def _const(model: onnx.ModelProto, name: str):
+    from onnx import numpy_helper
+
+    for i in model.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name and n.attribute and \
+                n.attribute[0].name == "value":
+            return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def _pad_or_resize(model: onnx.ModelProto, node: onnx.NodeProto, rf: int,
+                   stride: int) -> tuple[int, int] | None:
+    """Pad: edge/reflect copies reach in by the pad width; wrap reaches across the image.
+    Resize: an integer upsampling divides the stride; linear taps one more input pixel."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    if node.op_type == "Pad":
+        mode = attrs.get("mode", "constant")
+        pads = _const(model, node.input[1]) if len(node.input) > 1 else None
+        if mode == "wrap" or pads is None:
+            return None
+        reach = 0 if mode == "constant" else int(max(abs(pads).max(), 0))
+        return rf + reach * stride, stride
+    scales = _const(model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    mode = attrs.get("mode", "nearest")
+    if scales is None or mode not in ("nearest", "linear") or attrs.get("antialias", 0):
+        return None
+    up = {float(s) for s in scales.reshape(-1) if float(s) != 1.0}
+    if not up:
+        return rf, stride
+    f = up.pop()
+    if up or f != int(f) or stride % int(f):
+        return None
+    return rf + (stride if mode == "linear" else 0), stride // int(f)
+
+
 def receptive_field(model: onnx.ModelProto, tensor: str, image: str = "image") -> tuple[int, int] | None:
     """(receptive field in pixels, total stride) of ``tensor``, or None when it is global.
 
@@ -50,6 +89,8 @@ def receptive_field(model: onnx.ModelProto, tensor: str, image: str = "image") -
                     rf += max((k - 1) * d for k, d in zip(kernel, dil)) * stride
                     stride *= max(strides)
                     result = (rf, stride)
+            elif node.op_type in ("Pad", "Resize"):
+                result = _pad_or_resize(model, node, rf, stride)
             elif node.op_type in _POINTWISE:
                 # an operand that is constant or shaped like a broadcast gate from a global op
                 # would have state None and been caught above

@@ -52,11 +52,7 @@ def _leaky(ctx, dys):
 def _clip(ctx, dys):
     b = ctx.b
     x = ctx.inputs[0]
-    lo = ctx.input(1) if ctx.b.opset >= 11 else None
-    hi = ctx.input(2) if ctx.b.opset >= 11 else None
-    if ctx.b.opset < 11:
-        lo = b.scalar(ctx.attr("min", -3.4e38))
-        hi = b.scalar(ctx.attr("max", 3.4e38))
+    lo, hi = ctx.input(1), ctx.input(2)
     conds = []
     if lo:
         conds.append(b.op("Greater", [x, lo]))
@@ -266,16 +262,13 @@ def _where(ctx, dys):
 # -- reductions -------------------------------------------------------------------------------
 
 
-def _reduce_axes(ctx: RuleContext, axes_input_since: int) -> list[int]:
+def _reduce_axes(ctx: RuleContext) -> list[int]:
     x = ctx.inputs[0]
     rank = ctx.rank(x)
-    if ctx.b.opset >= axes_input_since:
-        v = ctx.const(1)
-        if ctx.input(1) and v is None:
-            raise ctx.fail("its axes are not a constant")
-        axes = [] if v is None else [int(a) for a in v.reshape(-1)]
-    else:
-        axes = list(ctx.attr("axes", []) or [])
+    v = ctx.const(1)
+    if ctx.input(1) and v is None:
+        raise ctx.fail("its axes are not a constant")
+    axes = [] if v is None else [int(a) for a in v.reshape(-1)]
     if not axes:
         if ctx.attr("noop_with_empty_axes", 0):
             return []
@@ -303,7 +296,7 @@ def _count(ctx: RuleContext, axes: list[int]) -> str:
 
 @rule("ReduceSum")
 def _reduce_sum(ctx, dys):
-    axes = _reduce_axes(ctx, 13)
+    axes = _reduce_axes(ctx)
     if not axes:
         return [dys[0]]
     return [_expand_reduced(ctx, dys[0], axes)]
@@ -311,7 +304,7 @@ def _reduce_sum(ctx, dys):
 
 @rule("ReduceMean")
 def _reduce_mean(ctx, dys):
-    axes = _reduce_axes(ctx, 18)
+    axes = _reduce_axes(ctx)
     if not axes:
         return [dys[0]]
     g = _expand_reduced(ctx, dys[0], axes)
@@ -320,7 +313,7 @@ def _reduce_mean(ctx, dys):
 
 @rule("ReduceSumSquare")
 def _reduce_sumsq(ctx, dys):
-    axes = _reduce_axes(ctx, 18)
+    axes = _reduce_axes(ctx)
     g = _expand_reduced(ctx, dys[0], axes) if axes else dys[0]
     return [ctx.b.mul(g, ctx.b.mul(ctx.inputs[0], ctx.b.scalar(2.0)))]
 
@@ -328,7 +321,7 @@ def _reduce_sumsq(ctx, dys):
 @rule("ReduceL2")
 def _reduce_l2(ctx, dys):
     b = ctx.b
-    axes = _reduce_axes(ctx, 18)
+    axes = _reduce_axes(ctx)
     if not axes:
         return [b.mul(dys[0], b.op("Sign", [ctx.inputs[0]]))]
     g = _expand_reduced(ctx, dys[0], axes)
@@ -341,7 +334,7 @@ def _reduce_l2(ctx, dys):
 @rule("ReduceMax", "ReduceMin")
 def _reduce_max(ctx, dys):
     b = ctx.b
-    axes = _reduce_axes(ctx, 18)
+    axes = _reduce_axes(ctx)
     if not axes:
         return [dys[0]]
     g = _expand_reduced(ctx, dys[0], axes)
@@ -377,8 +370,6 @@ def _gmp(ctx, dys):
 @rule("Softmax")
 def _softmax(ctx, dys):
     b = ctx.b
-    if b.opset < 13:
-        raise ctx.fail("Softmax before opset 13 is not supported; re-export at opset >= 13")
     axis = int(ctx.attr("axis", -1))
     y = ctx.outputs[0]
     gy = b.mul(dys[0], y)
@@ -389,8 +380,6 @@ def _softmax(ctx, dys):
 @rule("LogSoftmax")
 def _logsoftmax(ctx, dys):
     b = ctx.b
-    if b.opset < 13:
-        raise ctx.fail("LogSoftmax before opset 13 is not supported; re-export at opset >= 13")
     axis = int(ctx.attr("axis", -1))
     p = b.op("Exp", [ctx.outputs[0]])
     s = b.reduce_sum(dys[0], [axis], keepdims=1)

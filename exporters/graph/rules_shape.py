@@ -71,8 +71,6 @@ def _slice(ctx, dys):
     b = ctx.b
     x = ctx.inputs[0]
     rank = ctx.rank(x)
-    if b.opset < 10:
-        raise ctx.fail("Slice before opset 10 is not supported")
     axes_v = ctx.const(3)
     if ctx.input(3) and axes_v is None:
         raise ctx.fail("its axes are not constant")
@@ -148,27 +146,155 @@ def _strided_slice_grad(ctx: RuleContext, g: str, axes_v, steps_v) -> str:
     return g
 
 
+BIG = 2**62  # "to the end" for Slice ends (onnxruntime clamps)
+
+
+def _one(b, v: int | str) -> str:
+    """An int64 [1] tensor for a static int or a runtime [1] tensor."""
+    return b.ints([v]) if isinstance(v, int) else v
+
+
+def _cut(b, x: str, start: int | str, end: int | str, axis: int, step: int | None = None) -> str:
+    """x[start:end(:step)] along one axis; bounds are ints or int64 [1] tensors."""
+    if isinstance(start, int) and isinstance(end, int):
+        return b.slice(x, [start], [end], [axis], None if step is None else [step])
+    return b.slice(x, _one(b, start), _one(b, end), [axis], None if step is None else [step])
+
+
+def _axis_pads(b, rank: int, axis: int, begin: int | str, end: int | str) -> str:
+    """Full-rank Pad pads (onnxruntime's layout optimiser mis-indexes partial ones) that pad
+    one axis by ``begin``/``end``."""
+    if isinstance(begin, int) and isinstance(end, int):
+        v = [0] * (2 * rank)
+        v[axis], v[rank + axis] = begin, end
+        return b.ints(v)
+    parts = [b.ints([0] * axis)] if axis else []
+    parts += [_one(b, begin), b.ints([0] * (rank - 1))] if rank > 1 else [_one(b, begin)]
+    parts += [_one(b, end)]
+    if rank - 1 - axis:
+        parts.append(b.ints([0] * (rank - 1 - axis)))
+    return b.concat(parts)
+
+
+def _arith(b, op: str, a: int | str, c: int | str) -> int | str:
+    """a op c for ints (folded) or int64 [1] tensors."""
+    if isinstance(a, int) and isinstance(c, int):
+        return {"Add": a + c, "Sub": a - c, "Max": max(a, c), "Min": min(a, c)}[op]
+    return b.op(op, [_one(b, a), _one(b, c)])
+
+
+def _nonzero(v: int | str) -> bool:
+    return not (isinstance(v, int) and v == 0)
+
+
+def _end_before(b, g: str, axis: int, pe: int | str) -> int | str:
+    """Where the last ``pe`` entries of g along ``axis`` begin (the end of what they follow)."""
+    if isinstance(pe, int):
+        return -pe if pe else BIG
+    return b.op("Sub", [b.dim(g, axis), pe])
+
+
+def _edge_adjoint(b, g: str, axis: int, pb: int | str, pe: int | str) -> str:
+    """Edge padding copies x[0] pb times and x[-1] pe times: their gradients sum there."""
+    end = _end_before(b, g, axis, pe)
+    core = _cut(b, g, pb, end, axis)
+    if _nonzero(pb):
+        head = b.reduce_sum(_cut(b, g, 0, pb, axis), [axis], keepdims=1)
+        core = b.concat([b.op("Add", [_cut(b, core, 0, 1, axis), head]),
+                         _cut(b, core, 1, BIG, axis)], axis)
+    if _nonzero(pe):
+        tail = b.reduce_sum(_cut(b, g, end, BIG, axis), [axis], keepdims=1)
+        core = b.concat([_cut(b, core, 0, -1, axis),
+                         b.op("Add", [_cut(b, core, -1, BIG, axis), tail])], axis)
+    return core
+
+
+def _reflect_adjoint(b, g: str, axis: int, pb: int | str, pe: int | str) -> str:
+    """Reflect padding copies x[pb..1] before x and x[-2..-1-pe] after it (pads < size)."""
+    end = _end_before(b, g, axis, pe)
+    core = _cut(b, g, pb, end, axis)
+    if _nonzero(pb):
+        head = _cut(b, _cut(b, g, 0, pb, axis), -1, -BIG, axis, -1)  # x[1..pb]
+        stop = _arith(b, "Add", pb, 1)
+        core = b.concat([_cut(b, core, 0, 1, axis),
+                         b.op("Add", [_cut(b, core, 1, stop, axis), head]),
+                         _cut(b, core, stop, BIG, axis)], axis)
+    if _nonzero(pe):
+        tail = _cut(b, _cut(b, g, end, BIG, axis), -1, -BIG, axis, -1)  # x[-1-pe..-2]
+        start = _arith(b, "Sub", -1, pe)
+        core = b.concat([_cut(b, core, 0, start, axis),
+                         b.op("Add", [_cut(b, core, start, -1, axis), tail]),
+                         _cut(b, core, -1, BIG, axis)], axis)
+    return core
+
+
+def _wrap_adjoint(b, g: str, axis: int, rank: int, pb: int | str, pe: int | str) -> str:
+    """Wrap padding reads x[(j - pb) mod m] (any pad size): shift dY so that its index is
+    congruent to x's mod m, cut it into rows of m and sum the rows."""
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    n = b.dim(g, axis)
+    m = b.op("Sub", [n, _one(b, _arith(b, "Add", pb, pe))])
+    lead = b.op("Mod", [b.op("Sub", [m, b.op("Mod", [_one(b, pb), m])]), m])
+    total = b.op("Add", [n, lead])
+    rows = b.op("Div", [b.op("Add", [total, b.op("Sub", [m, i64([1])])]), m])
+    trail = b.op("Sub", [b.op("Mul", [rows, m]), total])
+    g = b.op("Pad", [g, _axis_pads(b, rank, axis, lead, trail)])
+    shape = b.shape(g)
+    target = b.concat([p for p in (
+        b.op("Slice", [shape, b.ints([0]), b.ints([axis]), b.ints([0])]) if axis else None,
+        rows, m,
+        b.op("Slice", [shape, b.ints([axis + 1]), b.ints([rank]), b.ints([0])])
+        if axis + 1 < rank else None) if p is not None])
+    return b.reduce_sum(b.op("Reshape", [g, target]), [axis], keepdims=0)
+
+
 @rule("Pad")
 def _pad(ctx, dys):
+    """constant: crop dY back to X. edge/reflect/wrap: fold the padded border back onto the
+    values it copies, one axis at a time (the padding is separable). Negative pads crop X
+    first (as onnxruntime does), so their adjoint zero-pads."""
     b = ctx.b
-    if ctx.attr("mode", "constant") != "constant":
-        raise ctx.fail(f"Pad mode '{ctx.attr('mode')}' is not supported (only constant)")
+    mode = ctx.attr("mode", "constant")
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        raise ctx.fail(f"Pad mode '{mode}' has no gradient rule")
     x, y = ctx.inputs[0], ctx.outputs[0]
     rank = ctx.rank(x)
-    if b.opset < 11:
-        pads = b.ints(ctx.attr("pads"))
-        axes = list(range(rank))
-    else:
-        pads = ctx.inputs[1]
-        av = ctx.const(3)
-        if ctx.input(3) and av is None:
-            raise ctx.fail("its axes are not constant")
-        axes = list(range(rank)) if av is None else [int(a) % rank for a in av.reshape(-1)]
+    pads, pads_v = ctx.inputs[1], ctx.const(1)
+    av = ctx.const(3)
+    if ctx.input(3) and av is None:
+        raise ctx.fail("its axes are not constant")
+    axes = list(range(rank)) if av is None else [int(a) % rank for a in av.reshape(-1)]
     n = len(axes)
-    begin = b.op("Slice", [pads, b.ints([0]), b.ints([n]), b.ints([0])])
-    end_pad = b.op("Slice", [pads, b.ints([n]), b.ints([2 * n]), b.ints([0])])
-    ends = b.op("Sub", [b.op("Gather", [b.shape(y), b.ints(axes)], axis=0), end_pad])
-    return [b.slice(dys[0], begin, ends, axes)] + [None] * (len(ctx.inputs) - 1)
+    none = [None] * (len(ctx.inputs) - 1)
+    if mode == "constant" and pads_v is not None and np.all(pads_v >= 0):
+        begin = b.op("Slice", [pads, b.ints([0]), b.ints([n]), b.ints([0])])
+        end_pad = b.op("Slice", [pads, b.ints([n]), b.ints([2 * n]), b.ints([0])])
+        ends = b.op("Sub", [b.op("Gather", [b.shape(y), b.ints(axes)], axis=0), end_pad])
+        return [b.slice(dys[0], begin, ends, axes)] + none
+    g = dys[0]
+    for i, axis in enumerate(axes):
+        if pads_v is not None:
+            pb, pe = int(pads_v.reshape(-1)[i]), int(pads_v.reshape(-1)[n + i])
+            if pb == pe == 0:
+                continue
+        else:
+            pb = b.op("Gather", [pads, b.ints([i])], axis=0)
+            pe = b.op("Gather", [pads, b.ints([n + i])], axis=0)
+        # negative pads crop X first; the padding then extends the cropped tensor
+        cb = _arith(b, "Max", _arith(b, "Sub", 0, pb), 0)
+        ce = _arith(b, "Max", _arith(b, "Sub", 0, pe), 0)
+        pb, pe = _arith(b, "Max", pb, 0), _arith(b, "Max", pe, 0)
+        if mode == "constant":
+            g = _cut(b, g, pb, _end_before(b, g, axis, pe), axis)
+        elif mode == "edge":
+            g = _edge_adjoint(b, g, axis, pb, pe)
+        elif mode == "reflect":
+            g = _reflect_adjoint(b, g, axis, pb, pe)
+        elif _nonzero(pb) or _nonzero(pe):
+            g = _wrap_adjoint(b, g, axis, rank, pb, pe)
+        if _nonzero(cb) or _nonzero(ce):
+            g = b.op("Pad", [g, _axis_pads(b, rank, axis, cb, ce)])
+    return [g] + none
 
 
 @rule("Gather")
