@@ -43,6 +43,12 @@ class SettingsError(OnnxDreamError):
         return f"{name} {self.reason}"
 
 
+class ScheduleError(SettingsError):
+    """A keyframed setting (``"0:blocks.5,120:blocks.9"``, see :mod:`onnxdream.schedule`) cannot
+    be parsed: ``field`` names the setting, ``reason`` what is wrong with its schedule
+    (``str(exc)``: ``"step_size schedule '0:x': 'x' is not a number"``)."""
+
+
 class ModelError(OnnxDreamError):
     """A model file is missing, corrupt or not usable as a dreamable model."""
 
@@ -76,6 +82,11 @@ class ImageTooLargeError(ImageError):
         """``"NAME has N pixels, more than the limit of L"``: what was wrong, no advice."""
         what = f"has {self.pixels:,} pixels" if self.pixels is not None else "is too large"
         return f"{self.subject} {what}, more than the limit of {self.limit:,}"
+
+
+class VideoError(OnnxDreamError):
+    """A video cannot be read (not a video, no frames, audio only, a still image), a frame
+    selection is out of range, or an output cannot be written (unknown extension, …)."""
 
 
 class DeviceError(OnnxDreamError):
