@@ -78,6 +78,11 @@ class ImageTooLargeError(ImageError):
         return f"{self.subject} {what}, more than the limit of {self.limit:,}"
 
 
+class NonFiniteError(OnnxDreamError):
+    """The objective or its gradient stopped being a finite number during a dream (float32
+    overflow: huge layer weights, or a model whose activations overflow); nothing is written."""
+
+
 class DeviceError(OnnxDreamError):
     """The requested execution device (e.g. CUDA) is not available."""
 
