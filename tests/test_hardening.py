@@ -6,6 +6,9 @@ compiles, and the job queue's admission and Retry-After. (The HTTP side: test_se
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,6 +171,33 @@ def _graphs(directory: Path) -> list[Path]:
         else []
 
 
+def test_twenty_weightings_share_one_model_and_one_compiled_graph(model_home, tmp_path,
+                                                                  compiles):
+    """The server's model cache: 20 weightings of a layer compile once, load once, and the
+    compiled graphs on disk stay within the budget; no request changes the shared model."""
+    from onnxdream.jobs import ModelCache, ServerConfig
+    from onnxdream.settings import DreamSettings
+
+    cache = ModelCache(ServerConfig(workers=1, cache_mb=40))
+    cache.compiled.directory = tmp_path / "compiled"  # a private cache for this test
+    first = None
+    for k in range(20):
+        settings = DreamSettings(layers=(f"blocks.5:{101 + k}", "blocks.3:0.5"))
+        gm, objective, params = cache.get(settings)
+        first = first or gm
+        assert gm is first
+        np.testing.assert_array_equal(params["weights"], np.float32([101 + k, 0.5]))
+        assert objective.describe() == f"{101 + k:g}*mean(blocks.5) + 0.5*mean(blocks.3)"
+    assert len(compiles) == 1, compiles
+    np.testing.assert_array_equal(first.params["weights"], np.float32([101, 0.5]))  # untouched
+    assert len(cache.loaded()) == 1
+    assert len(_graphs(cache.compiled.directory)) == 1
+    assert cache.compiled.usage() <= cache.compiled.budget
+    # another structure (a different objective kind) is another model and graph
+    cache.get(DreamSettings(layers=("blocks.5:3",), objective="l2"))
+    assert len(compiles) == 2 and len(cache.loaded()) == 2
+
+
 def test_the_disk_budget_evicts_least_recently_used_graphs(model_home, tmp_path, compiles):
     from onnxdream.exporters.graph.compiler import compile_gradient
     from onnxdream.exporters.graph.objective import Objective
@@ -217,6 +247,23 @@ def test_the_disk_budget_evicts_least_recently_used_graphs(model_home, tmp_path,
     assert isinstance(gm._graph, bytes) and _graphs(tmp_path / "tiny") == []
 
 
+def test_cache_budget_from_the_environment(monkeypatch):
+    from onnxdream.errors import OnnxDreamError
+    from onnxdream.graph_cache import DEFAULT_BUDGET_MB, CompiledCache
+    from onnxdream.jobs import ServerConfig
+
+    monkeypatch.delenv("ONNXDREAM_CACHE_MB", raising=False)
+    assert CompiledCache().budget_mb == DEFAULT_BUDGET_MB == 512
+    assert ServerConfig.from_env(workers=1).cache_mb == 512
+    monkeypatch.setenv("ONNXDREAM_CACHE_MB", "64")
+    assert CompiledCache().budget == 64 * 2**20 and ServerConfig.from_env(workers=1).cache_mb == 64
+    assert ServerConfig.from_env(workers=1, cache_mb=8).cache_mb == 8  # the option wins
+    for bad in ("0", "-3", "lots", "nan"):
+        monkeypatch.setenv("ONNXDREAM_CACHE_MB", bad)
+        with pytest.raises(OnnxDreamError, match="ONNXDREAM_CACHE_MB must be an integer >= 1"):
+            CompiledCache()
+
+
 # ---------------------------------------------------------------------------------------------
 # Nothing half-written stays behind (issue 15, finding 6)
 
@@ -262,3 +309,194 @@ def test_a_failed_compile_or_write_leaves_nothing(model_home, tmp_path, monkeypa
         with pytest.raises(ModelError, match="cannot load"):
             GradientModel(model, ["act"], cache=cache)
     assert list(directory.iterdir()) == []
+
+
+KILLED_WRITER = """
+import sys, time
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from onnxdream.atomic import write_atomic
+
+def slow(tmp):
+    Path(tmp).write_bytes(b"x" * 100000)
+    Path(sys.argv[2]).write_text("writing")
+    time.sleep(120)
+
+write_atomic(Path(sys.argv[1]) / "model-0123456789abcdef.onnx", slow)
+"""
+
+
+def test_kill_9_during_a_cache_write_leaves_a_temp_that_the_next_start_removes(tmp_path):
+    """A writer killed mid-write leaves its temporary; a server starting an hour later removes
+    it (a younger one may be another process's write in progress: kept)."""
+    from onnxdream.graph_cache import CompiledCache
+    from onnxdream.jobs import ModelCache, ServerConfig
+    from onnxdream.server import create_app
+
+    home = tmp_path / "home"
+    compiled = home / "compiled"
+    compiled.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(compiled), str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    temps = [p for p in compiled.iterdir() if p.name.endswith(".tmp")]
+    assert len(temps) == 1 and not (compiled / "model-0123456789abcdef.onnx").exists()
+    young = compiled / ".other.onnx.abc.tmp"
+    young.write_bytes(b"a write in progress elsewhere")
+    hour_ago = time.time() - 3700
+    os.utime(temps[0], (hour_ago, hour_ago))
+
+    old_home = os.environ.get("ONNXDREAM_HOME")
+    os.environ["ONNXDREAM_HOME"] = str(home)
+    try:
+        app = create_app(ServerConfig(workers=1))
+        assert app.state.models.compiled.directory == compiled
+        with _lifespan(app):  # the server's start-up
+            assert not temps[0].exists() and young.exists()
+    finally:
+        if old_home is None:
+            os.environ.pop("ONNXDREAM_HOME", None)
+        else:
+            os.environ["ONNXDREAM_HOME"] = old_home
+    assert isinstance(ModelCache, type) and isinstance(CompiledCache(compiled).usage(), int)
+
+
+class _lifespan:
+    """Runs an ASGI app's start-up on entry and its shutdown on exit (no requests)."""
+
+    def __init__(self, app):
+        import asyncio
+
+        self.app, self.loop = app, asyncio.new_event_loop()
+        self.ctx = app.router.lifespan_context(app)
+
+    def __enter__(self):
+        self.loop.run_until_complete(self.ctx.__aenter__())
+        return self.app
+
+    def __exit__(self, *exc):
+        try:
+            self.loop.run_until_complete(self.ctx.__aexit__(None, None, None))
+        finally:
+            self.loop.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The job queue: Retry-After from the work waiting (issue 15, finding 6)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+def _request(width: int, height: int):
+    from onnxdream.jobs import DreamRequest
+    from onnxdream.settings import DreamSettings
+
+    return DreamRequest(settings=DreamSettings(octaves=1, steps=10, seed=1), fmt="png",
+                        image=None, alpha=None, size=(width, height))
+
+
+@pytest.mark.parametrize("history", [True, False])
+def test_retry_after_is_the_work_waiting_at_the_recent_speed(monkeypatch, history):
+    """17 dreams of ~50 s waiting: Retry-After says ~14 minutes, not 1 s (the old estimate:
+    the mean time of recent jobs, tiny ones here, times the queue). Without history the
+    running dream's progress gives the speed."""
+    import onnxdream.jobs as jobs
+    from onnxdream.jobs import JobCancelled, JobManager, QueueFull, ServerConfig
+
+    clock, release, started = FakeClock(), threading.Event(), threading.Event()
+
+    def fake_run(req, models, job):
+        if req.size == (64, 64):  # a thumbnail: 0.05 s
+            clock.advance(0.05)
+            return b"ok"
+        job.total, job.done = 10, 1  # a big dream: one step in 5 s, so 50 s in all
+        clock.advance(5.0)
+        started.set()
+        release.wait(30)
+        raise JobCancelled()
+
+    monkeypatch.setattr(jobs, "run_request", fake_run)
+    manager = JobManager(ServerConfig(workers=1, max_queue=16), None, clock=clock)
+    try:
+        if history:
+            for _ in range(5):
+                job = manager.submit(_request(64, 64), track=False)
+                assert job.future.result(10).state == "done"
+        big = (2048, 2000)  # 1000x the pixels of 64x64: ~50 s at the thumbnails' speed
+        manager.submit(_request(*big), track=False)
+        assert started.wait(10)
+        for _ in range(16):
+            manager.submit(_request(*big), track=False)
+        with pytest.raises(QueueFull) as info:
+            manager.submit(_request(64, 64), track=False)
+        # ahead: 0.9 of the running dream + 16 queued, at ~50 s each
+        assert 700 <= info.value.retry_after <= 1000, info.value.retry_after
+        assert manager.retry_after() == info.value.retry_after
+        assert f"retry in {info.value.retry_after}s" in str(info.value)
+    finally:
+        release.set()
+        manager.stop()
+
+
+def test_nothing_known_yet_assumes_ten_seconds_a_dream(monkeypatch):
+    from onnxdream.jobs import JobManager, ServerConfig
+
+    manager = JobManager(ServerConfig(workers=2, max_queue=4), None, clock=FakeClock())
+    assert manager.retry_after() == 1
+    with manager.admit(), manager.admit(), manager.admit():
+        assert manager.retry_after() == 15  # 3 dreams being admitted, 2 workers, 10 s each
+    assert manager.stats()["admitting"] == 0
+
+
+def test_admission_holds_a_place_and_gives_it_back(monkeypatch):
+    import onnxdream.jobs as jobs
+    from onnxdream.jobs import JobManager, QueueFull, ServerConfig, ShuttingDown
+
+    release = threading.Event()
+    monkeypatch.setattr(jobs, "run_request", lambda req, models, job: release.wait(30) and b"")
+    manager = JobManager(ServerConfig(workers=1, max_queue=1), None)
+    try:
+        with manager.admit() as first:
+            with manager.admit():
+                with pytest.raises(QueueFull):  # two places held: capacity 2
+                    with manager.admit():
+                        pass
+            # the second was given back (a bad request, say): there is room again
+            with manager.admit() as second:
+                manager.submit(_request(64, 64), track=False, admission=second)
+            manager.submit(_request(64, 64), track=False, admission=first)
+        assert manager.stats()["admitting"] == 0
+        with pytest.raises(QueueFull):
+            manager.submit(_request(64, 64), track=False)
+    finally:
+        release.set()
+        manager.stop()
+    with pytest.raises(ShuttingDown):
+        with manager.admit():
+            pass
