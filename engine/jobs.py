@@ -3,8 +3,11 @@
 No web framework here: the HTTP server (:mod:`onnxdream.server`) and a batch runner both build on
 it. :class:`ServerConfig` says what is allowed and how much runs at once (from options and
 ``ONNXDREAM_*`` variables); :class:`ModelCache` holds one GradientModel (one onnxruntime session)
-per compiled objective, shared by every job; :class:`JobManager` runs :class:`DreamRequest`\\ s
-on a fixed pool of threads over a bounded FIFO, with progress, cancellation and expiry.
+per objective *structure* (layers and kinds, not weights), shared by every job, each dream
+feeding its own weights; :class:`JobManager` runs :class:`DreamRequest`\\ s on a fixed pool of
+threads over a bounded FIFO, with progress, cancellation and expiry. A front end takes a place
+in the queue (:meth:`JobManager.admit`) before it reads, decodes or compiles anything; queued
+requests hold the encoded image, which the worker decodes when the dream starts.
 
 Errors: a job's failure is kept as the exception itself (``Job.exception``); front ends map its
 *type* to what they show (an HTTP status, an exit code). The queue's own refusals are

@@ -501,7 +501,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(400, f"format must be png, jpeg or webp, got {fmt[:20]!r}")
         settings = build_settings(fields, layers, config)
         models.source(settings.model)  # an allowed name, or ModelError now
-        req = DreamRequest.from_bytes(settings, fmt, data, config.max_pixels)  # header only
+        req = await run_in_threadpool(DreamRequest.from_bytes, settings, fmt, data,
+                                      config.max_pixels)  # the header only: size, format
         # bad layer/objective: 400 now; a compile runs one at a time, within the admission
         await run_in_threadpool(models.get, settings)
         return req

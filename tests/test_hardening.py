@@ -333,6 +333,7 @@ write_atomic(Path(sys.argv[1]) / "model-0123456789abcdef.onnx", slow)
 def test_kill_9_during_a_cache_write_leaves_a_temp_that_the_next_start_removes(tmp_path):
     """A writer killed mid-write leaves its temporary; a server starting an hour later removes
     it (a younger one may be another process's write in progress: kept)."""
+    pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
     from onnxdream.graph_cache import CompiledCache
     from onnxdream.jobs import ModelCache, ServerConfig
     from onnxdream.server import create_app
