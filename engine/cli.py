@@ -283,6 +283,17 @@ def serve(
         "\\[env ONNXDREAM_MODEL_PATHS]. Requests can name only these and the zoo.")] = None,
     device: Annotated[str | None, typer.Option(
         help=DEVICE_HELP + " \\[env ONNXDREAM_DEVICE]")] = None,
+    cache_mb: Annotated[int | None, typer.Option(
+        help="Disk budget of the compiled-graph cache in MB; the least recently used graphs "
+        "are removed first (default 512) \\[env ONNXDREAM_CACHE_MB].", min=1)] = None,
+    trusted_host: Annotated[list[str] | None, typer.Option(
+        "--trusted-host", help="A Host header to serve (example.com, *.example.com); "
+        "repeatable; others get 400. Default: localhost names when --host is a loopback "
+        "address, else any \\[env ONNXDREAM_TRUSTED_HOSTS, comma-separated].")] = None,
+    docs: Annotated[bool, typer.Option(
+        "--docs", help="Serve the interactive API docs at /docs (Swagger UI, whose script "
+        "comes from the jsDelivr CDN; that page's CSP allows it). /openapi.json is always "
+        "served.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):
     r"""Serve dreams over HTTP, with a web page at / (needs onnxdream\[serve]).
@@ -292,6 +303,7 @@ def serve(
     """
     with user_errors():
         import importlib.util
+        import os
 
         from onnxdream.errors import DependencyError
 
@@ -301,14 +313,30 @@ def serve(
             raise DependencyError("the server needs the [serve] extra: pip install 'onnxdream[serve]'")
         from onnxdream.server import ServerConfig, run
 
+        hosts = trusted_host or None
+        if not hosts and not os.environ.get("ONNXDREAM_TRUSTED_HOSTS", "").strip() \
+                and _is_loopback(host):
+            hosts = ["localhost", "127.0.0.1", "::1", "[::1]"]  # no DNS rebinding onto it
         config = ServerConfig.from_env(workers=workers, max_queue=max_queue,
                                        max_pixels=max_pixels, max_body_mb=max_body,
                                        max_steps=max_steps, device=device,
-                                       model_paths=model_path)
+                                       model_paths=model_path, cache_mb=cache_mb,
+                                       trusted_hosts=hosts, docs=docs)
         typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
                    f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
                    f"{config.max_queue}, device {config.device})", err=True)
         run(config, host=host, port=port, log_level=log_level)
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"onnxdream.{_name}")

@@ -89,6 +89,11 @@ class VideoError(OnnxDreamError):
     selection is out of range, or an output cannot be written (unknown extension, …)."""
 
 
+class NonFiniteError(OnnxDreamError):
+    """The objective or its gradient stopped being a finite number during a dream (float32
+    overflow: huge layer weights, or a model whose activations overflow); nothing is written."""
+
+
 class DeviceError(OnnxDreamError):
     """The requested execution device (e.g. CUDA) is not available."""
 

@@ -49,6 +49,7 @@ __all__ = [
     "READ_FORMATS",
     "check_output_path",
     "encode_image",
+    "image_size",
     "load_image",
     "load_image_bytes",
     "read_metadata",
@@ -335,6 +336,33 @@ def load_image_bytes(
     if not data:
         raise ImageError(f"{name} is empty")
     return _decode_to_loaded(io.BytesIO(data), name, max_pixels)
+
+
+def image_size(data: bytes, *, name: str = "the uploaded image",
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of an encoded image from its header alone (after EXIF rotation),
+    without decoding its pixels: ImageError if it is not an image in a supported format,
+    ImageTooLargeError past ``max_pixels``. A truncated body is found only by decoding."""
+    if not data:
+        raise ImageError(f"{name} is empty")
+    try:
+        with _pil_limits(max_pixels), Image.open(io.BytesIO(data), formats=_read_formats()) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:  # noqa: BLE001 - broken EXIF: as stored (like the decoder)
+                orientation = 1
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(name, exc, None, max_pixels or 0) from exc
+    except UnidentifiedImageError as exc:
+        supported = ", ".join(f for f in _read_formats() if f != "DIB")
+        raise ImageError(f"{name} is not an image in a supported format ({supported})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        detail = str(exc).strip().rstrip(".") or type(exc).__name__
+        raise ImageError(f"{name} is corrupt or cannot be decoded ({detail})") from exc
+    if max_pixels is not None and w * h > max_pixels:
+        raise _bomb_error(name, None, w * h, max_pixels)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 # --------------------------------------------------------------------------------------------

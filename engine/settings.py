@@ -147,8 +147,9 @@ class DreamSettings:
              "tile_size", "must be 0 (no tiles) or between 64 and 8192 pixels"),
             (self.normalize in NORMALIZERS, "normalize",
              f"must be one of {', '.join(NORMALIZERS)}"),
-            (self.max_loss is None or _is_number(self.max_loss), "max_loss",
-             "must be a number"),
+            (self.max_loss is None or (_is_number(self.max_loss)
+                                       and math.isfinite(self.max_loss)), "max_loss",
+             "must be a finite number"),
             (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed",
              "must be between 0 and 2^32-1"),
         ])

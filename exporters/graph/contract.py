@@ -153,7 +153,51 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(f"{path} is not a valid ONNX model (it has no graph nodes)")
     if len(proto.graph.input) < 1:
         raise ModelError("the model has no input")
+    check_initializers(proto)
     return ensure_opset(proto)
+
+
+def check_initializers(proto: onnx.ModelProto) -> None:
+    """ModelError naming the first initializer whose stored values do not match its declared
+    shape (a truncated or hostile file: ``dims`` of 10^12 and no data would otherwise make
+    numpy try to allocate terabytes). Externally stored tensors are checked where they are read."""
+    for t in proto.graph.initializer:
+        declared = 1
+        for d in t.dims:
+            if d < 0:
+                raise ModelError(f"model initializer '{t.name[:80]}' has a negative dimension "
+                                 f"{list(t.dims)}: the file is corrupt")
+            declared *= d
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        stored = _stored_values(t)
+        if stored is not None and stored != declared:
+            raise ModelError(f"model initializer '{t.name[:80]}' declares {declared:,} values "
+                             f"(shape {list(t.dims)}) but holds {stored:,}: the file is corrupt "
+                             "or truncated")
+
+
+def _stored_values(t: onnx.TensorProto) -> int | None:
+    """How many values ``t`` stores inline (None when that cannot be told: packed 4-bit types)."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t.data_type in _PACKED_TYPES:
+        return None
+    if t.raw_data:
+        return len(t.raw_data) // itemsize
+    per_value = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) \
+        else 1
+    for values in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data,
+                   t.string_data):
+        if len(values):
+            return len(values) // per_value
+    return 0
+
+
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
+                                                        "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 def opset_of(model: onnx.ModelProto) -> int:
