@@ -38,6 +38,7 @@ from onnxdream.exporters.graph.contract import (
     cut_spatial,
     is_spatial,
     load_model,
+    require_dreamable,
 )
 from onnxdream.exporters.graph.layers import layer_names, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
@@ -86,6 +87,7 @@ class GradientModel:
                  device: str = "auto", threads: int | None = None, cache: bool = True):
         self.model_path = resolve_model_path(model)
         proto = load_model(self.model_path)
+        require_dreamable(proto, str(model))
         self.info = ModelInfo.load(proto)
         self.metadata = self.info.metadata
         if not isinstance(layers, Objective) and not layers and not objective.startswith("class"):

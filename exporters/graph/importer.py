@@ -813,6 +813,6 @@ def guess_flags(model: onnx.ModelProto) -> tuple[list[str], str]:
         tensor, note = find_logits(model, shapes, None)
     except Exception:  # noqa: BLE001 - a hint is best effort
         tensor, note = None, None
-    if tensor is not None and note:
-        flags += ["--logits", tensor]
+    if tensor is None and note:  # several [N, K] outputs: the user picks
+        flags += ["--logits", "TENSOR"]
     return flags, what

@@ -44,15 +44,14 @@ class Preprocess:
 
     def describe(self) -> str:
         """What it does, for the model's ``onnxdream.preprocess`` metadata and the summary."""
-        parts = [f"x*{_num(self.scale)}" if self.scale != 1 else "x"]
-        if self.bgr:
-            parts.append("as BGR")
+        if self.spec in DESCRIPTIONS:
+            return f"{self.spec}: {DESCRIPTIONS[self.spec]}"
+        x = f"x*{_num(self.scale)}" if self.scale != 1 else "x"
         if any(m != 0 for m in self.mean):
-            parts.append(f"minus [{', '.join(_num(m) for m in self.mean)}]")
+            x = f"({x} - {_nums(self.mean)})"
         if any(s != 1 for s in self.std):
-            parts.append(f"divided by [{', '.join(_num(s) for s in self.std)}]")
-        what = ", ".join(parts) if len(parts) > 1 else "x as it is"
-        return f"{self.spec}: RGB x in [0,1] -> {what}"
+            x = f"{x} / {_nums(self.std)}"
+        return f"{self.spec}: {x}{', BGR' if self.bgr else ''} (x: RGB in [0,1])"
 
     def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """(multiplier, offset), each ``[1, C, 1, 1]``: ``y = x * multiplier + offset``."""
@@ -100,6 +99,14 @@ class Preprocess:
         std = np.asarray(_expand(self.std, channels, "std")).reshape(1, -1, 1, 1)
         return (x * self.scale - mean) / std
 
+
+DESCRIPTIONS = {
+    "tf": "x*2 - 1, RGB in [-1,1]",
+    "torch": "(x - ImageNet mean) / ImageNet std, RGB",
+    "caffe": "BGR, x*255 minus the ImageNet mean [103.939, 116.779, 123.68]",
+    "none": "x*255, RGB in 0..255",
+    "unit": "x, RGB in [0,1] as it is",
+}
 
 NAMED: dict[str, Preprocess] = {
     # PREPROCESSING["tf"]: x*255/127.5 - 1
@@ -174,3 +181,9 @@ def _expand(values: tuple[float, ...], channels: int, what: str) -> tuple[float,
 
 def _num(v: float) -> str:
     return f"{v:g}"
+
+
+def _nums(values: tuple[float, ...]) -> str:
+    if len(set(values)) == 1:
+        return _num(values[0])
+    return "[" + ", ".join(_num(v) for v in values) + "]"
