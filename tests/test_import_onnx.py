@@ -420,6 +420,23 @@ def test_fixed_batch_one_becomes_any_batch_where_it_runs(tmp_path):
     assert logits.shape == (3, 5)
 
 
+def test_a_network_whose_own_input_is_called_image(tmp_path):
+    """Its NHWC input `image` is renamed inside; `--logits none` keeps it headless."""
+    from onnxdream.exporters.graph.contract import ModelInfo
+    from onnxdream.exporters.graph.importer import import_onnx
+
+    src = tiny_network(tmp_path / "net.onnx", ["n", "h", "w", 3], name="image",
+                       channels_last=True)
+    result = import_onnx(src, tmp_path / "out.onnx", preprocess="none", logits="none")
+    assert result.logits is None and result.layout == "nhwc"
+    info = ModelInfo.load(tmp_path / "out.onnx")
+    assert not info.has_logits and info.outputs == ["scores"]
+    x = np.random.default_rng(0).random((1, 3, 20, 24), dtype=np.float32)
+    (got,) = session(tmp_path / "out.onnx").run(["scores"], {"image": x})
+    (want,) = session(src).run(["scores"], {"image": x.transpose(0, 2, 3, 1) * 255})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["tf", "torch", "caffe", "none", "unit"])
 def test_named_preprocessing_means_what_the_exporters_mean(tmp_path, kind):
     """The wrapper's graph equals exporters/preprocess.py's torch function for each name."""

@@ -284,6 +284,7 @@ class LayerScan:
     depth: dict[str, int]  # learned ops upstream
     layouts: dict[str, str]  # tensor -> "NHWC" for channels-last ones
     merges: set[str]  # outputs of Add/Sum/Concat of two or more image-dependent tensors
+    feature_maps: set[str]  # rank-4 tensors whose axes are known to be N, C, H, W (any order)
     total_depth: int
 
 
@@ -323,8 +324,9 @@ def scan_layers(model: onnx.ModelProto, image: str, shapes: dict, dtypes: dict,
                 if node.op_type in MERGES and len(ins) >= 2:
                     merges.add(out)
     layouts = {t: "NHWC" for t in order if axes.get(t) == "NHWC"}
+    maps = {t for t in order if axes.get(t) in ("NCHW", "NHWC")}
     return LayerScan(order, op, {t: shapes[t] for t in order}, {t: depth[t] for t in order},
-                     layouts, merges, max(depth.values()))
+                     layouts, merges, maps, max(depth.values()))
 
 
 def _layout_of(node: onnx.NodeProto, ins: Sequence[str], axes: dict[str, str]) -> str | None:
@@ -415,7 +417,8 @@ def _strip_uniform_suffix(aliases: dict[str, str], names: set[str]) -> dict[str,
 
 def default_layer(scan: LayerScan, names: dict[str, str], native: tuple[int, int]) -> str | None:
     """A layer about :data:`DEFAULT_DEPTH` into the network (counted in learned ops), preferring
-    merges (residual Adds, Concats) or else activations, with some spatial extent left."""
+    merges (residual Adds, Concats) or else activations: a feature map with some spatial extent
+    left, or a token sequence (rank 3) in a network made mostly of those (a transformer)."""
     def spatial(t: str) -> bool:
         s = scan.shapes[t]
         if len(s) != 4:
@@ -423,8 +426,9 @@ def default_layer(scan: LayerScan, names: dict[str, str], native: tuple[int, int
         hw = s[1:3] if scan.layouts.get(t) == "NHWC" else s[2:4]
         return all(isinstance(v, int) and v > 1 for v in hw)
 
-    four = [t for t in scan.order if len(scan.shapes[t]) == 4 and spatial(t)]
-    pool = four or [t for t in scan.order if len(scan.shapes[t]) == 3]
+    four = [t for t in scan.order if t in scan.feature_maps and spatial(t)]
+    three = [t for t in scan.order if len(scan.shapes[t]) == 3]
+    pool = four if len(four) >= len(three) else three
     if not pool:
         return None
     merges = [t for t in pool if t in scan.merges]
@@ -625,10 +629,14 @@ def import_onnx(
     result = ImportResult(None, proto, vi.name, dims, lay, layout is None, channels, prep,
                           native, not fixed, logit_tensor, classes, label_list, table, defaults,
                           True, notes)
-    if check:
+    small = proto.ByteSize() < 2_000_000_000  # protobuf's limit for one message
+    if check and small:
         _probe(result, size_assumed, batch_symbolic)
+    elif check:
+        notes.append("not run with onnxruntime to check it (over 2 GB)")
     try:
-        onnx.checker.check_model(proto)
+        if small:
+            onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"the wrapped model is not valid ONNX ({first_line(exc)})") from None
     if out is not None:
