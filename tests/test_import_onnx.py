@@ -387,6 +387,16 @@ def test_bad_flags_are_one_line_errors(model_home, tmp_path, dims, flags, needle
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_missing_or_corrupt_file_is_one_line(model_home, tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    for name, needle in [("missing.onnx", "no such model file"),
+                         ("junk.onnx", "not a valid ONNX model")]:
+        proc = run_cli("import", "onnx", str(tmp_path / name), "-o", str(tmp_path / "o.onnx"),
+                       home=model_home, check=False)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_a_model_that_runs_at_one_size_needs_size(tmp_path):
     """Symbolic H/W in the file, but a Reshape that only fits 16x16: --size says which."""
     from onnxdream.errors import ModelError

@@ -465,9 +465,8 @@ def import_onnx(
     as fixed-size, one that needs ``--size`` says so.
     """
     src_name = Path(model).name if not isinstance(model, onnx.ModelProto) else "the model"
-    raw = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else _copy(model)
-    if not raw.graph.node:
-        raise ModelError(f"{src_name} has no graph nodes")
+    # a missing, corrupt or empty file is a ModelError; opset >= 18 (converted if older)
+    raw = contract.load_model(model if not isinstance(model, onnx.ModelProto) else _copy(model))
     if contract.metadata(raw).get(contract.FORMAT_KEY):
         raise ModelError(f"{src_name} is already a dreamable model (it has onnxdream metadata); "
                          "use it as it is")
@@ -479,10 +478,10 @@ def import_onnx(
                   else [str(x) for x in labels])
     notes: list[str] = []
 
-    moved = constants_to_initializers(raw)
+    proto = raw
+    moved = constants_to_initializers(proto)
     if moved:
         notes.append(f"{moved} Constant nodes became initializers")
-    proto = contract.load_model(raw)
     proto.ir_version = max(proto.ir_version, 8)
     vi = choose_input(proto, input)
     dims = dims_of(vi)
