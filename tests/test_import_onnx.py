@@ -495,7 +495,7 @@ def test_grey_nhwc_network(tmp_path):
 
 
 def test_aliases_are_short_unique_and_never_shadow_a_tensor():
-    from onnxdream.exporters.graph.importer import layer_aliases
+    from onnxdream.exporters.graph.import_layers import layer_aliases
 
     tensors = ["m/a/conv:0", "m/a/relu:0", "m/b/bn/mul:0", "m/b/bn/add:0", "m/b/relu:0",
                "m/c/x/relu:0", "m/d/x/relu:0", "relu", "m/relu/Relu:0"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,29 +31,17 @@ from onnx import helper, numpy_helper
 
 from onnxdream.errors import ModelError, SettingsError, first_line
 from onnxdream.exporters.graph import contract
-from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE, infer_shapes, node_inputs
+from onnxdream.exporters.graph.autodiff import infer_shapes, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
+from onnxdream.exporters.graph.import_layers import (
+    FLOATS,
+    default_layer,
+    layer_aliases,
+    scan_layers,
+)
 from onnxdream.exporters.graph.preprocessing import Preprocess, parse_preprocess
 
-FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-          onnx.TensorProto.BFLOAT16}
 LAYOUTS = ("nchw", "nhwc")
-#: ops that carry learned weights: a tensor is a layer only downstream of one of them
-LEARNED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "BatchNormalization",
-           "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Attention",
-           "MultiHeadAttention", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul"}
-#: ops whose output is another view of their input: not listed as layers of their own
-VIEWS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast",
-         "Dropout", "Expand"}
-#: ops that produce NCHW whatever their input was
-CHANNELS_FIRST = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool",
-                  "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
-                  "InstanceNormalization", "LRN", "Resize", "Upsample", "DepthToSpace",
-                  "SpaceToDepth", "GroupNormalization"}
-ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid",
-               "HardSwish", "Gelu", "Tanh", "Softplus", "Mish", "Swish", "Celu"}
-MERGES = {"Add", "Sum", "Concat"}  # with two or more inputs from the image
-DEFAULT_DEPTH = 0.6  # the default layer: this far into the network, by learned ops
 
 
 @dataclass
@@ -116,9 +103,9 @@ def choose_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueI
                                 + ", ".join(f"{i.name!r} {_shape(dims_of(i))}" for i in inputs)
                                 + ")")
         vi = floats[0]
-    if vi.type.tensor_type.elem_type not in FLOATS:
-        raise SettingsError("input", f"{vi.name!r} is not a float tensor: an image input is "
-                            "float (uint8 inputs are not supported)")
+    if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise SettingsError("input", f"{vi.name!r} is not a float32 tensor: only float32 "
+                            "image inputs are supported (not uint8, float16 or double)")
     others = [i.name for i in inputs if i.name != vi.name]
     if others:
         raise ModelError(f"the model has more inputs than the image ({', '.join(others)}); a "
@@ -271,175 +258,6 @@ def find_logits(model: onnx.ModelProto, shapes: dict, requested: str | None
 
 
 # ---------------------------------------------------------------------------------------------
-# layers
-
-
-@dataclass(frozen=True)
-class LayerScan:
-    """The float tensors the network computes from the image, with what the defaults need."""
-
-    order: list[str]  # layer tensors in network order
-    op: dict[str, str]  # tensor -> producing op
-    shapes: dict[str, tuple]
-    depth: dict[str, int]  # learned ops upstream
-    layouts: dict[str, str]  # tensor -> "NHWC" for channels-last ones
-    merges: set[str]  # outputs of Add/Sum/Concat of two or more image-dependent tensors
-    feature_maps: set[str]  # rank-4 tensors whose axes are known to be N, C, H, W (any order)
-    total_depth: int
-
-
-def scan_layers(model: onnx.ModelProto, image: str, shapes: dict, dtypes: dict,
-                wrapper: set[str] = frozenset()) -> LayerScan:
-    """Every float tensor of rank 4 or 3 downstream of a learned op on the image's path,
-    except views (:data:`VIEWS`) and the ``wrapper``'s own tensors (the preprocessing)."""
-    reach: set[str] = {image}
-    depth: dict[str, int] = {image: 0}
-    learned: set[str] = set()
-    axes: dict[str, str] = {image: "NCHW"}  # what each rank-4 tensor's axes mean
-    order: list[str] = []
-    op: dict[str, str] = {}
-    merges: set[str] = set()
-    for node in model.graph.node:
-        ins = [i for i in node_inputs(node) if i in reach]
-        if not ins or node.op_type in NON_DIFFERENTIABLE:
-            continue
-        own = node.op_type in LEARNED and not wrapper.intersection(node.output)
-        d = max(depth[i] for i in ins) + own
-        after = own or any(i in learned for i in ins)
-        layout = _layout_of(node, ins, axes)
-        for out in node.output:
-            if not out:
-                continue
-            reach.add(out)
-            depth[out] = d
-            if after:
-                learned.add(out)
-            shape = shapes.get(out)
-            if shape is not None and len(shape) == 4 and layout:
-                axes[out] = layout
-            if (after and node.op_type not in VIEWS and shape is not None
-                    and len(shape) in (3, 4) and dtypes.get(out) in FLOATS):
-                order.append(out)
-                op[out] = node.op_type
-                if node.op_type in MERGES and len(ins) >= 2:
-                    merges.add(out)
-    layouts = {t: "NHWC" for t in order if axes.get(t) == "NHWC"}
-    maps = {t for t in order if axes.get(t) in ("NCHW", "NHWC")}
-    return LayerScan(order, op, {t: shapes[t] for t in order}, {t: depth[t] for t in order},
-                     layouts, merges, maps, max(depth.values()))
-
-
-def _layout_of(node: onnx.NodeProto, ins: Sequence[str], axes: dict[str, str]) -> str | None:
-    if node.op_type in CHANNELS_FIRST:
-        return "NCHW"
-    src = next((axes[i] for i in ins if i in axes), None)
-    if node.op_type == "Transpose":
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        if src is None or perm is None or len(perm) != 4:
-            return None
-        return "".join(src[p] for p in perm)
-    if node.op_type in VIEWS - {"Identity", "Cast", "Dropout"}:
-        return None
-    return src
-
-
-def layer_aliases(tensors: Sequence[str], taken: set[str]) -> dict[str, str]:
-    """Short names for tensors with long path names: tensor -> alias.
-
-    A tensor named like a path (``model/block_1/conv_pw_1_relu/Relu6:0``) is the output of each
-    scope (``model/block_1/conv_pw_1_relu``) whose last tensor it is, in network order. Its alias
-    is the innermost such scope's last part where that part is unique among the scopes
-    (``conv_pw_1_relu``), else the shortest unique tail of the innermost scope. A scope that
-    holds most of the layers (the model's own name) names nothing. A ``_N`` suffix that every
-    one-part alias shares (Keras 3 calling a model inside another adds ``_1`` to every layer) is
-    dropped when the names stay unique. Aliases never equal another tensor's name nor ``taken``.
-    """
-    paths = {t: _path(t) for t in tensors}
-    paths = {t: p for t, p in paths.items() if len(p) > 1}
-    if not paths:
-        return {}
-    last: dict[tuple, str] = {}  # scope -> its last tensor (network order)
-    size: Counter = Counter()
-    for t in tensors:
-        p = paths.get(t)
-        if p is None:
-            continue
-        for k in range(1, len(p)):
-            last[p[:k]] = t
-            size[p[:k]] += 1
-    scopes = [s for s in last if size[s] <= max(1, len(paths) // 2)]
-    part_count = Counter(s[-1] for s in scopes)
-    names = set(tensors) | set(taken)
-    used: set[str] = set()
-    aliases: dict[str, str] = {}
-    for t, p in paths.items():
-        own = [p[:k] for k in range(len(p) - 1, 0, -1) if p[:k] in scopes and last[p[:k]] == t]
-        if not own:
-            continue
-        alias = None
-        for s in own:  # innermost first: a unique one-part name
-            if part_count[s[-1]] == 1:
-                alias = s[-1]
-                break
-        if alias is None:  # the shortest tail of the innermost scope that no other scope has
-            s = own[0]
-            for k in range(2, len(s) + 1):
-                tail = s[-k:]
-                if sum(1 for o in scopes if o[-k:] == tail) == 1:
-                    alias = "/".join(tail)
-                    break
-        if alias and alias not in names and alias not in used and alias != t:
-            aliases[t] = alias
-            used.add(alias)
-    return _strip_uniform_suffix(aliases, names)
-
-
-def _path(tensor: str) -> tuple[str, ...]:
-    base = re.sub(r":\d+$", "", tensor).strip("/")
-    return tuple(p for p in base.split("/") if p)
-
-
-def _strip_uniform_suffix(aliases: dict[str, str], names: set[str]) -> dict[str, str]:
-    single = [a for a in aliases.values() if "/" not in a]
-    m = [re.search(r"_(\d+)$", a) for a in single]
-    if len(single) < 3 or not all(m) or len({x.group(1) for x in m}) != 1:
-        return aliases
-    suffix = "_" + m[0].group(1)
-    out = {}
-    stripped = {a[: -len(suffix)] for a in single}
-    if len(stripped) != len(single):
-        return aliases
-    for t, a in aliases.items():
-        short = a[: -len(suffix)] if "/" not in a else a
-        out[t] = a if (short in names and short != t) else short
-    return out if len(set(out.values())) == len(out) else aliases
-
-
-def default_layer(scan: LayerScan, names: dict[str, str], native: tuple[int, int]) -> str | None:
-    """A layer about :data:`DEFAULT_DEPTH` into the network (counted in learned ops), preferring
-    merges (residual Adds, Concats) or else activations: a feature map with some spatial extent
-    left, or a token sequence (rank 3) in a network made mostly of those (a transformer)."""
-    def spatial(t: str) -> bool:
-        s = scan.shapes[t]
-        if len(s) != 4:
-            return True
-        hw = s[1:3] if scan.layouts.get(t) == "NHWC" else s[2:4]
-        return all(isinstance(v, int) and v > 1 for v in hw)
-
-    four = [t for t in scan.order if t in scan.feature_maps and spatial(t)]
-    three = [t for t in scan.order if len(scan.shapes[t]) == 3]
-    pool = four if len(four) >= len(three) else three
-    if not pool:
-        return None
-    merges = [t for t in pool if t in scan.merges]
-    acts = [t for t in pool if scan.op[t] in ACTIVATIONS]
-    preferred = merges if len(merges) >= 3 else (acts or merges or pool)
-    target = DEFAULT_DEPTH * max(scan.total_depth, 1)
-    best = min(preferred, key=lambda t: (abs(scan.depth[t] - target), -scan.depth[t]))
-    return names[best]
-
-
-# ---------------------------------------------------------------------------------------------
 # the wrapper
 
 
@@ -466,10 +284,11 @@ def import_onnx(
     """
     src_name = Path(model).name if not isinstance(model, onnx.ModelProto) else "the model"
     # a missing, corrupt or empty file is a ModelError; opset >= 18 (converted if older)
-    raw = contract.load_model(model if not isinstance(model, onnx.ModelProto) else _copy(model))
-    if contract.metadata(raw).get(contract.FORMAT_KEY):
+    proto = contract.load_model(model if not isinstance(model, onnx.ModelProto) else _copy(model))
+    if contract.metadata(proto).get(contract.FORMAT_KEY):
         raise ModelError(f"{src_name} is already a dreamable model (it has onnxdream metadata); "
                          "use it as it is")
+    own_metadata = {p.key: p.value for p in proto.metadata_props}
     prep = preprocess if isinstance(preprocess, Preprocess) else parse_preprocess(preprocess)
     if layout is not None and layout.lower() not in LAYOUTS:
         raise SettingsError("layout", f"must be nchw or nhwc, not {layout!r}")
@@ -477,124 +296,34 @@ def import_onnx(
     label_list = (read_labels(labels) if isinstance(labels, (str, os.PathLike)) or labels is None
                   else [str(x) for x in labels])
     notes: list[str] = []
-
-    proto = raw
     moved = constants_to_initializers(proto)
     if moved:
         notes.append(f"{moved} Constant nodes became initializers")
     proto.ir_version = max(proto.ir_version, 8)
+
     vi = choose_input(proto, input)
     dims = dims_of(vi)
-    guessed = infer_layout(dims)
-    lay = layout.lower() if layout else guessed
-    if lay is None:
-        raise SettingsError("layout", f"is needed: the input {vi.name!r} is {_shape(dims)}, "
-                            "which does not tell channels-first (nchw) from channels-last (nhwc)")
-    channels = _channels(dims, lay)
-    if not isinstance(channels, int) or channels <= 0:
-        channels = 3
-        notes.append(f"the input's channel axis is not fixed: assumed 3 ({lay})")
-    if channels not in (1, 3):
-        raise ModelError(f"the input {vi.name!r} {_shape(dims)} has {channels} channels in "
-                         f"{lay.upper()}: an image network takes 3 (RGB/BGR) or 1 (grey)"
-                         + ("" if layout else "; or give --layout"))
-    if channels == 1:
-        notes.append("one input channel: the image is turned to grey (ITU-R 601 luma)")
-    h_dim, w_dim = _spatial(dims, lay)
-    fixed = isinstance(h_dim, int) and isinstance(w_dim, int) and h_dim > 0 and w_dim > 0
-    if fixed:
-        if want_size is not None and want_size != (h_dim, w_dim):
-            raise SettingsError("size", f"is {want_size[0]}x{want_size[1]} but the input "
-                                f"{vi.name!r} is fixed at {h_dim}x{w_dim}")
-        native = (h_dim, w_dim)
-    elif isinstance(h_dim, int) and h_dim > 0 or isinstance(w_dim, int) and w_dim > 0:
-        if want_size is None:
-            raise SettingsError("size", f"is needed: the input {vi.name!r} {_shape(dims)} fixes "
-                                "one side only; give the size the network runs at, HxW")
-        native = want_size
-        fixed = True
-    else:
-        native = want_size or (contract.DEFAULT_SIZE, contract.DEFAULT_SIZE)
-    size_assumed = not fixed and want_size is None
-    batch_dim = dims[0]
+    lay, channels = _layout_and_channels(vi.name, dims, layout, notes)
+    native, fixed = _native_size(vi.name, dims, lay, want_size)
+    shapes, _ = _infer(proto, vi.name, dims, lay, native)
+    logit_tensor, note = find_logits(proto, shapes, logits)
+    notes += [note] if note else []
 
-    # rename what would collide with the contract's names
     tensors = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
     taken = tensors | {i.name for i in proto.graph.initializer} | {n.name for n in proto.graph.node}
     builder = GraphBuilder(contract.opset_of(proto), "import", taken)
-    shapes, dtypes = _infer(proto, vi.name, dims, lay, native)
-    logit_tensor, note = find_logits(proto, shapes, logits)
-    if note:
-        notes.append(note)
-    for reserved in (contract.IMAGE, contract.LOGITS):
-        if reserved in tensors and not (reserved == contract.LOGITS and logit_tensor == reserved
-                                        and reserved in {o.name for o in proto.graph.output}):
-            new = builder.fresh(f"{reserved}_original")
-            _rename(proto.graph, reserved, new)
-            logit_tensor = new if logit_tensor == reserved else logit_tensor
-            if reserved == vi.name:
-                vi = next(i for i in proto.graph.input if i.name == new)
-            shapes = {new if k == reserved else k: v for k, v in shapes.items()}
-            dtypes = {new if k == reserved else k: v for k, v in dtypes.items()}
+    network_input, logit_tensor = _free_reserved_names(proto, vi.name, logit_tensor, builder)
+    wrapper, batch = _wrap_input(proto, network_input, dims[0], prep, lay, channels,
+                                 native if fixed else None, builder)
+    _expose_logits(proto, logit_tensor, builder)
 
-    # the wrapper: image -> preprocessing -> (transpose) -> the network's input
-    image_dims = [batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else "batch", 3,
-                  native[0] if fixed else "height", native[1] if fixed else "width"]
-    batch_symbolic = isinstance(image_dims[0], int) and image_dims[0] == 1
-    if batch_symbolic:
-        image_dims[0] = "batch"
-    x = prep.emit(builder, contract.IMAGE, channels)
-    if lay == "nhwc":
-        x = builder.op("Transpose", [x], hint="to_nhwc", perm=[0, 2, 3, 1])
-    nodes = list(builder.nodes)
-    cancelled = _cancel_transpose(proto, vi.name, nodes, x)
-    if not cancelled:
-        nodes.append(helper.make_node("Identity", [x], [vi.name], name=builder.fresh("input")))
-    graph = proto.graph
-    network = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + network)
-    graph.initializer.extend(builder.initializers)
-    image_vi = helper.make_tensor_value_info(contract.IMAGE, onnx.TensorProto.FLOAT, image_dims)
-    if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise ModelError(f"the input {vi.name!r} is not float32; only float32 networks are "
-                         "supported")
-    keep_inputs = [i for i in graph.input if i.name != vi.name]
-    del graph.input[:]
-    graph.input.extend([image_vi] + keep_inputs)
-    del graph.value_info[:]  # stale once the input changes; shape inference redoes it
-
-    outputs = list(graph.output)
-    if batch_symbolic:
-        for o in outputs:
-            d = o.type.tensor_type.shape.dim
-            if d and d[0].HasField("dim_value") and d[0].dim_value == 1:
-                d[0].Clear()
-                d[0].dim_param = "batch"
-    if logit_tensor is not None:
-        if logit_tensor != contract.LOGITS:
-            graph.node.append(helper.make_node("Identity", [logit_tensor], [contract.LOGITS],
-                                               name=builder.fresh("logits")))
-        k = (shapes.get(logit_tensor) or (None, None))[1]
-        logits_vi = helper.make_tensor_value_info(
-            contract.LOGITS, onnx.TensorProto.FLOAT,
-            [image_dims[0], k if isinstance(k, int) else "classes"])
-        outputs = [logits_vi] + [o for o in outputs if o.name != contract.LOGITS]
-    del graph.output[:]
-    graph.output.extend(outputs)
-
-    # layers
     shapes, dtypes = _infer(proto, contract.IMAGE, [1, 3, *native], "nchw", native)
-    scan = scan_layers(proto, contract.IMAGE, shapes, dtypes,
-                       {o for n in nodes for o in n.output})
-    reserved = {contract.IMAGE, contract.LOGITS}
-    aliases = layer_aliases(scan.order, reserved | set(tensors))
+    scan = scan_layers(proto, contract.IMAGE, shapes, dtypes, wrapper)
+    aliases = layer_aliases(scan.order, {contract.IMAGE, contract.LOGITS} | tensors)
     table = {aliases.get(t, t): t for t in scan.order}
     by_tensor = {t: n for n, t in table.items()}
     layouts = {by_tensor[t]: v for t, v in scan.layouts.items()}
-    layouts.update({t: v for t, v in scan.layouts.items() if t not in table})
-    if logit_tensor is not None:
-        table[contract.LOGITS] = contract.LOGITS
+    layouts.update({t: v for t, v in scan.layouts.items() if t not in table})  # both names
     if default_layers is None:
         guess = default_layer(scan, by_tensor, native)
         defaults = [guess] if guess else []
@@ -605,24 +334,23 @@ def import_onnx(
             raise SettingsError("default_layers", f"names no layer: {', '.join(unknown)}")
     classes = None
     if logit_tensor is not None:
+        table[contract.LOGITS] = contract.LOGITS
         k = shapes.get(contract.LOGITS)
         classes = k[1] if k and len(k) == 2 and isinstance(k[1], int) else None
-    if label_list is not None:
-        if logit_tensor is None:
-            raise SettingsError("labels", "are for logits, and the model has none (name them "
-                                "with --logits)")
-        if classes is not None and len(label_list) != classes:
-            raise SettingsError("labels", f"gives {len(label_list)} labels for {classes} "
-                                "classes (one label per line)")
+        if classes:
+            dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_value = classes
+    _check_labels(label_list, logit_tensor, classes)
 
     meta = contract.model_metadata(
         name=name or (Path(model).stem if not isinstance(model, onnx.ModelProto) else "imported"),
         layers=table, default_layers=defaults, input_size=native, dynamic_hw=not fixed,
         source=f"imported from {src_name}", labels=label_list, layouts=layouts,
         preprocess=prep.describe() + (", NHWC" if lay == "nhwc" else ""),
-        framework=" ".join(v for v in (raw.producer_name, raw.producer_version) if v) or None)
-    for p in raw.metadata_props:  # the model's own metadata stays
-        meta.setdefault(p.key, p.value)
+        framework=" ".join(v for v in (proto.producer_name, proto.producer_version) if v) or None)
+    for key, value in own_metadata.items():  # the model's own metadata stays
+        meta.setdefault(key, value)
     contract.write_metadata(proto, meta)
 
     result = ImportResult(None, proto, vi.name, dims, lay, layout is None, channels, prep,
@@ -630,7 +358,7 @@ def import_onnx(
                           True, notes)
     small = proto.ByteSize() < 2_000_000_000  # protobuf's limit for one message
     if check and small:
-        _probe(result, size_assumed, batch_symbolic)
+        _probe(result, not fixed and want_size is None, batch)
     elif check:
         notes.append("not run with onnxruntime to check it (over 2 GB)")
     try:
@@ -643,6 +371,124 @@ def import_onnx(
 
         result.path = save_model(proto, out)
     return result
+
+
+def _layout_and_channels(name: str, dims: list, layout: str | None, notes: list[str]
+                         ) -> tuple[str, int]:
+    lay = layout.lower() if layout else infer_layout(dims)
+    if lay is None:
+        raise SettingsError("layout", f"is needed: the input {name!r} is {_shape(dims)}, "
+                            "which does not tell channels-first (nchw) from channels-last (nhwc)")
+    channels = _channels(dims, lay)
+    if not isinstance(channels, int) or channels <= 0:
+        channels = 3
+        notes.append(f"the input's channel axis is not fixed: assumed 3 ({lay})")
+    if channels not in (1, 3):
+        raise ModelError(f"the input {name!r} {_shape(dims)} has {channels} channels in "
+                         f"{lay.upper()}: an image network takes 3 (RGB/BGR) or 1 (grey)"
+                         + ("" if layout else "; or give --layout"))
+    if channels == 1:
+        notes.append("one input channel: the image is turned to grey (ITU-R 601 luma)")
+    return lay, channels
+
+
+def _native_size(name: str, dims: list, lay: str, want: tuple[int, int] | None
+                 ) -> tuple[tuple[int, int], bool]:
+    """(native (h, w), whether the input fixes it)."""
+    h, w = (d if isinstance(d, int) and d > 0 else None for d in _spatial(dims, lay))
+    if h is not None and w is not None:
+        if want is not None and want != (h, w):
+            raise SettingsError("size", f"is {want[0]}x{want[1]} but the input {name!r} is "
+                                f"fixed at {h}x{w}")
+        return (h, w), True
+    if h is not None or w is not None:
+        if want is None:
+            raise SettingsError("size", f"is needed: the input {name!r} {_shape(dims)} fixes "
+                                "one side only; give the size the network runs at, HxW")
+        return want, True
+    return want or (contract.DEFAULT_SIZE, contract.DEFAULT_SIZE), False
+
+
+def _free_reserved_names(proto: onnx.ModelProto, inp: str, logit_tensor: str | None,
+                         builder: GraphBuilder) -> tuple[str, str | None]:
+    """Rename the network's tensors called ``image`` or ``logits`` (unless ``logits`` already
+    is its logits output); returns the input's and the logits' names after that."""
+    tensors = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+    outputs = {o.name for o in proto.graph.output}
+    for reserved in (contract.IMAGE, contract.LOGITS):
+        if reserved not in tensors or (reserved == contract.LOGITS == logit_tensor
+                                       and reserved in outputs):
+            continue
+        new = builder.fresh(f"{reserved}_original")
+        _rename(proto.graph, reserved, new)
+        inp = new if inp == reserved else inp
+        logit_tensor = new if logit_tensor == reserved else logit_tensor
+    return inp, logit_tensor
+
+
+def _wrap_input(proto: onnx.ModelProto, inp: str, batch_dim, prep: Preprocess, lay: str,
+                channels: int, fixed: tuple[int, int] | None, builder: GraphBuilder
+                ) -> tuple[set[str], bool]:
+    """Put ``image`` → preprocessing → (transpose) → ``inp`` in front of the network.
+
+    Returns the wrapper's tensors and whether a batch axis fixed at 1 was made symbolic (to be
+    checked by running)."""
+    batch_symbolic = batch_dim == 1
+    image_dims = [batch_dim if isinstance(batch_dim, int) and batch_dim > 1 else "batch", 3,
+                  *(fixed or ("height", "width"))]
+    x = prep.emit(builder, contract.IMAGE, channels)
+    if lay == "nhwc":
+        x = builder.op("Transpose", [x], hint="to_nhwc", perm=[0, 2, 3, 1])
+    nodes = list(builder.nodes)
+    if not _cancel_transpose(proto, inp, nodes, x):
+        nodes.append(helper.make_node("Identity", [x], [inp], name=builder.fresh("input")))
+    graph = proto.graph
+    network = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + network)
+    graph.initializer.extend(builder.initializers)
+    others = [i for i in graph.input if i.name != inp]
+    del graph.input[:]
+    graph.input.extend([helper.make_tensor_value_info(contract.IMAGE, onnx.TensorProto.FLOAT,
+                                                      image_dims)] + others)
+    del graph.value_info[:]  # stale once the input changes; shape inference redoes it
+    if batch_symbolic:
+        for o in graph.output:
+            d = o.type.tensor_type.shape.dim
+            if d and d[0].HasField("dim_value") and d[0].dim_value == 1:
+                d[0].Clear()
+                d[0].dim_param = "batch"
+    return {o for n in nodes for o in n.output}, batch_symbolic
+
+
+def _expose_logits(proto: onnx.ModelProto, logit_tensor: str | None,
+                   builder: GraphBuilder) -> None:
+    """Make ``logit_tensor`` the first output, ``logits``; the other outputs stay."""
+    if logit_tensor is None:
+        return
+    graph = proto.graph
+    if logit_tensor != contract.LOGITS:
+        graph.node.append(helper.make_node("Identity", [logit_tensor], [contract.LOGITS],
+                                           name=builder.fresh("logits")))
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    logits_vi = helper.make_tensor_value_info(
+        contract.LOGITS, onnx.TensorProto.FLOAT,
+        [batch.dim_value if batch.HasField("dim_value") else batch.dim_param, "classes"])
+    outputs = [logits_vi] + [o for o in graph.output if o.name != contract.LOGITS]
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def _check_labels(labels: list[str] | None, logit_tensor: str | None,
+                  classes: int | None) -> None:
+    if labels is None:
+        return
+    if logit_tensor is None:
+        raise SettingsError("labels", "are for logits, and the model has none (name them with "
+                            "--logits)")
+    if classes is not None and len(labels) != classes:
+        raise SettingsError("labels", f"gives {len(labels)} labels for {classes} classes (one "
+                            "label per line)")
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
