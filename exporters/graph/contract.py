@@ -18,6 +18,11 @@ visualisation, the CUDA step loop) and the browser all meet here.
   without that metadata still works: every float node output is then a layer, under its tensor
   name (:func:`layer_table`).
 
+An ONNX model from elsewhere (tf2onnx, paddle2onnx, …) becomes one with ``onnxdream import
+onnx`` (:mod:`.importer`), which wraps it without touching its weights. The engine checks the
+input before dreaming (:func:`require_dreamable`): a file that does not take ``image`` gets one
+line naming the import command that would wrap it.
+
 **Metadata** (``metadata_props``; strings, JSON where noted), written by :func:`write_metadata`
 (or :func:`model_metadata` for the exporters that finish the model themselves):
 
