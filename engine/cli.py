@@ -39,7 +39,7 @@ from onnxdream.cli_common import (
 from onnxdream.settings import DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize", "cli_video")
+COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import")
 
 
 # -- dream ------------------------------------------------------------------------------------
@@ -156,10 +156,18 @@ def layers(
 ):
     """List a model's layers with their op types and output shapes (at its native size)."""
     with user_errors():
-        from onnxdream.exporters.graph import list_layers
+        from onnxdream.errors import UnwrappedModelError
+        from onnxdream.exporters.graph import list_layers, load_model
+        from onnxdream.exporters.graph.contract import require_dreamable
         from onnxdream.gradient import resolve_model_path
 
-        infos = list_layers(resolve_model_path(model))
+        path = resolve_model_path(model)
+        proto = load_model(path)
+        try:
+            require_dreamable(proto, model)
+        except UnwrappedModelError as exc:  # the layers are still worth listing
+            warn(str(exc))
+        infos = list_layers(proto)
         if as_json:
             typer.echo(json.dumps([{"name": i.name, "tensor": i.tensor, "op_type": i.op_type,
                                     "shape": list(i.shape) if i.shape else None}
@@ -168,7 +176,8 @@ def layers(
         width = max((len(i.name) for i in infos), default=10)
         for i in infos:
             shape = "x".join(str(d) for d in i.shape) if i.shape else "?"
-            typer.echo(f"{i.name:<{width}}  {i.op_type:<20} {shape}")
+            tensor = f"  {i.tensor}" if i.tensor != i.name else ""  # an alias: its tensor
+            typer.echo(f"{i.name:<{width}}  {i.op_type:<20} {shape:<16}{tensor}".rstrip())
 
 
 @app.command("compile")
@@ -190,10 +199,11 @@ def compile_cmd(
     """
     with user_errors():
         from onnxdream.exporters.graph import compile_gradient, save_model
-        from onnxdream.exporters.graph.contract import ModelInfo
+        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
         from onnxdream.gradient import resolve_model_path
 
         path = resolve_model_path(model)
+        require_dreamable(load_model(path), model)
         names = layer or []
         if not names and not objective.startswith("class:"):
             names = ModelInfo.load(path).require_default_layers()

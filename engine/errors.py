@@ -53,6 +53,15 @@ class ModelError(OnnxDreamError):
     """A model file is missing, corrupt or not usable as a dreamable model."""
 
 
+class UnwrappedModelError(ModelError):
+    """An ONNX file that is not a dreamable model (its input is not ``image`` [N,3,H,W] in
+    [0,1]); ``command`` is the ``onnxdream import onnx`` command line that probably wraps it."""
+
+    def __init__(self, message: str, command: str):
+        super().__init__(message, field="model")
+        self.command = command
+
+
 class LayerError(OnnxDreamError):
     """A layer name is unknown or a layer spec is malformed."""
 

@@ -38,6 +38,7 @@ from onnxdream.exporters.graph.contract import (
     cut_spatial,
     is_spatial,
     load_model,
+    require_dreamable,
 )
 from onnxdream.exporters.graph.layers import layer_names, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
@@ -111,6 +112,7 @@ class GradientModel:
                  cache: bool | CompiledCache = True):
         self.model_path = resolve_model_path(model)
         proto = load_model(self.model_path)
+        require_dreamable(proto, str(model))
         self.info = ModelInfo.load(proto)
         self.metadata = self.info.metadata
         self.objective = objective_for(self.info, layer_names(proto, self.info.layers), layers,

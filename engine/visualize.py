@@ -69,6 +69,8 @@ def resolve_class(spec: str, labels: Sequence[str] | None) -> int:
     if re.fullmatch(r"\d+", text):
         k = int(text)
         n = len(labels) if labels else 1000
+        if k >= n and labels and text in labels:  # a numeric label (PaddleOCR's "0", "180")
+            return list(labels).index(text)
         if k >= n:
             raise ObjectiveError(f"class {k} is out of range: the model has {n} classes (0..{n - 1})")
         return k
@@ -135,13 +137,19 @@ class BatchObjective:
     def __init__(self, model: str | os.PathLike, layer: str, *, pre_relu: bool = True,
                  device: str = "auto", threads: int | None = None):
         from onnxdream.exporters.graph import compile_gradient
-        from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model
+        from onnxdream.exporters.graph.contract import (
+            ModelInfo,
+            graph_params,
+            load_model,
+            require_dreamable,
+        )
         from onnxdream.exporters.graph.objective import weighted_channels
         from onnxdream.gradient import resolve_model_path
         from onnxdream.session import create_session
 
         path = resolve_model_path(model)
         proto = load_model(path)
+        require_dreamable(proto, str(model))
         info = ModelInfo.load(proto)
         self.labels: list[str] | None = info.labels
         if layer == LOGITS and not info.has_logits:
