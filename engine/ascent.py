@@ -94,7 +94,7 @@ def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
 
 
 def dream(gm: GradientModel, rgb: np.ndarray,
-          settings: DreamSettings | ResolvedSettings = DreamSettings(),
+          settings: DreamSettings | ResolvedSettings | None = None,
           progress: ProgressFn | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
 
@@ -106,6 +106,8 @@ def dream(gm: GradientModel, rgb: np.ndarray,
 
     Pass a settings with a seed for a reproducible result (``settings.with_seed()``).
     """
+    if settings is None:
+        settings = DreamSettings()
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")
     if isinstance(settings, ResolvedSettings):
