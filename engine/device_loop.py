@@ -102,7 +102,8 @@ class StaticSteps:
                 ro.add_run_config_entry("gpu_graph_id", str(k))
             self.run_options.append(ro)
 
-    def run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step=None) -> np.ndarray:
+    def run(self, img: np.ndarray, steps: int, step_size: float, shifts,
+            on_step=None) -> np.ndarray:
         """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape.
 
         Runs from several threads (the server's workers share a model) take turns.
@@ -175,7 +176,7 @@ class DeviceAscent:
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts,
             on_step=None) -> np.ndarray:
-        """``steps`` steps on img ([3,H,W]); ``shifts`` yields (dy, dx) per step. Returns [3,H,W]."""
+        """``steps`` steps on img [3,H,W]; ``shifts`` yields (dy, dx) per step. Returns [3,H,W]."""
         if self.static_shapes:
             started, drawn = [], []
 
