@@ -243,7 +243,8 @@ def _png_with_header(width: int, height: int, trailer: bytes = b"") -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
     return (
-        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + trailer + _chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + trailer
+        + _chunk(b"IEND", b"")
     )
 
 
@@ -257,11 +258,13 @@ def test_decompression_bomb_header_is_refused(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == before  # no global state leaks
 
 
-@pytest.mark.parametrize("side", [40, 64])  # 1600 px: Pillow's warning band; 4096 px: its error band
+# 1600 px: Pillow's warning band; 4096 px: its error band
+@pytest.mark.parametrize("side", [40, 64])
 def test_max_pixels_is_configurable(tmp_path, side):
     Image.new("RGB", (side, side)).save(tmp_path / "s.png")
     before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(ImageError, match=rf"has {side * side:,} pixels, more than the limit of 1,000"):
+    msg = rf"has {side * side:,} pixels, more than the limit of 1,000"
+    with pytest.raises(ImageError, match=msg):
         load_image(tmp_path / "s.png", max_pixels=1000)
     assert Image.MAX_IMAGE_PIXELS == before
     assert load_image(tmp_path / "s.png", max_pixels=side * side).rgb.shape == (side, side, 3)
@@ -343,7 +346,8 @@ def test_bad_arrays_are_refused(tmp_path):
     with pytest.raises(ImageError, match="H x W x 3"):
         save_image(tmp_path / "a.png", np.zeros((4, 4), np.float32))
     with pytest.raises(ImageError, match="alpha has shape"):
-        save_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32), np.zeros((3, 4), np.float32))
+        save_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32),
+                   np.zeros((3, 4), np.float32))
     with pytest.raises(ImageError, match="quality"):
         save_image(tmp_path / "a.jpg", np.zeros((4, 4, 3), np.float32), quality=0)
     assert _listing(tmp_path) == []

@@ -1,5 +1,5 @@
-"""Video reading and writing with PyAV (videoio, videowrite): probing, frame selection, the output kinds, audio
-copy-through, atomic writes and the typed errors for bad input."""
+"""Video reading and writing with PyAV (videoio, videowrite): probing, frame selection, the output
+kinds, audio copy-through, atomic writes and the typed errors for bad input."""
 
 from __future__ import annotations
 
