@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from conftest import photo
 from onnxdream import imageio
 from onnxdream.errors import ImageError, OnnxDreamError
 from onnxdream.imageio import (
@@ -27,8 +28,6 @@ from onnxdream.imageio import (
     save_image,
     to_uint8,
 )
-
-SHARED = Path("/work/shared/images")
 
 
 def _gradient_rgb(h: int = 24, w: int = 32) -> np.ndarray:
@@ -172,13 +171,13 @@ def test_animated_gif_uses_first_frame(tmp_path):
     np.testing.assert_allclose(img.rgb[4, 4], [1, 0, 0], atol=0.01)
 
 
-@pytest.mark.skipif(not (SHARED / "chelsea.png").exists(), reason="shared photos not present")
 def test_real_photo_smoke(tmp_path):
-    img = load_image(SHARED / "chelsea.png")
+    chelsea = photo("chelsea.png")  # examples/ has a copy, so this never skips
+    img = load_image(chelsea)
     assert img.rgb.shape == (300, 451, 3) and img.size == (451, 300)
     assert 0.0 <= img.rgb.min() and img.rgb.max() <= 1.0
     out = save_image(tmp_path / "chelsea.png", img.rgb, metadata={"source": "chelsea"})
-    with Image.open(out) as a, Image.open(SHARED / "chelsea.png") as b:
+    with Image.open(out) as a, Image.open(chelsea) as b:
         np.testing.assert_array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
     assert read_metadata(out) == {"source": "chelsea"}
 

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import skip_ok
 from onnxdream import session as S
 from onnxdream.errors import DependencyError, DeviceError, ModelError, OnnxDreamError
 from onnxdream.session import (
@@ -245,7 +246,7 @@ def test_session_options(model_bytes):
 
 def test_auto_on_this_cpu_machine_does_not_warn(model_bytes):
     if CUDA in ort.get_available_providers():  # pragma: no cover - GPU machines
-        pytest.skip("this machine has the CUDA provider")
+        skip_ok("this machine has the CUDA provider")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s = create_session(model_bytes)  # auto
