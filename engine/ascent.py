@@ -128,7 +128,7 @@ def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
 
 
 def dream(gm: GradientModel, rgb: np.ndarray,
-          settings: DreamSettings | ResolvedSettings = DreamSettings(),
+          settings: DreamSettings | ResolvedSettings | None = None,
           progress: ProgressFn | None = None,
           params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
@@ -146,6 +146,8 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     serves every weighting without being changed. A non-finite objective or gradient stops the
     dream with :class:`~onnxdream.errors.NonFiniteError` (never a black image).
     """
+    if settings is None:
+        settings = DreamSettings()
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")
     if isinstance(settings, ResolvedSettings):

@@ -102,7 +102,8 @@ def predict(
     model: ModelOpt = DreamSettings.model,
     top: Annotated[int, typer.Option(help="How many classes to show.", min=1, max=1000)] = 5,
     as_json: Annotated[bool, typer.Option(
-        "--json", help='Print a JSON list of {"index", "label", "probability"}, best first.')] = False,
+        "--json",
+        help='Print a JSON list of {"index", "label", "probability"}, best first.')] = False,
     device: DeviceOpt = "auto",
 ):
     """Classify IMAGE with the model: the top classes and their probabilities."""
@@ -219,7 +220,8 @@ def compile_cmd(
 
 @export_app.command("torchvision")
 def export_torchvision_cmd(
-    name: Annotated[str, typer.Argument(help="A torchvision classifier, e.g. googlenet, resnet50.")],
+    name: Annotated[str, typer.Argument(
+        help="A torchvision classifier, e.g. googlenet, resnet50.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
     weights: Annotated[str, typer.Option(
         help="DEFAULT (torchvision's pretrained, needs internet once), none (random) or a "
@@ -320,7 +322,8 @@ def serve(
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing or not (importlib.util.find_spec("python_multipart")
                            or importlib.util.find_spec("multipart")):
-            raise DependencyError("the server needs the [serve] extra: pip install 'onnxdream[serve]'")
+            raise DependencyError(
+                "the server needs the [serve] extra: pip install 'onnxdream[serve]'")
         from onnxdream.server import ServerConfig, run
 
         hosts = trusted_host or None

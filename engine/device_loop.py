@@ -178,7 +178,7 @@ class DeviceAscent:
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts,
             on_step=None, params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """``steps`` steps on img ([3,H,W]); ``shifts`` yields (dy, dx) per step. Returns [3,H,W].
+        """``steps`` steps on img [3,H,W]; ``shifts`` yields (dy, dx) per step. Returns [3,H,W].
 
         ``params``: the objective parameters for this run (default :attr:`params`), so that
         several dreams with other weightings share this runner without changing it.

@@ -296,14 +296,16 @@ def _decode_to_loaded(fp, name: str, max_pixels: int | None) -> LoadedImage:
         try:
             rgb, alpha = _to_float_arrays(img)
         except (OSError, ValueError) as exc:
-            raise ImageError(f"{name} has pixel mode {mode} that cannot be converted to RGB ({exc})") from exc
+            raise ImageError(f"{name} has pixel mode {mode} that cannot be converted to RGB "
+                             f"({exc})") from exc
         h, w = rgb.shape[:2]
         return LoadedImage(rgb=rgb, alpha=alpha, mode=mode, size=(w, h), format=fmt)
     finally:
         img.close()
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(path: str | os.PathLike[str], *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file into float32 RGB in [0, 1] (plus alpha, if it has one).
 
     Args:
@@ -450,7 +452,8 @@ def check_output_path(path: str | os.PathLike[str]) -> str:
             f"{', '.join(OUTPUT_EXTENSIONS)}"
         )
     if fmt == "WEBP" and not features.check("webp"):
-        raise ImageError(f"cannot write {p}: this Pillow was built without WebP support; use .png or .jpg")
+        raise ImageError(f"cannot write {p}: this Pillow was built without WebP support; "
+                         "use .png or .jpg")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise ImageError(f"cannot write {p}: the directory {parent} does not exist")
@@ -544,7 +547,8 @@ def _pil_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, what: str) -
     """Float RGB in [0, 1] (+ alpha) → the Pillow image to encode (alpha dropped for JPEG)."""
     arr = np.asarray(rgb)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"cannot write {what}: expected an H x W x 3 RGB array, got shape {arr.shape}")
+        raise ImageError(f"cannot write {what}: expected an H x W x 3 RGB array, "
+                         f"got shape {arr.shape}")
     pixels = to_uint8(arr)
     if alpha is not None and fmt in ("PNG", "WEBP"):
         a8 = _as_alpha_u8(alpha, pixels.shape[:2])

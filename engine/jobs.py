@@ -128,7 +128,8 @@ class ServerConfig:
         cfg = cls(
             device=device,
             workers=workers or _env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
-            max_queue=max_queue if max_queue is not None else _env_int("ONNXDREAM_MAX_QUEUE", 16, 0),
+            max_queue=(max_queue if max_queue is not None
+                       else _env_int("ONNXDREAM_MAX_QUEUE", 16, 0)),
             max_pixels=max_pixels or _env_int("ONNXDREAM_MAX_PIXELS", 16_000_000),
             max_body=int(float(body_mb) * MB),
             max_steps=max_steps or _env_int("ONNXDREAM_MAX_STEPS", 1000),
@@ -552,7 +553,7 @@ class JobManager:
                 self._threads.append(t)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything queued or running (``shutdown`` set on each) and wait for the workers."""
+        """Cancel everything queued or running (``shutdown`` set on each); wait for the workers."""
         with self._cond:
             self._stopping = True
             while self._queue:

@@ -2,7 +2,8 @@
 
 Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}``):
 
-- ``GET  /``                    the web page: upload a photo, pick model/layer/strength, watch it dream.
+- ``GET  /``                    the web page: upload a photo, pick model/layer/strength, watch it
+                                dream.
 - ``GET  /health``              ``{"status": "ok", "version", "provider", "device", "workers",
                                 "queue": {...}, "models": [loaded sessions]}``; 503 with
                                 ``"status": "unavailable"`` and the reason when the server
@@ -16,7 +17,8 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 - ``POST /dream``               multipart: an ``image`` file plus form fields named like the CLI
                                 options → the dreamed image (PNG unless ``format`` says otherwise).
 - ``POST /jobs``                the same form → ``202 {"id", "state", "url", "result_url"}``.
-- ``GET  /jobs/{id}``           ``{"state": queued|running|done|failed, "progress": 0..1, "eta_s", ...}``.
+- ``GET  /jobs/{id}``           ``{"state": queued|running|done|failed, "progress": 0..1,
+                                "eta_s", ...}``.
 - ``GET  /jobs/{id}/result``    the image once done (409 while queued/running).
 - ``DELETE /jobs/{id}``         cancel (cooperatively, at the next step) and forget the job.
 
@@ -58,7 +60,8 @@ Environment variables (command-line options override them):
 - ``ONNXDREAM_MAX_QUEUE``   dreams that may wait beyond the running ones (default 16).
 - ``ONNXDREAM_MAX_PIXELS``  largest image accepted, width x height (default 16,000,000).
 - ``ONNXDREAM_MAX_BODY_MB`` largest request body in megabytes (default 32).
-- ``ONNXDREAM_MAX_STEPS``   most ascent steps (octaves x steps) one dream may ask for (default 1000).
+- ``ONNXDREAM_MAX_STEPS``   most ascent steps (octaves x steps) one dream may ask for
+                            (default 1000).
 - ``ONNXDREAM_JOB_TTL``     seconds a finished job (and its image) is kept (default 600).
 - ``ONNXDREAM_CACHE_SIZE``  sessions kept loaded, least recently used dropped first (default 4).
 - ``ONNXDREAM_CACHE_MB``    disk budget of the compiled-graph cache, least recently used graphs
@@ -262,7 +265,8 @@ def parse_fields(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], list[str
 
 
 
-def build_settings(fields: dict[str, Any], layers: list[str], config: ServerConfig) -> DreamSettings:
+def build_settings(fields: dict[str, Any], layers: list[str],
+                   config: ServerConfig) -> DreamSettings:
     """Form values → a validated DreamSettings with its seed fixed (defaults from settings)."""
     given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS)}
     settings = DreamSettings.from_options(layers=layers or None, **given).with_seed()
@@ -637,7 +641,8 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     try:
         import uvicorn
     except ImportError as exc:
-        raise DependencyError("the server needs the [serve] extra: pip install 'onnxdream[serve]'") from exc
+        raise DependencyError(
+            "the server needs the [serve] extra: pip install 'onnxdream[serve]'") from exc
     app = create_app(config)
 
     class Server(uvicorn.Server):
