@@ -27,6 +27,7 @@ from onnxdream.cli_common import (
     LayersOpt,
     ModelOpt,
     QuietOpt,
+    TargetOpt,
     app,
     default_output,
     err,
@@ -193,10 +194,12 @@ def compile_cmd(
     border: Annotated[int, typer.Option(
         help="Pixels to drop at each edge of the layer before reducing.", min=0)]
         = DreamSettings.border,
+    target: TargetOpt = "default",
 ):
     """Compile MODEL's gradient graph: outputs `objective` [N] and `grad` [N,3,H,W].
 
-    Standard ONNX ops only: runs on any onnxruntime (CPU, CUDA, TensorRT, web).
+    Standard ONNX ops only: runs on any onnxruntime (CPU, CUDA, TensorRT, web). --target
+    portable avoids the ops some providers lack (WebGPU in the browser, OpenVINO).
     """
     with user_errors():
         from onnxdream.exporters.graph import compile_gradient, save_model
@@ -208,7 +211,8 @@ def compile_cmd(
         names = layer or []
         if not names and not objective.startswith("class:"):
             names = ModelInfo.load(path).require_default_layers()
-        graph = compile_gradient(path, names, objective, pre_relu=pre_relu, border=border)
+        graph = compile_gradient(path, names, objective, pre_relu=pre_relu, border=border,
+                                 target=target)
         save_model(graph, output)
         ops = sorted({n.op_type for n in graph.graph.node})
         typer.echo(f"wrote {output}: {len(graph.graph.node)} nodes, ops {', '.join(ops)}",

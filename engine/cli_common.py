@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "JsonOpt",
            "LAYER_HELP", "LayersOpt", "MODEL_HELP", "ModelOpt", "OBJECTIVE_HELP", "QuietOpt",
-           "SCHEDULE_HELP",
+           "SCHEDULE_HELP", "TARGET_HELP", "TargetOpt",
            "app", "default_output", "err", "export_app", "flag_for", "maybe_progress",
            "progress_bar", "user_errors", "warn", "with_dream_options"]
 
@@ -173,6 +173,10 @@ LayersOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help=LAYER
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+TARGET_HELP = ("The compiled graph's op profile: default (fastest on onnxruntime's CPU and CUDA) "
+               "or portable (no MaxPool Indices or ScatterElements(add): for WebGPU in the "
+               "browser and OpenVINO; same values).")
+TargetOpt = Annotated[str, typer.Option(help=TARGET_HELP)]
 
 _D = DreamSettings()
 

@@ -48,8 +48,8 @@ from onnxdream.session import Session, create_session
 # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
 # masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
 # 10: term weights are the graph's `weights` input (the cache key leaves them out);
-# 11: negative Pad pads (were mis-cropped)
-COMPILER_VERSION = "11"
+# 11: negative Pad pads (were mis-cropped); 12: constant Gathers scatter without a reduction
+COMPILER_VERSION = "12"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -65,13 +65,15 @@ def _cache_dir() -> Path:
     return model_home() / "compiled"
 
 
-def _graph_key(model_path: Path, objective: Objective, pre_relu: bool, border: int) -> str:
-    """The compiled graph's file name: model file + objective structure (not the weights)."""
+def graph_key(model_path: Path, objective: Objective, pre_relu: bool, border: int,
+              target: str = "default") -> str:
+    """The compiled graph's file name: model file + objective structure (not the weights) +
+    the compiler's target (see ``compile_gradient``)."""
     key = hashlib.sha256()
     key.update(model_path.read_bytes() if model_path.stat().st_size < 2**31 else
                str(model_path.stat()).encode())
-    key.update(json.dumps([COMPILER_VERSION, objective.structure(), pre_relu,
-                           border]).encode())
+    key.update(json.dumps([COMPILER_VERSION, objective.structure(), pre_relu, border]
+                          + ([target] if target != "default" else [])).encode())
     return f"{model_path.stem}-{key.hexdigest()[:16]}.onnx"
 
 
@@ -175,7 +177,7 @@ class GradientModel:
         """(the compiled graph: a cached file's path, or the serialized graph; whether it was
         compiled just now). Nothing is written when the compile fails."""
         # not the weights: they are the graph's `weights` input, fed on every run
-        name = _graph_key(self.model_path, self.objective, pre_relu, border)
+        name = graph_key(self.model_path, self.objective, pre_relu, border)
         cache = self._cache
         if cache is not None and (path := cache.lookup(name)) is not None:
             return str(path), False

@@ -3,6 +3,18 @@
 Pure onnx + numpy: importable and runnable with no deep learning framework installed. What the
 compiled graph takes and gives (``image``, the objective parameters, ``objective``, ``grad``) is
 the contract's (:mod:`.contract`).
+
+**Targets** (op profiles, :data:`TARGETS`): every compiled graph uses standard ONNX ops only;
+``default`` is the fastest on onnxruntime's CPU and CUDA providers. ``portable`` avoids what some
+providers lack, with the same values (up to float rounding; ``tests/test_web.py`` checks it):
+
+- MaxPool's ``Indices`` output and the ScatterElements(add) of its backward (onnxruntime-web's
+  WebGPU provider has no ``Indices``; OpenVINO runs them slowly): strided pools get the
+  mask-based phase backward (:func:`.fast_adjoints.emit_maxpool_backward`) that the default
+  profile uses only at stride 1 (it costs CPU time at large sizes).
+
+ScatterND(add), which OpenVINO refuses, is avoided by every target where it can be: a Gather
+with constant, distinct indices scatters its gradient without a reduction (``rules_shape.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +77,7 @@ def compile_gradient(
     pre_relu: bool = False,
     border: int = 0,
     optimize: bool = True,
+    target: str = "default",
 ) -> onnx.ModelProto:
     """Truncate ``model`` at the layer(s), attach the objective, append its input gradient.
 
@@ -76,8 +89,14 @@ def compile_gradient(
     The result has the model's input ``image``, the objective parameters ``weights`` (one per
     term, default the terms' weights) and, for a ``weighted_channels`` term, ``channel_weights``;
     outputs ``objective`` ([N]) and ``grad`` (shaped like ``image``); uses default-domain ops
-    only, and serves every input size the model does (see :mod:`.contract`).
+    only, and serves every input size the model does (see :mod:`.contract`). ``target``: the op
+    profile, one of :data:`TARGETS` (see the module docstring).
     """
+    if target not in TARGETS:
+        raise ModelError(f"unknown target {target!r}: use {' or '.join(TARGETS)}",
+                         field="target")
+    if target == "portable" and not optimize:
+        raise ModelError("the portable target needs the optimised graph", field="target")
     proto = load_model(model)
     info_model = ModelInfo.load(proto)
     table = info_model.layers
@@ -177,11 +196,30 @@ def compile_gradient(
                             ir_version=proto.ir_version)
     contract.write_compiled(out, proto, {
         "objective": obj.describe(), "terms": [t.__dict__ for t in obj.terms],
-        "layers": layer_tensor, "pre_relu": pre_relu, "border": border})
+        "layers": layer_tensor, "pre_relu": pre_relu, "border": border, "target": target})
     if optimize:  # same values, fewer/faster nodes (see optimize.py)
         from onnxdream.exporters.graph.optimize import optimize as _optimize
 
-        return _optimize(out)
+        out = _optimize(out, portable=target == "portable")
+        if target == "portable" and (problems := portability_problems(out)):
+            raise ModelError("the portable target cannot avoid " + "; ".join(problems[:3]),
+                             field="target")
+    return out
+
+
+#: The op profiles :func:`compile_gradient` can target (see the module docstring).
+TARGETS = ("default", "portable")
+
+
+def portability_problems(model: onnx.ModelProto) -> list[str]:
+    """What in ``model`` the portable target avoids, one phrase per node (empty: none)."""
+    out = []
+    for n in model.graph.node:
+        reduction = next((a.s for a in n.attribute if a.name == "reduction"), b"none")
+        if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]:
+            out.append(f"MaxPool's Indices output (node {n.name})")
+        elif n.op_type in ("ScatterElements", "ScatterND") and reduction != b"none":
+            out.append(f"{n.op_type} with reduction {reduction.decode()} (node {n.name})")
     return out
 
 

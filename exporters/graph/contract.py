@@ -44,7 +44,8 @@ key                            value
 ``onnxdream.framework``        the framework and version that exported it (informative)
 ``onnxdream.builder_version``  the zoo builder's version (zoo models)
 ``onnxdream.compiled``         on *compiled* graphs only: JSON of the objective, its terms, the
-                               layer tensors, ``pre_relu`` and ``border``
+                               layer tensors, ``pre_relu``, ``border`` and the op profile
+                               ``target`` (``default``/``portable``, see the compiler)
 =============================  ==================================================================
 
 :class:`ModelInfo` reads all of it back (``ModelInfo.load(path_or_proto)``): the layer table,

@@ -18,7 +18,10 @@ produced. Every pass keeps the contract (default-domain ops, any H/W, same ``obj
 - ``maxpool``: the backward of stride-1 MaxPools without the ``Indices`` output and without
   ScatterElements: two 1-D compare-and-take cascades (:mod:`.fast_adjoints`; GoogLeNet ->
   inception4c at 512 px: 221 -> 195 ms per step). Strided pools keep Indices
-  (:data:`MAXPOOL_MAX_STRIDE`): their views and interleaving cost what they save.
+  (:data:`MAXPOOL_MAX_STRIDE`): their views and interleaving cost what they save; the
+  ``portable`` target (``optimize(..., portable=True)``) rewrites them too, for providers
+  without MaxPool's ``Indices`` output (onnxruntime-web's WebGPU) or fast ScatterElements(add)
+  (OpenVINO).
 - ``pool_masks``: for MaxPool(Relu(x)) the Relu backward mask moves to the pool's output (the
   argmax of each window is where relu(x) equals the pooled value), s^2 times fewer elements.
 - ``strided_conv``: the adjoint of a strided Conv (a ConvTranspose with output_padding) becomes
@@ -56,6 +59,8 @@ _FOLD_LIMIT = 1 << 22  # elements: fold constants up to 16 MB
 #: The largest MaxPool stride the ``maxpool`` pass rewrites: strided pools keep Indices (their
 #: views and interleaving cost what they save); the tests raise it to check the phase emitter.
 MAXPOOL_MAX_STRIDE = 1
+#: ... and for the portable target: every stride (no MaxPool keeps ``Indices``).
+PORTABLE_MAXPOOL_MAX_STRIDE = 1 << 30
 
 
 @dataclass
@@ -86,6 +91,7 @@ class _Graph:
         self.inputs = {i.name for i in graph.input}
         self.dtypes: dict[str, int] = {}
         self.pool_grads: dict[str, tuple[str, str]] = {}  # pool output -> (dY, dX), see _maxpool
+        self.maxpool_max_stride = MAXPOOL_MAX_STRIDE  # see optimize(portable=...)
         self._names = {o for n in self.nodes for o in n.output} | set(self.inits) | self.inputs
         self.b = GraphBuilder(opset, "opt", self._names)
         self.index()
@@ -394,7 +400,7 @@ def _maxpool(g: _Graph) -> int:
         g.begin()
         ok = (fast_adjoints.emit_separable_maxpool_backward(g.b, mp, dy, final.output[0])
               or fast_adjoints.emit_maxpool_backward(g.b, mp, dy, final.output[0],
-                                                     MAXPOOL_MAX_STRIDE))
+                                                     g.maxpool_max_stride))
         if not ok:
             g.take()
             continue
@@ -654,11 +660,13 @@ DEFAULT_PASSES = tuple(PASSES)
 
 
 def optimize(model: onnx.ModelProto, passes: Sequence[str] | None = None,
-             report: OptimizeReport | None = None) -> onnx.ModelProto:
+             report: OptimizeReport | None = None, *, portable: bool = False
+             ) -> onnx.ModelProto:
     """A faster equivalent of the compiled gradient graph ``model`` (a new ModelProto).
 
     ``passes`` picks a subset of :data:`PASSES` (default: :data:`DEFAULT_PASSES`); ``report``, if
-    given, is filled with what each pass did.
+    given, is filled with what each pass did. ``portable``: the ``maxpool`` pass rewrites strided
+    pools too (no MaxPool ``Indices``, no ScatterElements(add); see the compiler's targets).
     """
     names = list(DEFAULT_PASSES) if passes is None else [p for p in PASSES if p in passes] + [
         p for p in passes if p not in PASSES]
@@ -669,6 +677,8 @@ def optimize(model: onnx.ModelProto, passes: Sequence[str] | None = None,
     out.CopyFrom(model)
     opset = max((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), default=18)
     g = _Graph(out.graph, opset)
+    if portable:
+        g.maxpool_max_stride = PORTABLE_MAXPOOL_MAX_STRIDE
     rep = report if report is not None else OptimizeReport()
     rep.nodes_before = len(g.nodes)
     rep.ops_before = dict(Counter(n.op_type for n in g.nodes))

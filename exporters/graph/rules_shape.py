@@ -325,7 +325,13 @@ def _gather(ctx, dys):
     moved = to_front != list(range(len(to_front)))
     if moved:
         zeros = b.op("Transpose", [zeros], perm=to_front)
-    out = b.op("ScatterND", [zeros, b.unsqueeze(idx, [-1] if q else [0]), g], reduction="add")
+    # constant indices that never meet (all >= 0 or all < 0, none repeated) scatter into zeros
+    # without a reduction: the same values, and providers without ScatterND(add) (OpenVINO)
+    # take it (a constant Gather: torchvision's input transform reads x[:, c])
+    unique = const_idx is not None and np.unique(const_idx).size == const_idx.size and (
+        bool(np.all(const_idx >= 0)) or bool(np.all(const_idx < 0)))
+    out = b.op("ScatterND", [zeros, b.unsqueeze(idx, [-1] if q else [0]), g],
+               reduction=None if unique else "add")
     if moved:
         out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(to_front)])
     return [out, None]

@@ -153,4 +153,27 @@ def static_step_graph(gradient_model: onnx.ModelProto, shape: tuple[int, int, in
     return w.finish(inputs, before)
 
 
-__all__ = ["DYNAMIC_INPUTS", "OUTPUT", "STATIC_INPUTS", "static_step_graph", "step_graph"]
+def resize_graph(opset: int = 18) -> onnx.ModelProto:
+    """The octave resize as one ``Resize`` node: ``x`` float32 [1,3,H,W] and ``sizes`` int64 [4]
+    → ``y`` [1,3,h,w], equal to :func:`onnxdream.imageio.resize` (Pillow's float bicubic, Keys
+    a = -0.5, antialiased when shrinking) to float rounding: ``exclude_outside`` renormalises
+    the taps at the borders as Pillow does, ``antialias`` widens the kernel by the scale.
+
+    The browser (issue 16) runs it between octaves, so that octave sizes and detail match the
+    Python engine's.
+    """
+    b = GraphBuilder(opset, "resize", {"x", "sizes", "y"})
+    b.op("Resize", ["x", "", "", "sizes"], out="y", mode="cubic", cubic_coeff_a=-0.5,
+         antialias=1, exclude_outside=1, coordinate_transformation_mode="half_pixel")
+    graph = helper.make_graph(
+        b.nodes, "onnxdream_resize",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, "height", "width"]),
+         helper.make_tensor_value_info("sizes", INT64, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                       [1, 3, "out_height", "out_width"])], b.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                             producer_name="onnxdream")
+
+
+__all__ = ["DYNAMIC_INPUTS", "OUTPUT", "STATIC_INPUTS", "resize_graph", "static_step_graph",
+           "step_graph"]
