@@ -40,7 +40,7 @@ from onnxdream.cli_common import (
 from onnxdream.settings import DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import")
+COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_web")
 
 
 # -- dream ------------------------------------------------------------------------------------
@@ -310,6 +310,11 @@ def serve(
         "--docs", help="Serve the interactive API docs at /docs (Swagger UI, whose script "
         "comes from the jsDelivr CDN; that page's CSP allows it). /openapi.json is always "
         "served.")] = False,
+    ort_dir: Annotated[Path | None, typer.Option(
+        "--ort-dir", help="An unpacked onnxruntime-web npm package (`npm pack "
+        "onnxruntime-web@1.30.0`, then tar xzf): the page then also offers \"dream in this "
+        "browser\", which sends the compiled graphs (with the model's weights) to the page "
+        "\\[env ONNXDREAM_ORT_DIR].", show_default=False)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):
     r"""Serve dreams over HTTP, with a web page at / (needs onnxdream\[serve]).
@@ -338,10 +343,11 @@ def serve(
                                        max_pixels=max_pixels, max_body_mb=max_body,
                                        max_steps=max_steps, device=device,
                                        model_paths=model_path, cache_mb=cache_mb,
-                                       trusted_hosts=hosts, docs=docs)
+                                       trusted_hosts=hosts, docs=docs, ort_dir=ort_dir)
         typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
                    f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
-                   f"{config.max_queue}, device {config.device})", err=True)
+                   f"{config.max_queue}, device {config.device}"
+                   f"{', dreams in the browser too' if config.ort_dir else ''})", err=True)
         run(config, host=host, port=port, log_level=log_level)
 
 def _is_loopback(host: str) -> bool:

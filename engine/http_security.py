@@ -4,9 +4,10 @@
   only the page's own files run (``engine/static/*.js``, ``*.css``: no inline script or style,
   nothing from another origin), images may be this server's or ``blob:``/``data:`` URLs (the
   dream is shown from a blob), requests go back to this server only, and no site may frame the
-  page. The browser path (issue 16) extends it for its page, e.g.
-  ``content_security_policy({"script-src": "'self' 'wasm-unsafe-eval'", "worker-src": "'self'"})``
-  plus :data:`CROSS_ORIGIN_ISOLATION` (COOP/COEP, which SharedArrayBuffer needs).
+  page. The browser path (issue 16: "dream in this browser") extends it for the page, its
+  files and onnxruntime-web's (:data:`BROWSER_CSP`: WebAssembly compiles, same-origin workers),
+  and every response but ``/docs`` carries :data:`CROSS_ORIGIN_ISOLATION` (COOP/COEP: the page
+  is cross-origin isolated, so SharedArrayBuffer and WebAssembly threads work).
 - :class:`SecurityHeaders` (pure ASGI, wrapped around the whole app, so error responses,
   the body limit's 413 and the host check's 400 get them too) adds ``X-Content-Type-Options:
   nosniff``, the CSP, ``X-Frame-Options: DENY`` (for browsers without ``frame-ancestors``),
@@ -25,8 +26,8 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["BASE_CSP", "CROSS_ORIGIN_ISOLATION", "DOCS_CSP", "PathScrubber", "SecurityHeaders",
-           "content_security_policy", "security_headers"]
+__all__ = ["BASE_CSP", "BROWSER_CSP", "BROWSER_PATHS", "CROSS_ORIGIN_ISOLATION", "DOCS_CSP",
+           "PathScrubber", "SecurityHeaders", "content_security_policy", "security_headers"]
 
 #: The page's policy, one directive per key (see :func:`content_security_policy`).
 BASE_CSP: dict[str, str] = {
@@ -50,11 +51,22 @@ DOCS_CSP: dict[str, str] = {
 }
 
 #: Cross-origin isolation for pages that need SharedArrayBuffer (threaded WebAssembly, the
-#: browser path of issue 16); not sent today.
+#: browser path of issue 16): on every response but ``/docs`` (whose CDN files would be blocked).
 CROSS_ORIGIN_ISOLATION: dict[str, str] = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Embedder-Policy": "require-corp",
 }
+
+#: The browser path's additions (issue 16), for the page, its files and onnxruntime-web's
+#: (:data:`BROWSER_PATHS`): onnxruntime-web compiles WebAssembly ('wasm-unsafe-eval': no eval
+#: of JavaScript) and runs its threads in module workers from this server ('self'; a worker
+#: takes the CSP of its own script's response, hence /web/ too).
+BROWSER_CSP: dict[str, str] = {
+    "script-src": "'self' 'wasm-unsafe-eval'",
+    "worker-src": "'self'",
+}
+#: Paths (exact, or prefixes ending in "/") that get :data:`BROWSER_CSP`.
+BROWSER_PATHS = ("/", "/static/", "/web/")
 
 
 def content_security_policy(extra: Mapping[str, str] | None = None) -> str:
@@ -79,18 +91,30 @@ def security_headers(csp: str | None = None, extra: Mapping[str, str] | None = N
 
 class SecurityHeaders:
     """ASGI middleware: :func:`security_headers` on every HTTP response (a response's own
-    header of the same name wins). ``policies`` maps a path to its CSP (``/docs``)."""
+    header of the same name wins), with :data:`CROSS_ORIGIN_ISOLATION`. ``policies`` maps a
+    path to its CSP (``/docs``: without cross-origin isolation); :data:`BROWSER_PATHS` get
+    :data:`BROWSER_CSP`."""
 
     def __init__(self, app, policies: Mapping[str, str] | None = None):
         self.app = app
-        self.default = security_headers()
+        self.default = security_headers(extra=CROSS_ORIGIN_ISOLATION)
+        self.browser = security_headers(content_security_policy(BROWSER_CSP),
+                                        CROSS_ORIGIN_ISOLATION)
         self.by_path = {path: security_headers(csp) for path, csp in (policies or {}).items()}
+
+    def headers_for(self, path: str) -> list[tuple[bytes, bytes]]:
+        if path in self.by_path:
+            return self.by_path[path]
+        if any(path == p or (p.endswith("/") and p != "/" and path.startswith(p))
+               for p in BROWSER_PATHS):
+            return self.browser
+        return self.default
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = self.by_path.get(scope.get("path", ""), self.default)
+        headers = self.headers_for(scope.get("path", ""))
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -107,7 +131,8 @@ class SecurityHeaders:
 
 # an absolute POSIX path: "/" after a space, quote or bracket (not inside a URL or a word)
 _ABS_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()<>\[\]{}]+")
-_API_ROUTES = ("/jobs", "/models", "/dream", "/health", "/static", "/docs", "/openapi.json")
+_API_ROUTES = ("/jobs", "/models", "/dream", "/health", "/static", "/web", "/docs",
+               "/openapi.json")
 
 
 class PathScrubber:

@@ -81,6 +81,16 @@ def _default_workers(device: str) -> int:
     return 1 if default_threads() < 8 else 2
 
 
+def _ort_dir(given: str | os.PathLike | None) -> Path | None:
+    """onnxruntime-web's files for the browser path: ``given`` or ``$ONNXDREAM_ORT_DIR`` (checked
+    now: a wrong folder fails at start), else None (the page's browser path is off)."""
+    from onnxdream.web import ORT_DIR_ENV, find_ort_dir
+
+    if given is None and not os.environ.get(ORT_DIR_ENV, "").strip():
+        return None
+    return find_ort_dir(given)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """What the server allows and how much it does at once."""
@@ -100,6 +110,8 @@ class ServerConfig:
     trusted_hosts: tuple[str, ...] = ()  # Host headers accepted ("*.example.com"); () = any
     docs: bool = False  # serve the Swagger UI at /docs (it loads scripts from a CDN)
     health_ttl: float = 10.0  # seconds a /health self-check result is reused
+    # onnxruntime-web's dist/ folder: the page's "dream in this browser" (onnxdream.web); None: off
+    ort_dir: Path | None = None
 
     @classmethod
     def from_env(cls, *, workers: int | None = None, max_queue: int | None = None,
@@ -109,7 +121,7 @@ class ServerConfig:
                  device: str | None = None,
                  model_paths: list[str | os.PathLike] | None = None,
                  trusted_hosts: list[str] | None = None,
-                 docs: bool = False) -> ServerConfig:
+                 docs: bool = False, ort_dir: str | os.PathLike | None = None) -> ServerConfig:
         """Explicit arguments first, then ``ONNXDREAM_*`` environment variables, then defaults."""
         from onnxdream.graph_cache import budget_from_env
 
@@ -139,6 +151,7 @@ class ServerConfig:
             model_paths=_allowed_models(list(model_paths or []) + env_paths),
             trusted_hosts=tuple(hosts),
             docs=bool(docs),
+            ort_dir=_ort_dir(ort_dir),
         )
         return cfg.validate()
 

@@ -21,6 +21,9 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
                                 "eta_s", ...}``.
 - ``GET  /jobs/{id}/result``    the image once done (409 while queued/running).
 - ``DELETE /jobs/{id}``         cancel (cooperatively, at the next step) and forget the job.
+- ``GET  /web/...``             the page's "dream in this browser" (:mod:`onnxdream.server_web`):
+                                the step graph of a model and layer, onnxruntime-web's files
+                                (with ``--ort-dir``).
 
 Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``objective``,
 ``pre_relu``, ``octaves``, ``octave_scale``, ``steps``, ``step_size``, ``jitter``, ``tile_size``,
@@ -71,6 +74,8 @@ Environment variables (command-line options override them):
                             address accepts only localhost names unless told otherwise).
 - ``ONNXDREAM_MODEL_PATHS`` extra dreamable .onnx files, separated by ``os.pathsep``; each is
                             offered under its file stem (like ``--model-path``).
+- ``ONNXDREAM_ORT_DIR``     an unpacked onnxruntime-web npm package: the page then offers
+                            "dream in this browser" (like ``--ort-dir``).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import mimetypes
 import threading
 import time
 from pathlib import Path
@@ -456,7 +462,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_body=config.max_body)
     if config.trusted_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.trusted_hosts))
+    mimetypes.add_type("text/javascript", ".mjs")  # the browser path's module
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    from onnxdream.server_web import add_browser_routes
+
+    add_browser_routes(app, config, models)
 
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         """THE error response of this app: server paths are taken out of every message."""

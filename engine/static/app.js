@@ -96,6 +96,8 @@ async function poll(id) {
 
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
+  // "in this browser": browser-dream.mjs dreams (its own listener on this form)
+  if (document.querySelector("input[name=where]:checked")?.value === "browser") return;
   showError("");
   const f = $("image").files[0];
   if (!f) { showError("choose a photo first"); return; }

@@ -171,8 +171,9 @@ def resize_graph(opset: int = 18) -> onnx.ModelProto:
          helper.make_tensor_value_info("sizes", INT64, [4])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
                                        [1, 3, "out_height", "out_width"])], b.initializers)
+    # IR 8 (what opset 18 needs), not onnx's newest: older runtimes (onnxruntime-web) refuse those
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             producer_name="onnxdream")
+                             producer_name="onnxdream", ir_version=8)
 
 
 __all__ = ["DYNAMIC_INPUTS", "OUTPUT", "STATIC_INPUTS", "resize_graph", "static_step_graph",
