@@ -21,11 +21,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import onnx
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from onnxdream.errors import ModelError
+from onnxdream.exporters.graph.contract import LOGITS
+from onnxdream.exporters.graph.layers import resolve_layer
 from onnxdream.jobs import ModelCache, ServerConfig
 from onnxdream.settings import DreamSettings
 from onnxdream.web import (
@@ -105,8 +108,11 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
     @app.get("/web/manifest.json", include_in_schema=False)
     async def web_manifest(request: Request):
         settings, target = _query(request)
-        info, _ = await run_in_threadpool(models.info, settings.model)
+        info, known = await run_in_threadpool(models.info, settings.model)
         objective = await run_in_threadpool(models.objective, settings)
+        for term in objective.terms:  # an unknown layer: 400 now, not when the graph is fetched
+            if term.layer != LOGITS and term.layer not in known:
+                resolve_layer(info.layers, term.layer, onnx.ModelProto())  # the LayerError
         query = request.url.query
         entry = web_layer(",".join(settings.layers) or "+".join(t.layer for t in objective.terms),
                           f"/web/step.onnx?{query}", objective)

@@ -43,8 +43,8 @@ from onnxdream.errors import DependencyError, ModelError, OnnxDreamError
 from onnxdream.settings import MIN_OCTAVE_SIDE, DreamSettings
 
 __all__ = ["LIMITS", "MANIFEST_FORMAT", "ORT_DIR_ENV", "ORT_WEB_VERSION", "OrtWebMissingError",
-           "SiteResult", "WebLayer", "export_site", "find_ort_dir", "manifest", "ort_files",
-           "resize_graph_bytes", "step_graph_for"]
+           "SiteResult", "WebLayer", "export_site", "find_ort_dir", "manifest", "objective_of",
+           "ort_files", "resize_graph_bytes", "step_graph_for"]
 
 #: The onnxruntime-web release the page is written and tested against (the Makefile fetches it).
 ORT_WEB_VERSION = "1.30.0"
@@ -182,23 +182,30 @@ def web_layer(name: str, graph: str, objective) -> WebLayer:
                     tuple(f"{t.layer}:{t.weight:g}" for t in objective.terms))
 
 
-def step_graph_for(model: str | os.PathLike, layers: Sequence[str], objective: str = "mean", *,
-                   pre_relu: bool = False, border: int = 0, target: str = "default"):
-    """(step graph ModelProto, Objective) of ``model`` for one dream objective."""
-    from onnxdream.exporters.graph import compile_gradient
-    from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
-    from onnxdream.exporters.graph.layers import layer_names
-    from onnxdream.exporters.graph.step import step_graph
-    from onnxdream.gradient import objective_for, resolve_model_path
+def objective_of(proto, info, layers: Sequence[str], objective: str = "mean"):
+    """The Objective of ``layers`` + ``objective`` on a loaded model (LayerError/ObjectiveError
+    when they do not fit it)."""
+    from onnxdream.exporters.graph.contract import LOGITS
+    from onnxdream.exporters.graph.layers import layer_names, resolve_layer
+    from onnxdream.gradient import objective_for
 
-    path = resolve_model_path(model)
-    proto = load_model(path)
-    require_dreamable(proto, str(model))
-    info = ModelInfo.load(proto)
     obj = objective_for(info, layer_names(proto, info.layers), list(layers),
                         objective).check_weights()
-    graph = compile_gradient(proto, obj, pre_relu=pre_relu, border=border, target=target)
-    return step_graph(graph), obj
+    for term in obj.terms:  # unknown layers fail now, before any compile
+        if term.layer != LOGITS:
+            resolve_layer(info.layers, term.layer, proto)
+    return obj
+
+
+def step_graph_for(proto, objective, *, pre_relu: bool = False, border: int = 0,
+                   target: str = "default"):
+    """The step graph (ModelProto) of a loaded dreamable model for ``objective``: the compiled
+    gradient graph wrapped by :func:`~onnxdream.exporters.graph.step.step_graph`."""
+    from onnxdream.exporters.graph import compile_gradient
+    from onnxdream.exporters.graph.step import step_graph
+
+    return step_graph(compile_gradient(proto, objective, pre_relu=pre_relu, border=border,
+                                       target=target))
 
 
 _resize_lock = threading.Lock()
@@ -334,15 +341,16 @@ def export_site(out: str | os.PathLike, *, model: str = DreamSettings.model,
                          "images; the browser dreams any size, so it needs a model with a "
                          "dynamic input size", field="model")
     choices = [[spec] for spec in layers] or [info.require_default_layers()]
+    objectives = [objective_of(proto, info, specs, objective) for specs in choices]  # all first
     name = path.name if Path(str(model)).suffix == ".onnx" else str(model)  # no local paths
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
         (tmp / "graphs").mkdir()
         (tmp / "ort").mkdir()
         entries = []
-        for k, specs in enumerate(choices):
+        for k, (specs, obj) in enumerate(zip(choices, objectives)):
             say(f"compiling the step graph for {', '.join(specs)} ({target})")
-            graph, obj = step_graph_for(path, specs, objective, target=target)
+            graph = step_graph_for(proto, obj, target=target)
             file = f"graphs/step-{k}-{_slug('+'.join(specs))}.onnx"
             (tmp / file).write_bytes(graph.SerializeToString())
             entries.append(web_layer("+".join(specs), file, obj))
