@@ -1,7 +1,8 @@
 # onnxdream: the two front-door commands.
 #   make demo  - installs onnxdream[cpu] (no deep learning framework) and dreams on a photo
 #   make test  - installs the test extras (torch, torchvision, keras, ...), runs ruff, then
-#                every test except the slow ones (see CONTRIBUTING.md)
+#                every test except the slow ones (see CONTRIBUTING.md); fetches Chromium and
+#                onnxruntime-web (npm) for the browser tests when they are missing
 #   make lint  - ruff only
 PYTHON ?= python3
 DEMO_VENV := .venv-demo
@@ -13,7 +14,7 @@ EDITABLE := --config-settings editable_mode=strict
 # which is rewritten only when the list of files changes (not when a file is edited)
 PACKAGE_FILES := build/package-files.txt
 
-.PHONY: demo test lint clean .chromium FORCE
+.PHONY: demo test lint clean .chromium .ort-web FORCE
 
 $(PACKAGE_FILES): FORCE
 	@mkdir -p $(@D)
@@ -43,10 +44,29 @@ $(TEST_VENV)/.installed: pyproject.toml $(PACKAGE_FILES)
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "note: chromium not installed; the browser test will be skipped (a failure under CI=true)"
 
+# onnxruntime-web (MIT) for the in-browser tests, unpacked into a gitignored cache: `npm pack`
+# only downloads the package (no node_modules, no install scripts); only the files a page loads are
+# kept (engine/web.py's ORT_FILES, 42 MB of 139). The version is engine/web.py's
+# ORT_WEB_VERSION; npm comes from apt when missing, like chromium.
+ORT_WEB_VERSION := $(shell sed -n 's/^ORT_WEB_VERSION = "\(.*\)"/\1/p' engine/web.py)
+ORT_CACHE := .cache/onnxruntime-web
+.ort-web:
+	@test -f $(ORT_CACHE)/package/.version-$(ORT_WEB_VERSION) || { \
+	  { command -v npm >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && apt-get install -y -qq npm >/dev/null ; } ; } && \
+	  rm -rf $(ORT_CACHE) && mkdir -p $(ORT_CACHE) && cd $(ORT_CACHE) && \
+	  npm pack --silent onnxruntime-web@$(ORT_WEB_VERSION) >/dev/null && \
+	  tar xzf onnxruntime-web-$(ORT_WEB_VERSION).tgz && rm onnxruntime-web-$(ORT_WEB_VERSION).tgz && \
+	  find package/dist -type f -not -name 'ort.wasm.min.mjs' -not -name 'ort.webgpu.min.mjs' \
+	    -not -name 'ort-wasm-simd-threaded.mjs' -not -name 'ort-wasm-simd-threaded.wasm' \
+	    -not -name 'ort-wasm-simd-threaded.asyncify.*' -delete && \
+	  touch package/.version-$(ORT_WEB_VERSION) ; } || \
+	  echo "note: onnxruntime-web not fetched; the in-browser tests will be skipped (a failure under CI=true)"
+
 lint: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff check .
 
-test: lint .chromium
+test: lint .chromium .ort-web
 	$(TEST_VENV)/bin/python -m pytest -q --durations=10
 
 clean:

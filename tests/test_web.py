@@ -325,3 +325,15 @@ def test_server_serves_step_graphs_and_runtime_files(model_home, tmp_path):
     assert "MIT License" in lic.text
     assert bad.status_code == 404 and unknown.status_code == 400
     assert layer.status_code == 400 and "unknown layer 'blocks.99'" in layer.json()["error"]
+
+
+def test_the_makefile_reads_the_one_version_constant():
+    """`make test` fetches onnxruntime-web at engine/web.py's ORT_WEB_VERSION (read by sed)."""
+    import re
+
+    from conftest import REPO
+    from onnxdream.web import ORT_WEB_VERSION
+
+    src = (REPO / "engine" / "web.py").read_text()
+    assert re.findall(r'^ORT_WEB_VERSION = "(.*)"$', src, re.M) == [ORT_WEB_VERSION]
+    assert "ORT_WEB_VERSION = \"\\(.*\\)\"" in (REPO / "Makefile").read_text()
