@@ -361,6 +361,7 @@ export class Dreamer {
     const rng = new NumpyRng(s.seed);
     const order = sizes.slice().reverse(), total = order.length * s.steps;
     let done = 0, detail = null, img = null;
+    const stepMs = [];                                // each step's run, for benchmarks
     for (let o = 0; o < order.length; o++) {
       const [h, w] = order[o], n = 3 * h * w, last = o === order.length - 1;
       const octaveBase = await this.resize(ort, backend, src.rgb, H, W, h, w);
@@ -374,6 +375,7 @@ export class Dreamer {
         if (signal?.aborted) throw new DOMException("the dream was cancelled", "AbortError");
         let dy = 0, dx = 0;
         if (s.jitter) [dy, dx] = rng.integers(-s.jitter, s.jitter + 1, 2);
+        const started = performance.now();
         const out = await step.run({
           x: new ort.Tensor("float32", img, [1, 3, h, w]),    // new tensors every run
           shift: new ort.Tensor("int64", BigInt64Array.of(BigInt(((dy % h) + h) % h), BigInt(((dx % w) + w) % w)), [2]),
@@ -382,6 +384,7 @@ export class Dreamer {
         const objective = out.objective.data[0];
         if (!Number.isFinite(objective)) throw new Error(NON_FINITE("objective", i + 1));
         img = out.image_out.data;
+        stepMs.push(performance.now() - started);
         done += 1;
         onProgress?.({octave: o + 1, octaves: order.length, step: i + 1, steps: s.steps, done, total, objective, size: [h, w]});
       }
@@ -400,7 +403,7 @@ export class Dreamer {
     const metadata = provenance(this.manifest, s, sizes, provider, imageName, output);
     const png = await encodePng(toPixels(img, src.alpha, W, H), W, H, src.alpha ? 4 : 3, metadata);
     return {png, width: W, height: H, seconds, backend, seed: s.seed, settings: s, metadata, output,
-            threads: backend === "wasm" ? this.threads : null};
+            threads: backend === "wasm" ? this.threads : null, stepMs};
   }
 }
 
@@ -558,7 +561,8 @@ if (typeof document !== "undefined") {
       async dream(imageUrl, settings = {}) {
         const r = await (await ready).dream(imageUrl, settings);
         return {png: await dataUrl(r.png), seconds: r.seconds, backend: r.backend, seed: r.seed,
-                width: r.width, height: r.height, threads: r.threads, metadata: Object.fromEntries(r.metadata)};
+                width: r.width, height: r.height, threads: r.threads, step_ms: r.stepMs,
+                metadata: Object.fromEntries(r.metadata)};
       },
       octaveSizes, NumpyRng, pyFloat,
     };
