@@ -16,8 +16,8 @@ its steps after the first (the first of a round may still allocate). Round 0 war
 
 ``--webgpu``: a second Chromium with ``--enable-unsafe-webgpu`` (headless Chromium then offers
 SwiftShader, Vulkan emulated on the CPU: this shows that the graphs *run*, not GPU speed) on
-sites with ``--target portable`` graphs. ``--openvino PY``: PY is the python of a venv with
-``onnxruntime-openvino`` (never this one); it times the *gradient* graphs (default and
+sites with ``--target portable`` and default graphs. ``--openvino PY``: PY is the python of a
+venv with ``onnxruntime-openvino`` (never this one); it times the *gradient* graphs (default and
 portable) on the OpenVINO and CPU providers at 224 px (a step graph would mostly fall back to
 the CPU provider). GoogLeNet is exported from torchvision with random weights (needs torch);
 timings do not depend on the weights. JSON goes to benchmarks/results/bench_browser.json.
@@ -60,21 +60,13 @@ def model_file(key: str, work: Path) -> str:
     return str(path)
 
 
-def serve(root: Path, isolate: bool) -> tuple[str, threading.Thread]:
-    from onnxdream.web import serve_site
+def serve(root: Path, isolate: bool) -> tuple[str, object]:
+    """Serve ``root`` from a thread of this process (a daemon: it ends with the process)."""
+    from onnxdream.web import site_server
 
-    box: dict[str, str] = {}
-    ready = threading.Event()
-
-    def run():
-        serve_site(root, port=0, isolate=isolate,
-                   ready=lambda url: (box.setdefault("url", url), ready.set()))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    if not ready.wait(30):
-        raise RuntimeError(f"the site {root} was not served")
-    return box["url"].rstrip("/"), t
+    server = site_server(root, port=0, isolate=isolate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.url.rstrip("/"), server
 
 
 def photo(size: int) -> Image.Image:
@@ -180,13 +172,13 @@ def run_webgpu(args, sites: dict[str, Path]) -> list[dict]:
         b = pw.chromium.launch(executable_path=args.chromium, headless=True,
                                args=CHROMIUM_ARGS + ["--enable-unsafe-webgpu"])
         try:
-            for key, root in sites.items():
+            for (key, target), root in sites.items():
                 url, _ = serve(root, True)
                 page, _ = open_page(b, url, None)
                 adapter = page.evaluate("""async () => { const a = navigator.gpu &&
                     await navigator.gpu.requestAdapter(); return a ? (a.info || {}).architecture ||
                     'unknown' : null; }""")
-                row = {"model": key, "size": 224, "adapter": adapter}
+                row = {"model": key, "target": target, "size": 224, "adapter": adapter}
                 try:
                     v = browser_steps(page, 224, 2, backend="webgpu")
                     row["webgpu"] = {"runs": True, "ms": round(float(v[-1]), 0)}
@@ -292,9 +284,11 @@ def main() -> None:
         if args.webgpu:
             gsites = {}
             for k in keys:
-                gsites[k] = export_site(work / f"{k}-gpu", model=models[k], layers=[MODELS[k][1]],
-                                        ort_dir=args.ort_dir, webgpu=True).path
-                photo(224).save(gsites[k] / "img-224.png")
+                for target in ("portable", "default"):
+                    gsites[k, target] = export_site(
+                        work / f"{k}-gpu-{target}", model=models[k], layers=[MODELS[k][1]],
+                        ort_dir=args.ort_dir, webgpu=True, target=target).path
+                    photo(224).save(gsites[k, target] / "img-224.png")
             result["webgpu"] = run_webgpu(args, gsites)
         if args.openvino:
             result["openvino"] = run_openvino(args, models, work)

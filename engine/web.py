@@ -44,7 +44,7 @@ from onnxdream.settings import MIN_OCTAVE_SIDE, DreamSettings
 
 __all__ = ["LIMITS", "MANIFEST_FORMAT", "ORT_DIR_ENV", "ORT_WEB_VERSION", "OrtWebMissingError",
            "SiteResult", "WebLayer", "export_site", "find_ort_dir", "manifest", "objective_of",
-           "ort_files", "resize_graph_bytes", "step_graph_for"]
+           "ort_files", "resize_graph_bytes", "serve_site", "site_server", "step_graph_for"]
 
 #: The onnxruntime-web release the page is written and tested against (the Makefile fetches it).
 ORT_WEB_VERSION = "1.30.0"
@@ -398,10 +398,11 @@ def _replace_dir(new: Path, out: Path) -> None:
 # a local static server with the headers the site wants
 
 
-def serve_site(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
-               isolate: bool = True, ready: Callable[[str], None] | None = None) -> None:
-    """Serve ``root`` over HTTP until interrupted, with COOP/COEP (cross-origin isolation, so
-    WASM runs threaded) unless ``isolate`` is False, and the right types for .mjs/.wasm."""
+def site_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
+                isolate: bool = True):
+    """An HTTP server (not started: ``serve_forever()``, then ``shutdown()``) for the site at
+    ``root``, with COOP/COEP (cross-origin isolation, so WASM runs threaded) unless ``isolate``
+    is False, and the right types for .mjs/.wasm. Its URL: ``server.url``."""
     import functools
     import http.server
 
@@ -428,9 +429,17 @@ def serve_site(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 808
                              field="site")
     server = http.server.ThreadingHTTPServer(
         (host, port), functools.partial(Handler, directory=str(root)))
-    url = f"http://{host}:{server.server_address[1]}/"
+    server.daemon_threads = True
+    server.url = f"http://{host}:{server.server_address[1]}/"
+    return server
+
+
+def serve_site(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
+               isolate: bool = True, ready: Callable[[str], None] | None = None) -> None:
+    """Serve the site at ``root`` until interrupted (see :func:`site_server`)."""
+    server = site_server(root, host, port, isolate)
     if ready is not None:
-        ready(url)
+        ready(server.url)
     try:
         server.serve_forever()
     finally:

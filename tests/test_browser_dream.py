@@ -102,16 +102,21 @@ def site_url(site):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        try:
-            b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        except sync_api.Error as exc:
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(exc).splitlines()[0]}")
-        try:
-            yield b
-        finally:
-            b.close()
+def playwright():
+    with sync_api.sync_playwright() as pw:  # one per thread: every browser here comes from it
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    try:
+        b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    except sync_api.Error as exc:
+        pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(exc).splitlines()[0]}")
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 class Watched:
@@ -290,3 +295,52 @@ def test_server_page_dreams_in_this_browser(browser, model_home, tmp_path):
     finally:
         w.close()
         srv.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skip_ok
+def test_site_dreams_on_webgpu_where_offered(playwright, model_home, tmp_path):
+    """WebGPU (the portable graphs; headless Chromium offers only SwiftShader, Vulkan on the
+    CPU, so this is about correctness, at a small size), against the Python engine."""
+    import threading
+
+    from onnxdream.web import export_site, site_server
+
+    root = export_site(tmp_path / "gpu", ort_dir=ORT_DIR, webgpu=True).path
+    with Image.open(photo("chelsea.png")) as im:
+        im.convert("RGB").resize((64, 48), Image.Resampling.LANCZOS).save(root / "tiny.png")
+    server = site_server(root, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _dream_on_webgpu(playwright, root, server.url)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _dream_on_webgpu(pw, root: Path, url: str) -> None:
+    from conftest import skip_ok
+
+    b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                           args=[a for a in ARGS if a != "--disable-gpu"]
+                           + ["--enable-unsafe-webgpu"])
+    try:
+        w = Watched(b, url.rstrip("/"))
+        w.page.goto(url)
+        w.page.wait_for_function("window.onnxdream !== undefined")
+        w.page.evaluate("window.onnxdream.ready.then(() => true)")
+        if not w.page.evaluate("async () => !!(navigator.gpu && "
+                               "await navigator.gpu.requestAdapter())"):
+            skip_ok("this Chromium offers no WebGPU adapter")
+        r = w.page.evaluate("window.onnxdream.dream('tiny.png', {octaves: 1, steps: 2, "
+                            "jitter: 8, seed: 3, backend: 'webgpu'})")
+        assert r["backend"] == "webgpu"
+        got, meta = png_of(r["png"])
+        assert meta["onnxdream:provider"] == "onnxruntime-web 1.30.0 webgpu"
+        want, _ = python_dream(root / "tiny.png", octaves=1, steps=2, jitter=8, seed=3)
+        db = psnr(got, want)
+        print(f"\nWebGPU (SwiftShader) vs Python, 64x48, 2 steps: {db:.1f} dB")
+        assert db >= 35, db
+        assert w.external() == [] and w.problems == [], (w.external(), w.problems)
+    finally:
+        b.close()

@@ -337,3 +337,26 @@ def test_the_makefile_reads_the_one_version_constant():
     src = (REPO / "engine" / "web.py").read_text()
     assert re.findall(r'^ORT_WEB_VERSION = "(.*)"$', src, re.M) == [ORT_WEB_VERSION]
     assert "ORT_WEB_VERSION = \"\\(.*\\)\"" in (REPO / "Makefile").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_portable_googlenet_equals_the_default_graph(tmp_path):
+    """torchvision's GoogLeNet (random weights) → inception4c: the model whose default graph
+    OpenVINO refused (ScatterND add) and WebGPU cannot run (MaxPool Indices)."""
+    pytest.importorskip("torchvision", reason="the GoogLeNet export needs onnxdream[torch]")
+    from onnxdream.exporters import export_torchvision
+    from onnxdream.exporters.graph import compile_gradient
+    from onnxdream.exporters.graph.compiler import portability_problems
+
+    path = export_torchvision("googlenet", tmp_path / "googlenet.onnx", "none").path
+    default = compile_gradient(path, ["inception4c"])
+    portable = compile_gradient(path, ["inception4c"], target="portable")
+    assert not [p for p in portability_problems(default) if "ScatterND" in p]
+    assert portability_problems(portable) == []
+    a, b = _session(default), _session(portable)
+    for h, w in ((96, 128), (225, 223)):
+        x = np.random.default_rng(1).random((1, 3, h, w), np.float32)
+        (oa, ga), (ob, gb) = a.run(None, {"image": x}), b.run(None, {"image": x})
+        np.testing.assert_allclose(ob, oa, rtol=1e-6)
+        assert np.abs(gb - ga).max() <= 1e-5 * np.abs(ga).max(), (h, w)
