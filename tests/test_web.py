@@ -282,8 +282,10 @@ def _get(app, *paths):
 
 
 def test_server_without_ort_files_says_why_the_browser_path_is_off(model_home, tmp_path):
-    manifest, ort, page, docs_free = _get(_app(tmp_path), "/web/manifest.json",
-                                          "/web/ort/ort.wasm.min.mjs", "/", "/health")
+    manifest, ort, page, docs_free, module = _get(
+        _app(tmp_path), "/web/manifest.json", "/web/ort/ort.wasm.min.mjs", "/", "/health",
+        "/static/browser-dream.mjs")
+    assert module.headers["content-type"].startswith("text/javascript")
     assert manifest.status_code == 200
     body = manifest.json()
     assert body["ort"]["available"] is False and "--ort-dir" in body["ort"]["reason"]
@@ -359,3 +361,9 @@ def test_portable_googlenet_equals_the_default_graph(tmp_path):
         (oa, ga), (ob, gb) = a.run(None, {"image": x}), b.run(None, {"image": x})
         np.testing.assert_allclose(ob, oa, rtol=1e-6)
         assert np.abs(gb - ga).max() <= 1e-5 * np.abs(ga).max(), (h, w)
+
+
+def test_web_serve_refuses_a_folder_that_is_not_a_site(model_home, tmp_path):
+    proc = run_cli("web", "serve", str(tmp_path), "--port", "0", home=model_home, check=False)
+    assert proc.returncode == 2 and "is not a site written by `onnxdream web export`" in \
+        proc.stderr and "Traceback" not in proc.stderr
