@@ -1,7 +1,8 @@
 """The DeepDream ascent: octaves with detail re-injection, jitter, tiles, normalised steps.
 
 One step, in RGB pixel space scaled to [0,1] (DESIGN.md):
-``x ← clip(x + step_size · g / (mean|g| + 1e-8), 0, 1)``, g the gradient over the whole image.
+``x ← clip(x + step_size · g / (mean|g| + 1e-8), 0, 1)``, g the gradient over the whole image
+(with ``grad_floor`` F: ``g / max(mean|g|, F)``; other normalisations: :mod:`onnxdream.normalize`).
 Jitter is a random circular shift of up to ``jitter`` pixels, undone after the step. Octaves
 follow the Caffe notebook: shrink by ``octave_scale`` per octave, ascend from the smallest,
 enlarge and re-inject the detail that shrinking lost.
@@ -17,7 +18,7 @@ import numpy as np
 from onnxdream.errors import OnnxDreamError
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import resize
-from onnxdream.normalize import normalize
+from onnxdream.normalize import divisor, normalize
 from onnxdream.resolve import ResolvedSettings, resolve
 from onnxdream.settings import DreamSettings, describe, octave_sizes
 
@@ -48,11 +49,12 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
            on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
-    Reads ``tile_size``, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
-    values; a DreamSettings' own values are taken as they are). One gradient buffer is reused
-    across steps; jitter rolls the network's view, not the image.
+    Reads ``tile_size``, ``jitter``, ``step_size``, ``normalize`` and ``grad_floor`` from
+    ``settings`` (resolved values; a DreamSettings' own values are taken as they are). One
+    gradient buffer is reused across steps; jitter rolls the network's view, not the image.
     """
     _, h, w = img.shape
+    floor = settings.grad_floor
     fits = settings.tile_size <= 0 or (h <= settings.tile_size and w <= settings.tile_size)
     if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs":
         # keep the image on the GPU: the whole step runs as one graph with IO binding
@@ -64,7 +66,8 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
                 else:
                     yield 0, 0
 
-        img[...] = gm.device_ascent().run(img, steps, settings.step_size, shifts(), on_step)
+        img[...] = gm.device_ascent().run(img, steps, settings.step_size, shifts(), on_step,
+                                          grad_floor=floor)
         return img
     grad = np.empty_like(img)
     for i in range(steps):
@@ -74,9 +77,9 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
             oy = ox = 0
         obj, g = gm.gradient(img, settings.tile_size, (oy, ox), out=grad)
         if settings.normalize == "mean-abs":
-            g *= settings.step_size / (mean_abs(g) + 1e-8)
+            g *= settings.step_size / divisor(mean_abs(g), floor)
         else:
-            g = normalize(g, settings.normalize) * settings.step_size
+            g = normalize(g, settings.normalize, floor) * settings.step_size
         img += g
         np.clip(img, 0.0, 1.0, out=img)
         if on_step is not None and on_step(i, obj):

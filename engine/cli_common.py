@@ -213,6 +213,10 @@ _DREAM_OPTIONS: dict[str, tuple[Any, Any]] = {
     "normalize": (Annotated[str | None, typer.Option(
         help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid)"
         + _default(_D.normalize), show_default=False)], None),
+    "grad_floor": (Annotated[float | None, typer.Option(
+        help="Divide the gradient by max(size, F) instead of size + 1e-8, size being what "
+        "--normalize measures (keras.io's Deep Dream uses 1e-6; the keras-io preset sets it)  "
+        "\\[default: none]", show_default=False)], None),
     "max_loss": (Annotated[float | None, typer.Option(
         help="Stop once the objective exceeds this value.")], None),
     "seed": (Annotated[int | None, typer.Option(

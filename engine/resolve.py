@@ -38,7 +38,8 @@ class ResolvedSettings:
 
     ``octave_sizes`` run from the largest (the image, ``(height, width)``) down; the ascent
     works through them smallest first. The ascent reads ``tile_size``, ``jitter``,
-    ``step_size`` and ``normalize`` from here (never from the settings directly).
+    ``step_size``, ``normalize`` and ``grad_floor`` from here (never from the settings
+    directly).
     """
 
     settings: DreamSettings
@@ -62,6 +63,10 @@ class ResolvedSettings:
     @property
     def normalize(self) -> str:
         return self.settings.normalize
+
+    @property
+    def grad_floor(self) -> float | None:
+        return self.settings.grad_floor
 
     @property
     def max_loss(self) -> float | None:

@@ -16,10 +16,11 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 
 Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``objective``,
 ``pre_relu``, ``octaves``, ``octave_scale``, ``steps``, ``step_size``, ``jitter``, ``tile_size``,
-``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings are
-accepted too, unknown fields are refused. Empty values mean "the default" (the defaults are
-:class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the same provenance
-as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in JPEG/WebP).
+``normalize``, ``grad_floor``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size``
+spellings are accepted too, unknown fields are refused. Empty values mean "the default" (the
+defaults are :class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the
+same provenance as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in
+JPEG/WebP).
 
 Nothing from a request becomes a filesystem path: ``model`` must be a zoo name or the file stem of
 a model the operator allowed at start-up (``--model-path FILE``).
@@ -160,8 +161,8 @@ def _respond(err: ApiError) -> JSONResponse:
 
 _TYPES: dict[str, type] = {"model": str, "objective": str, "pre_relu": bool, "octaves": int,
                            "octave_scale": float, "steps": int, "step_size": float,
-                           "jitter": int, "tile_size": int, "normalize": str, "max_loss": float,
-                           "seed": int, "format": str}
+                           "jitter": int, "tile_size": int, "normalize": str,
+                           "grad_floor": float, "max_loss": float, "seed": int, "format": str}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 

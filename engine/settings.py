@@ -38,7 +38,7 @@ MIN_OCTAVE_SIDE = 32
 OBJECTIVE_FIELDS = ("model", "layers", "objective", "pre_relu", "border", "preset")
 #: DreamSettings fields of the ascent itself (a preset may set these; the seed is separate).
 ASCENT_FIELDS = ("octaves", "octave_scale", "steps", "step_size", "jitter", "tile_size",
-                 "normalize", "max_loss")
+                 "normalize", "grad_floor", "max_loss")
 
 #: Gradient normalisations of ``visualize`` (the dream's are ``onnxdream.normalize.NORMALIZERS``).
 VISUALIZE_NORMALIZERS = ("none", "lapnorm")
@@ -112,6 +112,8 @@ class DreamSettings:
     tile_size: int = 512
     seed: int | None = None
     normalize: str = "mean-abs"
+    #: None: the normaliser divides by size + 1e-8; F: by max(size, F) (onnxdream.normalize)
+    grad_floor: float | None = None
     max_loss: float | None = None
 
     def __post_init__(self):
@@ -147,6 +149,10 @@ class DreamSettings:
              "tile_size", "must be 0 (no tiles) or between 64 and 8192 pixels"),
             (self.normalize in NORMALIZERS, "normalize",
              f"must be one of {', '.join(NORMALIZERS)}"),
+            (self.grad_floor is None or (_is_number(self.grad_floor)
+                                         and math.isfinite(self.grad_floor)
+                                         and self.grad_floor > 0.0), "grad_floor",
+             "must be a finite number > 0"),
             (self.max_loss is None or _is_number(self.max_loss), "max_loss",
              "must be a number"),
             (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed",
@@ -183,6 +189,7 @@ class DreamSettings:
         argv += ["--seed", str(self.seed)] if self.seed is not None else []
         argv += ["--pre-relu"] if self.pre_relu else []
         argv += ["--border", str(self.border)] if self.border else []
+        argv += ["--grad-floor", str(self.grad_floor)] if self.grad_floor is not None else []
         argv += ["--max-loss", str(self.max_loss)] if self.max_loss is not None else []
         return argv
 

@@ -29,7 +29,8 @@ def test_step_graph_is_standard_onnx(gm):
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
     # the step's own inputs, then the gradient graph's objective parameters, passed through
-    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "weights"]
+    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "grad_floor",
+                                                  "weights"]
     assert [o.name for o in step.graph.output] == ["objective", "image_out"]
 
 
@@ -76,10 +77,11 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
     """On CUDA, ascend() hands untiled mean-abs steps to the step graph (IO binding)."""
     import dataclasses
 
-    calls = []
+    calls, floors = [], []
 
     class Fake:
-        def run(self, img, steps, step_size, shifts, on_step):
+        def run(self, img, steps, step_size, shifts, on_step, grad_floor=None):
+            floors.append(grad_floor)
             calls.append((img.shape, steps, step_size, next(shifts)))
             return img + 1
 
@@ -90,6 +92,8 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
                  np.random.default_rng(0), 3)
     assert calls == [((3, 97, 131), 3, 0.01, (0, 0))]
     assert np.allclose(out, img + 1)
+    ascend(gm, img.copy(), DreamSettings(steps=1, grad_floor=2e-6), np.random.default_rng(0), 1)
+    assert floors == [None, 2e-6]
     # big images are tiled on the host instead
     calls.clear()
     ascend(gm, img.copy(), DreamSettings(steps=1, tile_size=64), np.random.default_rng(0), 1)

@@ -59,7 +59,9 @@ def test_server_form_defaults_are_the_settings_defaults():
 @pytest.mark.parametrize("kwargs,field", [
     ({"step_size": 0}, "step_size"), ({"octaves": 13}, "octaves"), ({"tile_size": 10}, "tile_size"),
     ({"normalize": "l1"}, "normalize"), ({"seed": -1}, "seed"), ({"border": -1}, "border"),
-    ({"layers": ("",)}, "layers"),
+    ({"layers": ("",)}, "layers"), ({"grad_floor": 0.0}, "grad_floor"),
+    ({"grad_floor": -1e-6}, "grad_floor"), ({"grad_floor": float("inf")}, "grad_floor"),
+    ({"grad_floor": float("nan")}, "grad_floor"), ({"grad_floor": "1e-6"}, "grad_floor"),
 ])
 def test_validation_raises_settings_error_with_field(kwargs, field):
     with pytest.raises(SettingsError) as info:
@@ -72,6 +74,7 @@ def test_validation_raises_settings_error_with_field(kwargs, field):
     (["dream", "x.png", "--step-size", "0"], "error: --step-size must be > 0 and <= 10"),
     (["dream", "x.png", "--octave-scale", "9"], "error: --octave-scale must be > 1 and <= 4"),
     (["dream", "x.png", "--preset", "keras-clasic"], "did you mean 'keras-classic'"),
+    (["dream", "x.png", "--grad-floor", "0"], "error: --grad-floor must be a finite number > 0"),
     (["visualize", "--class", "1", "--param", "dct"], "error: --param must be one of fft, pixel"),
 ])
 def test_cli_names_the_flag(argv, needle, tmp_path):
@@ -82,6 +85,28 @@ def test_cli_names_the_flag(argv, needle, tmp_path):
     assert result.exit_code == 2, out
     assert needle in out and "Traceback" not in out
     assert not (tmp_path / "o.png").exists()
+
+
+def test_server_form_takes_grad_floor():
+    pytest.importorskip("fastapi")
+    from onnxdream.server import ApiError, ServerConfig, build_settings, parse_fields
+
+    fields, _, _ = parse_fields([("image", _upload()), ("grad-floor", "1e-6")])
+    assert fields == {"grad_floor": 1e-6}
+    assert build_settings(fields, [], ServerConfig()).grad_floor == 1e-6
+    with pytest.raises(ApiError, match="'grad_floor' must be a finite number"):
+        parse_fields([("image", _upload()), ("grad_floor", "inf")])
+    with pytest.raises(SettingsError) as info:
+        build_settings({"grad_floor": -1.0}, [], ServerConfig())
+    assert info.value.field == "grad_floor"
+
+
+def _upload():
+    import io
+
+    from fastapi import UploadFile
+
+    return UploadFile(io.BytesIO(b"x"), filename="x.png")
 
 
 def test_server_names_the_form_field():
@@ -178,6 +203,7 @@ def _parse_dream(argv: list[str]) -> DreamSettings:
     DreamSettings(model="my.onnx", layers=("a:0.5", "b"), objective="l2", pre_relu=True, border=2,
                   octaves=3, octave_scale=1.7, steps=7, step_size=1.5 / 255, jitter=0,
                   tile_size=0, seed=0, normalize="lapnorm", max_loss=10.0),
+    DreamSettings(seed=1, grad_floor=2e-6, normalize="std"),
 ])
 def test_to_argv_parses_back_to_the_same_settings(settings):
     argv = settings.to_argv("in put.png", "out.png")
@@ -239,7 +265,8 @@ def test_digest_covers_what_decides_the_result():
     assert d == resolve(DreamSettings(seed=1), 100, 120).digest() and len(d) == 64
     for other in (resolve(DreamSettings(seed=2), 100, 120), resolve(s, 100, 121),
                   resolve(DreamSettings(seed=1, layers=("blocks.9",)), 100, 120),
-                  resolve(DreamSettings(seed=1, step_size=0.01), 100, 120)):
+                  resolve(DreamSettings(seed=1, step_size=0.01), 100, 120),
+                  resolve(DreamSettings(seed=1, grad_floor=1e-6), 100, 120)):
         assert other.digest() != d
 
 
@@ -276,6 +303,11 @@ def test_dream_metadata_keys_and_command():
 
     assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(
         layers=("blocks.5:1",), seed=9, max_loss=3.0)
+    assert meta["onnxdream:grad_floor"] == ""  # none: mean|g| + 1e-8
+    floored = dream_metadata(resolve(DreamSettings(seed=9, grad_floor=2e-6), 64, 80),
+                             objective=objective, provider="CPU")
+    assert floored["onnxdream:grad_floor"] == "2e-06"
+    assert "--grad-floor 2e-06" in floored["onnxdream:command"]
 
 
 # -- the atomic writer ------------------------------------------------------------------------
