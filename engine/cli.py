@@ -225,6 +225,37 @@ def export_torchvision_cmd(
         typer.echo(f"wrote {result.path} ({len(result.layers)} layers, {size})", err=True)
 
 
+@export_app.command("timm")
+def export_timm_cmd(
+    name: Annotated[str, typer.Argument(
+        help="A timm model: resnet50, convnext_tiny, vit_small_patch16_224, … "
+        "(timm.list_models()); NAME.TAG picks a pretrained config, like --pretrained-cfg.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
+    weights: Annotated[str, typer.Option(
+        help="DEFAULT (timm's pretrained weights from the Hugging Face Hub, needs internet "
+        "once), none (random) or a FILE: a state_dict saved with torch.save, or .safetensors."
+        )] = "DEFAULT",
+    pretrained_cfg: Annotated[str | None, typer.Option(
+        "--pretrained-cfg", help="The pretrained config (tag) whose weights, mean/std and input "
+        "size to use, e.g. augreg_in21k_ft_in1k (default: timm's first for the model).")] = None,
+):
+    """Export a timm classifier as a dreamable model (needs onnxdream[timm]).
+
+    Example:  onnxdream export timm convnext_tiny -o convnext.onnx --weights none
+    """
+    with user_errors():
+        from onnxdream.exporters import export_timm
+
+        result = export_timm(name, output, weights, pretrained_cfg=pretrained_cfg,
+                             progress=lambda msg: typer.echo(msg, err=True))
+        size = "dynamic H/W" if result.dynamic_hw else "fixed size"
+        typer.echo(f"wrote {result.path} ({len(result.layers)} layers, {size}; default layer "
+                   f"{', '.join(result.default_layers) or 'none'})", err=True)
+        if not result.dynamic_hw and result.notes:
+            typer.echo("fixed size because: " + "; ".join(n[:200] for n in result.notes[:3]),
+                       err=True)
+
+
 @export_app.command("keras")
 def export_keras_cmd(
     model: Annotated[str, typer.Argument(

@@ -12,7 +12,8 @@ preprocessing inside the graph, its layers named in the metadata. It is produced
    W). The changes are undone afterwards, so a caller's module is left as it was.
 2. ``make_wrapper``: the model's own preprocessing (ImageNet mean/std by default) in front of the
    network, and forward hooks that copy (``clone``) each layer's output into an extra output.
-3. ``torch.onnx.export`` with the TorchScript exporter (fast); dynamo only as a last resort.
+3. ``torch.onnx.export`` with the TorchScript exporter (fast); dynamo when the TorchScript graph
+   does not serve other sizes (it keeps shape-dependent branches symbolic), and as a last resort.
 4. A probe with onnxruntime at the native size and at an odd size; if the odd size fails or does
    not match torch, the model is exported again with a fixed H/W.
 5. The layer outputs are dropped from the graph outputs (the tensors stay, named, inside the graph),
@@ -348,7 +349,10 @@ def _export_module(
 
         attempts: list[tuple[str, bool, bool]] = []  # (label, dynamic_hw, dynamo)
         if can_odd:
-            attempts.append(("torchscript, dynamic H/W", True, False))
+            # dynamo second: it keeps shape-dependent branches symbolic (timm's ViTs resample
+            # their position embedding only while torch.export runs) but is slower
+            attempts += [("torchscript, dynamic H/W", True, False),
+                         ("dynamo, dynamic H/W", True, True)]
         attempts += [("torchscript, fixed H/W", False, False), ("dynamo, fixed H/W", False, True)]
         notes: list[str] = []
         if dynamic and not can_odd:
