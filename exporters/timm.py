@@ -160,8 +160,7 @@ def _classifier_prefixes(model: Any) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
-def _fit_head(model: Any, state: Mapping[str, Any], what: str, path: Path,
-              progress: Progress) -> bool:
+def _fit_head(model: Any, state: Mapping[str, Any], path: Path, progress: Progress) -> bool:
     """Give ``model`` the file's classifier when only the head differs (a fine-tuned model):
     True when the class count changed (then the pretrained labels no longer apply)."""
     prefixes = _classifier_prefixes(model)
@@ -178,8 +177,8 @@ def _fit_head(model: Any, state: Mapping[str, Any], what: str, path: Path,
     model.reset_classifier(classes)
     if mismatches(model, state):
         return False  # not a plain head swap after all: report the original problems
-    say(progress, f"{path.name} has a {classes}-class head: exported without "
-                  f"{what}'s labels" if classes else
+    say(progress, f"{path.name} has a {classes}-class head: exported with it, without labels"
+        if classes else
         f"{path.name} has no classifier: exported headless (its logits are the pooled features)")
     return True
 
@@ -215,7 +214,7 @@ def build_timm(name: str, weights: str = "DEFAULT", pretrained_cfg: str | None =
     say(progress, f"loading weights from {path}")
     state = read_state_dict(path)
     what = f"timm's {label_name}"
-    head_changed = _fit_head(model, state, what, path, progress)
+    head_changed = _fit_head(model, state, path, progress)
     problems = mismatches(model, state)
     if problems:
         raise ModelError(f"weights file {path.name!r} does not fit {what}: " + "; ".join(problems))
