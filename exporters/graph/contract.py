@@ -74,7 +74,8 @@ columns): the tiler cuts it per tile like the image and the jitter rolls it with
   on the step graph, ``step_mask`` (spatial, default ones).
 
 **The step graph** (:mod:`onnxdream.exporters.graph.step`) wraps a compiled graph into one ascent
-step: inputs ``x``, ``shift``, ``step_size`` and the gradient graph's parameters (passed
+step: inputs ``x``, ``shift``, ``step_size``, ``grad_floor`` (default 0: the normaliser divides
+by ``mean|g| + 1e-8``; F > 0: by ``max(mean|g|, F)``) and the gradient graph's parameters (passed
 through); outputs ``image_out`` and ``objective``.
 """
 
