@@ -278,3 +278,23 @@ def test_missing_timm_is_a_dependency_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(DependencyError, match=r"onnxdream\[timm\]"):
         timm_export.import_timm()
+
+
+# a few families the fast tests above do not cover; the whole sweep is
+# benchmarks/gradient_all_timm.py (its pass rate is in benchmarks/README.md)
+SLOW_MODELS = ["efficientnet_b0", "swin_tiny_patch4_window7_224", "mobilevit_xxs", "levit_128s",
+               "eva02_tiny_patch14_224", "coatnet_nano_rw_224", "mixer_s16_224"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("name", SLOW_MODELS)
+def test_timm_family_gradient_equals_autograd(name, tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_all_timm.py"
+    rows = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(script), "--models", name, "--json", str(rows)],
+                          capture_output=True, text=True, timeout=1700)
+    row = json.loads(rows.read_text().splitlines()[0])
+    assert row["status"] == "ok", proc.stdout[-2000:]
