@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,22 +118,28 @@ def main() -> int:
 
     names = args.models.split(",") if args.models else MODELS
     tmp = Path(tempfile.mkdtemp(prefix="onnxdream-timm-"))
+    try:
+        return sweep(names, tmp, args.timeout, Path(args.json) if args.json else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep(names: list[str], tmp: Path, timeout: float, out_file: Path | None) -> int:
     print(f"{'model':<30} {'status':<6} {'layer':<22} {'size':<9} {'rel.err':>9} {'sec':>6}",
           flush=True)
     passed, rows = 0, []
-    out_file = Path(args.json) if args.json else None
     for name in names:
         out = tmp / f"{name}.onnx"
         t = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-c", CHILD, name, str(out), str(TESTS)],
-                                  capture_output=True, text=True, timeout=args.timeout,
+                                  capture_output=True, text=True, timeout=timeout,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
             last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             row = json.loads(last) if last.startswith("{") else {
                 "failure": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300]}
         except subprocess.TimeoutExpired:
-            row = {"failure": f"timed out after {args.timeout:.0f}s"}
+            row = {"failure": f"timed out after {timeout:.0f}s"}
         for p in tmp.glob(f"{name}.onnx*"):
             p.unlink()
         row["name"] = name
