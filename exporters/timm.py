@@ -43,7 +43,7 @@ from onnxdream.exporters.torch_export import (
     say,
 )
 from onnxdream.exporters.tracing import import_torch
-from onnxdream.exporters.weights import mismatches, read_state_dict
+from onnxdream.exporters.weights import load_weights_file, mismatches, read_state_dict
 
 __all__ = ["build_timm", "export_timm", "timm_data_config", "timm_labels", "timm_models"]
 
@@ -129,7 +129,7 @@ def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
     if status is not None:
         return ModelError(f"could not download the pretrained weights for {name} (HTTP "
                           f"{status}); pass --weights none or --weights FILE")
-    if "No pretrained weights exist" in text or "pretrained weights" in text.lower():
+    if "No pretrained weights exist" in text:
         return ModelError(f"timm has no pretrained weights for {name}; pass --weights none or "
                           f"--weights FILE")
     return ModelError(f"could not load the pretrained weights for {name} ({text})")
@@ -213,15 +213,8 @@ def build_timm(name: str, weights: str = "DEFAULT", pretrained_cfg: str | None =
                          f"file path (choose timm's pretrained weights with --pretrained-cfg)")
     say(progress, f"loading weights from {path}")
     state = read_state_dict(path)
-    what = f"timm's {label_name}"
     head_changed = _fit_head(model, state, path, progress)
-    problems = mismatches(model, state)
-    if problems:
-        raise ModelError(f"weights file {path.name!r} does not fit {what}: " + "; ".join(problems))
-    own = model.state_dict()
-    fitting = type(state)((k, v) for k, v in state.items() if k in own)
-    fitting._metadata = {**own._metadata, **state._metadata}  # type: ignore[attr-defined]
-    model.load_state_dict(fitting, strict=False)
+    load_weights_file(model, f"timm's {label_name}", path, state=state)
     return model.eval(), path.name, head_changed
 
 
