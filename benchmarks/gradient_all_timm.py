@@ -8,8 +8,9 @@ layers with random affine parameters), ``export_timm`` to a dreamable model, com
 of ``mean`` at the model's default layer, run it on onnxruntime's CPU provider and compare with
 torch autograd (relative error max|Δ|/max|g|, with onnxruntime's ReLU/MaxPool/Clip decisions
 shared as in tests/gradcheck.py). Size: 179x211 where the model is dynamic, its native size
-otherwise. A model passes when the error is below 1e-4. Each row records how far it got (export,
-compile, compare) and the first line of the failure.
+otherwise (where torch calls its ReLUs/MaxPools in another order than the compiled graph,
+without sharing the decisions). A model passes when the error is below 1e-4. Each row records how
+far it got (export, compile, compare) and the first line of the failure.
 """
 
 from __future__ import annotations
@@ -97,8 +98,18 @@ try:
     from onnxdream.exporters.graph import compile_gradient
     compile_gradient(proto, [layer], "mean")  # fails here: a missing rule
     row["stage"] = "compare"
-    err = compare(None, [hw], objective="mean", layers=[layer], batch=1, model=proto,
-                  torch_fn=fn)
+    try:
+        err = compare(None, [hw], objective="mean", layers=[layer], batch=1, model=proto,
+                      torch_fn=fn)
+    except Exception as exc:
+        # sharing onnxruntime's ReLU/MaxPool decisions assumes torch calls them in the
+        # graph's node order, which a compiled graph of parallel branches (DLA's trees) need
+        # not keep: compare without sharing then
+        import gradcheck
+        gradcheck.onnx_decisions = lambda m, x: {"maxpool": [], "relu": [], "clip": []}
+        row["decisions"] = "unshared (" + type(exc).__name__ + ")"
+        err = compare(None, [hw], objective="mean", layers=[layer], batch=1, model=proto,
+                      torch_fn=fn)
     done(error=err, stage="done", seconds=time.perf_counter() - t)
 except SystemExit:
     raise
