@@ -88,7 +88,7 @@ try:
     cfg = timm_data_config(model)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    multiple = T._pad_multiple(model)
+    multiple = T.pad_multiple(model, tuple(int(v) for v in cfg["input_size"][1:]))
     def fn(x):
         x = (x - mean) / std
         if multiple is not None:

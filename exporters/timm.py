@@ -17,9 +17,10 @@ none, or a user's state_dict / safetensors file) and hands it to
 - **labels** where timm knows them: the pretrained config's own, or the ImageNet subset timm
   infers from the class count (1k, 12k, 21k, 22k; ``timm.data.ImageNetInfo``, shipped with timm);
 - **any image size** where the model allows it: models with ``dynamic_img_size`` (most ViTs,
-  DeiT, EVA, Swin) are built with it, which interpolates the position embedding at run time.
-  Others are probed at an odd size and exported at a fixed size when they cannot take it; the
-  result's ``notes`` say why.
+  DeiT, EVA, Swin) are built with it, which interpolates the position embedding at run time;
+  networks that need multiples of their patch size or stride are padded in the graph
+  (:func:`pad_multiple`). Others are probed at an odd size and exported at a fixed size when
+  they cannot take it; the result's ``notes`` say why.
 
 timm and torch are imported lazily: importing this module needs neither.
 """
@@ -29,7 +30,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,8 @@ from onnxdream.exporters.torch_export import (
 from onnxdream.exporters.tracing import import_torch
 from onnxdream.exporters.weights import load_weights_file, mismatches, read_state_dict
 
-__all__ = ["build_timm", "export_timm", "timm_data_config", "timm_labels", "timm_models"]
+__all__ = ["build_timm", "export_timm", "pad_multiple", "pad_to_multiple", "timm_data_config",
+           "timm_labels", "timm_models"]
 
 CODE_LICENSE = "Apache-2.0 (timm code)"
 # strides tried when telling a channels-last [1, H, W, C] layer from a channels-first one
@@ -307,6 +310,41 @@ def _pad_multiple(model: Any) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
+def _runs_at(model: Any, size: tuple[int, int]) -> bool:
+    torch = import_torch()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size))
+    except Exception:  # noqa: BLE001 - any failure: the network cannot take this size
+        return False
+    return True
+
+
+def pad_multiple(model: Any, size: tuple[int, int]) -> tuple[int, int] | None:
+    """What the exported graph pads its (preprocessed) input to a multiple of, so that the model
+    runs at any size; None where it runs at any size as it is, or cannot at all.
+
+    A patch-embedded model built with ``dynamic_img_size`` but without ``dynamic_img_pad``
+    (Swin) takes multiples of its patch size. A network whose branches must meet at equal sizes
+    (DLA's trees, HRNet's fusions) takes multiples of its total stride: when torch cannot run it
+    at an odd size near its native ``size`` but can at the multiples of its largest
+    ``feature_info`` reduction (32 without one) just above, that reduction is the multiple. The
+    padding is zeros after the mean/std normalisation (the mean colour), as ``dynamic_img_pad``
+    pads, at the bottom and right; at sizes that are already multiples nothing changes.
+    """
+    from onnxdream.exporters.tracing import odd_size
+
+    patch = _pad_multiple(model)
+    if patch is not None:
+        return patch
+    odd = (odd_size(size[0])[0], odd_size(size[1])[1])
+    if _runs_at(model, odd):
+        return None
+    stride = max((r for _, r in _feature_modules(model)), default=32)
+    padded = (-(-odd[0] // stride) * stride, -(-odd[1] // stride) * stride)
+    return (stride, stride) if _runs_at(model, padded) else None
+
+
 def pad_to_multiple(x: Any, multiple: tuple[int, int]) -> Any:
     """``x`` [N,C,H,W] with zero rows/columns appended up to multiples of ``multiple``, as
     timm's ``dynamic_img_pad`` does; traced with the sizes computed from the input's shape."""
@@ -317,6 +355,70 @@ def pad_to_multiple(x: Any, multiple: tuple[int, int]) -> Any:
     w = torch.div(shape[3] + (mw - 1), mw, rounding_mode="floor") * mw
     padded = torch.nn.functional.pad(x, (0, mw - 1, 0, mh - 1))
     return padded[:, :, :h, :w]
+
+
+class _Captured(Exception):
+    """Raised by the stand-in conv2d once it has the weight a module computed."""
+
+
+@contextmanager
+def frozen_weight_standardization(model: Any) -> Iterator[int]:
+    """Let timm's weight-standardised convolutions (``StdConv2d``, ``ScaledStdConv2d`` and their
+    ``Same`` variants: NFNets, BiT ResNet-V2, hybrid ViTs) use their standardised weight as a
+    constant while the context lasts; yields how many there are.
+
+    They standardise their weight in every forward (a training-mode batch norm over the weight),
+    which exports as a weight computed in the graph; the gradient compiler needs a convolution's
+    weight shape static. In eval mode the standardised weight is fixed: each module's own
+    forward computes it once here (its ``F.conv2d`` call is intercepted), and the module then
+    convolves with it. The modules are restored afterwards.
+    """
+    torch = import_torch()
+    functional = torch.nn.functional
+    try:
+        from timm.layers import std_conv
+    except ImportError:  # pragma: no cover - a timm without weight standardisation
+        yield 0
+        return
+    kinds = tuple(getattr(std_conv, n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                  "ScaledStdConv2dSame") if hasattr(std_conv, n))
+    modules = [m for m in model.modules() if isinstance(m, kinds)]
+    original = functional.conv2d
+    frozen: list[Any] = []
+    try:
+        for m in modules:
+            seen: list[Any] = []
+
+            def capture(x: Any, weight: Any, *args: Any, seen: list = seen, **kwargs: Any) -> Any:
+                seen.append(weight.detach().clone())
+                raise _Captured
+
+            functional.conv2d = capture
+            try:
+                kh, kw = m.kernel_size
+                with torch.no_grad():
+                    m(torch.zeros(1, m.in_channels, kh * m.dilation[0], kw * m.dilation[1]))
+            except _Captured:
+                pass
+            finally:
+                functional.conv2d = original
+            if not seen:
+                raise ModelError(f"could not read the standardised weight of {type(m).__name__}")
+
+            def forward(x: Any, m: Any = m, weight: Any = seen[0]) -> Any:
+                if getattr(m, "same_pad", False):
+                    from timm.layers.padding import pad_same
+
+                    x = pad_same(x, m.kernel_size, m.stride, m.dilation)
+                return original(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+            m.forward = forward
+            frozen.append(m)
+        yield len(frozen)
+    finally:
+        functional.conv2d = original
+        for m in frozen:
+            del m.forward
 
 
 def _layer_shapes(model: Any, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
@@ -386,7 +488,7 @@ def _export(name: str, out: str | os.PathLike[str], weights: str, pretrained_cfg
     _, ih, iw = (int(v) for v in data["input_size"])
     mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
 
-    multiple = _pad_multiple(module)
+    multiple = pad_multiple(module, (ih, iw))
 
     def preprocess(x: Any) -> Any:
         torch = import_torch()
@@ -400,7 +502,7 @@ def _export(name: str, out: str | os.PathLike[str], weights: str, pretrained_cfg
                  f"{data.get('interpolation', '?')} resize, crop {data.get('crop_pct', '?')})")
     if multiple is not None:
         described += (f"; then zero-padded at the bottom and right to multiples of "
-                      f"{multiple[0]}x{multiple[1]} (the patch size)")
+                      f"{multiple[0]}x{multiple[1]} pixels")
     described += " (inside the graph)"
     say(progress, f"probing {full}'s layers at {ih}×{iw}")
     shapes = _layer_shapes(module, (ih, iw))
@@ -415,20 +517,21 @@ def _export(name: str, out: str | os.PathLike[str], weights: str, pretrained_cfg
     if layouts:
         extra[LAYOUTS_KEY] = json.dumps(layouts)
     dynamic_option = bool(getattr(module, "dynamic_img_size", False))
-    result = export_module(
-        module,
-        out,
-        name=full,
-        input_size=(ih, iw) if ih != iw else ih,
-        source=f"timm:{full} (weights: {label})",
-        license=license_text,
-        labels=None if head_changed else timm_labels(module),
-        default_layers=default_timm_layers(module, shapes),
-        preprocess=preprocess,
-        opset=opset,
-        progress=progress,
-        extra_metadata=extra,
-    )
+    with frozen_weight_standardization(module):
+        result = export_module(
+            module,
+            out,
+            name=full,
+            input_size=(ih, iw) if ih != iw else ih,
+            source=f"timm:{full} (weights: {label})",
+            license=license_text,
+            labels=None if head_changed else timm_labels(module),
+            default_layers=default_timm_layers(module, shapes),
+            preprocess=preprocess,
+            opset=opset,
+            progress=progress,
+            extra_metadata=extra,
+        )
     if not result.dynamic_hw and not dynamic_option:
         result.notes.insert(0, f"timm's {arch} has no dynamic_img_size option")
     return result

@@ -46,13 +46,18 @@ def metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+_MULTIPLES: dict[int, tuple | None] = {}
+
+
 def preprocessed(model, x):
     """The in-graph preprocessing in torch (differentiable: ``x`` may require grad)."""
     cfg = timm_data_config(model)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     x = (x - mean) / std
-    multiple = timm_export._pad_multiple(model)
+    if id(model) not in _MULTIPLES:
+        _MULTIPLES[id(model)] = timm_export.pad_multiple(model, tuple(cfg["input_size"][1:]))
+    multiple = _MULTIPLES[id(model)]
     return x if multiple is None else timm_export.pad_to_multiple(x, multiple)
 
 
@@ -283,7 +288,8 @@ def test_missing_timm_is_a_dependency_error(monkeypatch):
 # a few families the fast tests above do not cover; the whole sweep is
 # benchmarks/gradient_all_timm.py (its pass rate is in benchmarks/README.md)
 SLOW_MODELS = ["efficientnet_b0", "swin_tiny_patch4_window7_224", "mobilevit_xxs", "levit_128s",
-               "eva02_tiny_patch14_224", "coatnet_nano_rw_224", "mixer_s16_224"]
+               "eva02_tiny_patch14_224", "coatnet_nano_rw_224", "mixer_s16_224",
+               "dla34", "nfnet_l0"]  # padded to multiples of 32; weight standardisation
 
 
 @pytest.mark.slow
@@ -298,3 +304,27 @@ def test_timm_family_gradient_equals_autograd(name, tmp_path):
                           capture_output=True, text=True, timeout=1700)
     row = json.loads(rows.read_text().splitlines()[0])
     assert row["status"] == "ok", proc.stdout[-2000:]
+
+
+def test_weight_standardization_is_frozen_exactly_and_restored():
+    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+    from onnxdream.exporters.timm import frozen_weight_standardization
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(StdConv2d(3, 8, 3), ScaledStdConv2d(8, 8, 3, stride=2, groups=2),
+                              StdConv2dSame(8, 4, 3, stride=2, padding="SAME"),
+                              ScaledStdConv2dSame(4, 4, 5, padding="SAME", dilation=2)).eval()
+    with torch.no_grad():
+        for m in net:
+            m.weight.mul_(torch.rand(m.weight.shape) + 0.5)
+            if getattr(m, "gain", None) is not None:
+                m.gain.uniform_(0.5, 1.5)
+    x = torch.rand(2, 3, 29, 31)
+    with torch.no_grad():
+        want = net(x)
+        with frozen_weight_standardization(net) as count:
+            assert count == 4 and all("forward" in vars(m) for m in net)
+            got = net(x)
+    assert all("forward" not in vars(m) for m in net)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
