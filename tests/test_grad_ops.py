@@ -275,3 +275,21 @@ def test_depth_to_space_dcr_space_to_depth_gather_nd_native():
         return sc[torch.from_numpy(idx[:, 0]), torch.from_numpy(idx[:, 1])]
 
     assert compare(None, ODD, model=model, torch_fn=ref) < TOL
+
+
+def test_batchnorm_then_tokens_against_fixed_autograd():
+    """BatchNorm, then flatten + transpose into tokens (XCiT's patch embedding). torch's own
+    eval-mode BatchNorm backward gets this wrong on the CPU (a non-contiguous incoming
+    gradient; torch 2.14): the reference passes its gradient on contiguous."""
+    from gradcheck import contiguous_batchnorm_grads
+
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+    weights = torch.randn(4)
+    m = Lambda(lambda x, c, bn: torch.tanh(bn(c(x)).flatten(2).transpose(1, 2)) * weights,
+               conv(3, 4, 3, stride=2), bn)
+    with contiguous_batchnorm_grads(m):
+        assert compare(m, ODD, objective="l2") < TOL
