@@ -189,9 +189,10 @@ class _ContiguousGrad(torch.autograd.Function):
 @contextlib.contextmanager
 def contiguous_batchnorm_grads(model: torch.nn.Module):
     """Work around a torch bug in the reference: on the CPU (torch 2.14), an eval-mode
-    BatchNorm's backward is wrong (relative error ~1) when the gradient reaching its output is
-    not contiguous, as after ``flatten(2).transpose(1, 2)`` into tokens (XCiT's patch
-    embedding). Each BatchNorm's output passes its gradient on contiguous while this lasts."""
+    BatchNorm's backward is wrong (relative error ~1) for a batch of one when the gradient
+    reaching its output is not contiguous, as after ``flatten(2).transpose(1, 2)`` into tokens
+    (XCiT's patch embedding). Each BatchNorm's output passes its gradient on contiguous while
+    this lasts."""
     handles = [m.register_forward_hook(lambda _m, _i, out: _ContiguousGrad.apply(out))
                for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     try:

@@ -279,8 +279,8 @@ def test_depth_to_space_dcr_space_to_depth_gather_nd_native():
 
 def test_batchnorm_then_tokens_against_fixed_autograd():
     """BatchNorm, then flatten + transpose into tokens (XCiT's patch embedding). torch's own
-    eval-mode BatchNorm backward gets this wrong on the CPU (a non-contiguous incoming
-    gradient; torch 2.14): the reference passes its gradient on contiguous."""
+    eval-mode BatchNorm backward gets this wrong on the CPU for a batch of one (the incoming
+    gradient is then channels-last; torch 2.14): the reference passes it on contiguous."""
     from gradcheck import contiguous_batchnorm_grads
 
     bn = nn.BatchNorm2d(4).eval()
@@ -292,4 +292,4 @@ def test_batchnorm_then_tokens_against_fixed_autograd():
     m = Lambda(lambda x, c, bn: torch.tanh(bn(c(x)).flatten(2).transpose(1, 2)) * weights,
                conv(3, 4, 3, stride=2), bn)
     with contiguous_batchnorm_grads(m):
-        assert compare(m, ODD, objective="l2") < TOL
+        assert compare(m, ODD, objective="l2", batch=1) < TOL
