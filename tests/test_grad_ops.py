@@ -105,6 +105,12 @@ CASES = {
         lambda x, c, d: d(F.pixel_shuffle(c(x), 2) * F.pixel_shuffle(c(x), 2).mean(1, True)),
         conv(3, 8, 3, padding=1), conv(2, 3, 3, stride=2)),
     "slice_assignment_scatter_nd": Lambda(_assign_rows, conv(3, 4, 3, padding=1)),
+    # x[..., -1:] and x[..., :1] have size 1 though the sliced axis is dynamic: their
+    # gradients must be summed over the broadcast (EfficientViT's linear attention)
+    "last_column_broadcast": Lambda(
+        lambda x, c: (c(x)[..., :-1] / (c(x)[..., -1:] ** 2 + 1)
+                      + c(x)[:, :, :1, 1:] * c(x)[..., 1:]),
+        conv(3, 4, 3, padding=1)),
     "logsoftmax_sum_maximum": Lambda(
         lambda x, c: torch.log_softmax(c(x), 1) * torch.maximum(c(x), x.sum(1, keepdim=True)),
         conv(3, 4, 3, padding=1)),
