@@ -144,6 +144,23 @@ def test_transformer_vit_runs_at_any_size(exported):
     assert gradient_error(model, result.path, "blocks.1", (179, 211)) < 1e-4
 
 
+def test_the_vit_dreams_and_predicts(exported, model_home, tmp_path):
+    """The exported ViT through the engine: compile, dream (any size), predict (labels)."""
+    from conftest import photo
+
+    _, result = exported("vit_tiny_patch16_224", depth=2, dynamic_img_size=True,
+                         dynamic_img_pad=True)
+    out = tmp_path / "dream.png"
+    proc = run_cli("dream", str(photo("chelsea.png")), "--model", str(result.path), "-o",
+                   str(out), "--steps", "2", "--octaves", "2", "--seed", "1", "-q",
+                   home=model_home)
+    assert out.is_file() and "Traceback" not in proc.stderr
+    top = json.loads(run_cli("predict", str(photo("chelsea.png")), "--model", str(result.path),
+                             "--json", "--top", "3", home=model_home).stdout)
+    labels = json.loads(metadata(result.path)["onnxdream.labels"])
+    assert [r["label"] for r in top] == [labels[r["index"]] for r in top]
+
+
 def test_hybrid_convnext_with_channels_last_layers(exported):
     """ConvNeXt: convolutions, and LayerNorm + MLP on channels-last tensors inside each block
     (as in convnext_tiny and up; atto's default conv_mlp stays NCHW), which the metadata marks
