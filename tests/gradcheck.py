@@ -175,11 +175,12 @@ def compare(module, sizes, objective="l2", layers=("y",), torch_fn=None, batch=2
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous."""
+    """Identity (a copy, so that later in-place ops may modify it) whose backward makes the
+    incoming gradient contiguous."""
 
     @staticmethod
     def forward(ctx, x):
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g):
