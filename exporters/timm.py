@@ -532,6 +532,8 @@ def _export(name: str, out: str | os.PathLike[str], weights: str, pretrained_cfg
             progress=progress,
             extra_metadata=extra,
         )
-    if not result.dynamic_hw and not dynamic_option:
-        result.notes.insert(0, f"timm's {arch} has no dynamic_img_size option")
+    fixed_embedding = getattr(module, "pos_embed", None) is not None and not dynamic_option
+    if not result.dynamic_hw and fixed_embedding:
+        result.notes.insert(0, f"timm's {arch} has no dynamic_img_size option (its position "
+                               f"embedding is fixed to {ih}x{iw})")
     return result
