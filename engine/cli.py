@@ -215,7 +215,7 @@ def export_torchvision_cmd(
         help="DEFAULT (torchvision's pretrained, needs internet once), none (random) or a "
         "state_dict FILE saved with torch.save.")] = "DEFAULT",
 ):
-    """Export a torchvision classifier as a dreamable model (needs onnxdream[torch])."""
+    r"""Export a torchvision classifier as a dreamable model (needs onnxdream\[torch])."""
     with user_errors():
         from onnxdream.exporters import export_torchvision
 
@@ -239,7 +239,7 @@ def export_timm_cmd(
         "--pretrained-cfg", help="The pretrained config (tag) whose weights, mean/std and input "
         "size to use, e.g. augreg_in21k_ft_in1k (default: timm's first for the model).")] = None,
 ):
-    """Export a timm classifier as a dreamable model (needs onnxdream[timm]).
+    r"""Export a timm classifier as a dreamable model (needs onnxdream\[timm]).
 
     Example:  onnxdream export timm convnext_tiny -o convnext.onnx --weights none
     """
@@ -274,7 +274,7 @@ def export_keras_cmd(
         "--include-top", help="Keep the classifier (needed for --objective class:K and "
         "`onnxdream predict`); VGG-style heads then fix the input size.")] = False,
 ):
-    """Export a Keras 3 model as a dreamable model (needs onnxdream[keras]; runs Keras on its
+    r"""Export a Keras 3 model as a dreamable model (needs onnxdream\[keras]; runs Keras on its
     torch backend, whatever KERAS_BACKEND says elsewhere)."""
     with user_errors():
         from onnxdream.exporters import export_keras
