@@ -18,8 +18,8 @@ from onnxdream.errors import OnnxDreamError
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import resize
 from onnxdream.normalize import normalize
-from onnxdream.resolve import ResolvedSettings, resolve
-from onnxdream.settings import DreamSettings, describe, octave_sizes
+from onnxdream.resolve import BATCH_PIXELS, ResolvedSettings, resolve
+from onnxdream.settings import AUTO, DEFAULT_STEP_SIZE, DreamSettings, describe, octave_sizes
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,18 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
            on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
-    Reads ``tile_size``, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
+    Reads the tile, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
     values; a DreamSettings' own values are taken as they are). One gradient buffer is reused
     across steps; jitter rolls the network's view, not the image.
     """
     _, h, w = img.shape
-    fits = settings.tile_size <= 0 or (h <= settings.tile_size and w <= settings.tile_size)
+    if isinstance(settings, ResolvedSettings):
+        tile, batch = settings.tile, settings.batch_pixels
+    else:
+        tile, batch = (settings.tile_size, settings.tile_size), BATCH_PIXELS
+    step_size = float(settings.step_size) if settings.step_size != AUTO else DEFAULT_STEP_SIZE
+    fits = tile[0] <= 0 or (h <= tile[0] and w <= tile[1])
+    fits = fits and (gm.info.dynamic_hw or (h, w) == tuple(gm.info.native_size))
     if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs":
         # keep the image on the GPU: the whole step runs as one graph with IO binding
         def shifts():
@@ -64,7 +70,7 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
                 else:
                     yield 0, 0
 
-        img[...] = gm.device_ascent().run(img, steps, settings.step_size, shifts(), on_step)
+        img[...] = gm.device_ascent().run(img, steps, step_size, shifts(), on_step)
         return img
     grad = np.empty_like(img)
     for i in range(steps):
@@ -72,11 +78,11 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
             oy, ox = (int(v) for v in rng.integers(-settings.jitter, settings.jitter + 1, 2))
         else:
             oy = ox = 0
-        obj, g = gm.gradient(img, settings.tile_size, (oy, ox), out=grad)
+        obj, g = gm.gradient(img, tile, (oy, ox), out=grad, batch_pixels=batch)
         if settings.normalize == "mean-abs":
-            g *= settings.step_size / (mean_abs(g) + 1e-8)
+            g *= step_size / (mean_abs(g) + 1e-8)
         else:
-            g = normalize(g, settings.normalize) * settings.step_size
+            g = normalize(g, settings.normalize) * step_size
         img += g
         np.clip(img, 0.0, 1.0, out=img)
         if on_step is not None and on_step(i, obj):
@@ -98,9 +104,11 @@ def dream(gm: GradientModel, rgb: np.ndarray,
           progress: ProgressFn | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
 
-    ``settings``: a DreamSettings (resolved here for this image and ``gm``'s model), or the
-    ResolvedSettings of ``resolve(settings, H, W, gm.info)`` (what the CLI and the server pass,
-    having recorded it). ``gm`` decides the objective; the settings' model and layers are not
+    ``settings``: a DreamSettings (resolved here for this image and ``gm``'s model, with the
+    default memory budget), or the ResolvedSettings of ``resolve(settings, H, W, gm.info,
+    memory=gm.memory)`` (what the CLI and the server pass, having recorded it). A photo
+    smaller than a fixed-size model's native size is dreamed at the resolved work size and
+    scaled back. ``gm`` decides the objective; the settings' model and layers are not
     read here. The result is an HxWx3 view of a [3,H,W] array (``np.ascontiguousarray`` it if
     needed).
 
@@ -115,11 +123,15 @@ def dream(gm: GradientModel, rgb: np.ndarray,
                                  f"{rgb.shape[1]}x{rgb.shape[0]}")
         resolved = settings
     else:
-        resolved = resolve(settings, rgb.shape[0], rgb.shape[1], getattr(gm, "info", None))
+        resolved = resolve(settings, rgb.shape[0], rgb.shape[1], getattr(gm, "info", None),
+                           memory=getattr(gm, "memory", None))
     rng = np.random.default_rng(resolved.seed)
     base = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
     if base is rgb or np.shares_memory(base, rgb):
         base = base.copy()
+    grown = resolved.work_size != rgb.shape[:2]
+    if grown:  # a fixed-size model and a smaller photo: dream at its native size
+        base = _resize_chw(base, resolved.work_size)
     sizes = list(resolved.octave_sizes)
     steps = resolved.steps
     total = resolved.steps_total
@@ -151,6 +163,9 @@ def dream(gm: GradientModel, rgb: np.ndarray,
             img = ascend(gm, img, resolved, rng, steps, on_step)
         if not last:
             detail = img - octave_base
+    if grown:
+        img = _resize_chw(img, rgb.shape[:2])
+        np.clip(img, 0.0, 1.0, out=img)
     return img.transpose(1, 2, 0)  # a view: HxWx3, no full-size copy
 
 

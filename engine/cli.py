@@ -25,6 +25,7 @@ from onnxdream.cli_common import (
     DreamOptions,
     JsonOpt,
     LayersOpt,
+    MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
     app,
@@ -53,6 +54,7 @@ def dream(
         "-o", "--output", help="Where to write the dream; the extension picks the format "
         "(.png, .jpg, .webp). Default: IMAGE-dream.png in the current directory.")] = None,
     options: DreamOptions = None,
+    max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ):
@@ -64,6 +66,7 @@ def dream(
         from onnxdream.ascent import dream as run_dream
         from onnxdream.gradient import GradientModel
         from onnxdream.imageio import check_output_path, load_image, save_image
+        from onnxdream.memory import budget_from_env
         from onnxdream.provenance import dream_metadata
         from onnxdream.resolve import resolve
 
@@ -75,7 +78,8 @@ def dream(
         if gm.session.fallback_warning:
             warn(gm.session.fallback_warning)
         h, w = loaded.rgb.shape[:2]
-        resolved = resolve(settings, h, w, gm.info)
+        resolved = resolve(settings, h, w, gm.info, memory=gm.memory,
+                           budget_mb=max_memory or budget_from_env())
         t0 = time.perf_counter()
         with maybe_progress(quiet) as bar:
             task = bar.add_task("dreaming", total=resolved.steps_total, info="") if bar else None
@@ -278,6 +282,11 @@ def serve(
     max_steps: Annotated[int | None, typer.Option(
         help="Most ascent steps (octaves x steps) per dream (default 1000) "
         "\\[env ONNXDREAM_MAX_STEPS].", min=1)] = None,
+    max_memory: Annotated[int | None, typer.Option(
+        "--max-memory", metavar="MB", min=1, help="Memory the running dreams may take "
+        "together, shared by the workers; tiles shrink to fit, and a dream that cannot fit gets "
+        "413 (default: half the machine's or the container's memory) "
+        "\\[env ONNXDREAM_MAX_MEMORY_MB].")] = None,
     model_path: Annotated[list[Path] | None, typer.Option(
         "--model-path", help="A dreamable .onnx file to offer, by its file stem; repeatable "
         "\\[env ONNXDREAM_MODEL_PATHS]. Requests can name only these and the zoo.")] = None,
@@ -304,10 +313,11 @@ def serve(
         config = ServerConfig.from_env(workers=workers, max_queue=max_queue,
                                        max_pixels=max_pixels, max_body_mb=max_body,
                                        max_steps=max_steps, device=device,
-                                       model_paths=model_path)
+                                       model_paths=model_path, max_memory_mb=max_memory)
         typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
                    f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
-                   f"{config.max_queue}, device {config.device})", err=True)
+                   f"{config.max_queue}, device {config.device}, memory "
+                   f"{config.max_memory_mb} MB)", err=True)
         run(config, host=host, port=port, log_level=log_level)
 
 for _name in COMMAND_MODULES:

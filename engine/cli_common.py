@@ -41,10 +41,12 @@ import typer
 
 from onnxdream import __version__
 from onnxdream.errors import OnnxDreamError, SettingsError
+from onnxdream.memory import MemoryBudgetError
 from onnxdream.settings import DreamSettings
 
 __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "JsonOpt",
-           "LAYER_HELP", "LayersOpt", "MODEL_HELP", "ModelOpt", "OBJECTIVE_HELP", "QuietOpt",
+           "LAYER_HELP", "LayersOpt", "MODEL_HELP", "MaxMemoryOpt", "ModelOpt", "OBJECTIVE_HELP",
+           "QuietOpt",
            "app", "default_output", "err", "export_app", "flag_for", "maybe_progress",
            "progress_bar", "user_errors", "warn", "with_dream_options"]
 
@@ -110,6 +112,9 @@ def user_errors():
     except SettingsError as exc:
         err(exc.named(flag_for(exc.field)))
         raise typer.Exit(exc.exit_code) from None
+    except MemoryBudgetError as exc:
+        err(f"{exc}; raise it with {flag_for(exc.field)} MB, or dream a smaller image")
+        raise typer.Exit(exc.exit_code) from None
     except OnnxDreamError as exc:
         err(str(exc))
         raise typer.Exit(exc.exit_code) from None
@@ -168,6 +173,11 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 LayersOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help=LAYER_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+MaxMemoryOpt = Annotated[int | None, typer.Option(
+    "--max-memory", metavar="MB", min=1, show_default=False,
+    help="Most memory the dream may take, in MB: the tiles are the largest that fit, and a "
+    "dream that cannot fit is refused before it starts  \\[default: half the memory of the "
+    "machine or the container] \\[env ONNXDREAM_MAX_MEMORY_MB].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 _D = DreamSettings()
@@ -193,9 +203,10 @@ _DREAM_OPTIONS: dict[str, tuple[Any, Any]] = {
     "border": (Annotated[int | None, typer.Option(
         help="Pixels to drop at each edge of the layer before reducing" + _default(_D.border),
         min=0, show_default=False)], None),
-    "octaves": (Annotated[int | None, typer.Option(
-        help="Number of scales, smallest first" + _default(_D.octaves),
-        show_default=False)], None),
+    "octaves": (Annotated[str | None, typer.Option(
+        metavar="N|auto", help="Number of scales, smallest first; auto: as many as bring the "
+        "smallest near the model's native size (4 for a 512-px photo, 8 for 2048 px)"
+        + _default(_D.octaves), show_default=False)], None),
     "octave_scale": (Annotated[float | None, typer.Option(
         help="Size ratio between octaves" + _default(_D.octave_scale),
         show_default=False)], None),
@@ -208,8 +219,9 @@ _DREAM_OPTIONS: dict[str, tuple[Any, Any]] = {
         help="Random shift in pixels each step (0: none)" + _default(_D.jitter),
         show_default=False)], None),
     "tile_size": (Annotated[int | None, typer.Option(
-        help="Images larger than this are processed in tiles of this size (0: never)"
-        + _default(_D.tile_size), show_default=False)], None),
+        help="Largest tile side: bigger images are processed in tiles, made smaller when "
+        "--max-memory requires (0: as large as fits)" + _default(_D.tile_size),
+        show_default=False)], None),
     "normalize": (Annotated[str | None, typer.Option(
         help="Gradient normalisation: mean-abs, std or lapnorm (Laplacian pyramid)"
         + _default(_D.normalize), show_default=False)], None),

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from onnxdream.errors import ModelError, OnnxDreamError, SettingsError, did_you_mean
+from onnxdream.memory import budget_from_env
 from onnxdream.settings import DreamSettings, require
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "DreamRequest", "Job",
@@ -91,13 +92,20 @@ class ServerConfig:
     max_results: int = 64  # finished jobs kept at most, whatever their TTL
     threads: int | None = None
     model_paths: dict[str, Path] = field(default_factory=dict)  # name (file stem) -> file
+    max_memory_mb: int = 4096  # for all the dreams running at once (ONNXDREAM_MAX_MEMORY_MB)
+
+    @property
+    def dream_memory_mb(self) -> int:
+        """The memory budget of one dream: the server's, shared by its workers."""
+        return max(1, self.max_memory_mb // self.workers)
 
     @classmethod
     def from_env(cls, *, workers: int | None = None, max_queue: int | None = None,
                  max_pixels: int | None = None, max_body_mb: float | None = None,
                  max_steps: int | None = None, job_ttl: float | None = None,
                  cache_size: int | None = None, device: str | None = None,
-                 model_paths: list[str | os.PathLike] | None = None) -> ServerConfig:
+                 model_paths: list[str | os.PathLike] | None = None,
+                 max_memory_mb: int | None = None) -> ServerConfig:
         """Explicit arguments first, then ``ONNXDREAM_*`` environment variables, then defaults."""
         device = (device or os.environ.get("ONNXDREAM_DEVICE", "").strip() or "auto").lower()
         if device not in ("auto", "cpu", "cuda"):
@@ -115,6 +123,7 @@ class ServerConfig:
             job_ttl=float(job_ttl if job_ttl is not None else _env_int("ONNXDREAM_JOB_TTL", 600)),
             cache_size=cache_size or _env_int("ONNXDREAM_CACHE_SIZE", 4),
             model_paths=_allowed_models(list(model_paths or []) + env_paths),
+            max_memory_mb=max_memory_mb or budget_from_env(),
         )
         return cfg.validate()
 
@@ -127,6 +136,7 @@ class ServerConfig:
             (self.max_steps >= 1, "max_steps", "must be a positive integer"),
             (self.job_ttl > 0, "job_ttl", "must be positive"),
             (self.cache_size >= 1, "cache_size", "must be at least 1 (sessions kept loaded)"),
+            (self.max_memory_mb >= 1, "max_memory_mb", "must be a positive number of MB"),
         ])
         return self
 
@@ -368,7 +378,12 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
     gm = models.get(req.key)
     rgb = req.image.astype(np.float32)
     rgb *= np.float32(1.0 / 255.0)
-    resolved = resolve(req.settings, rgb.shape[0], rgb.shape[1], gm.info)
+    config = models.config
+    resolved = resolve(req.settings, rgb.shape[0], rgb.shape[1], gm.info, memory=gm.memory,
+                       budget_mb=config.dream_memory_mb)  # MemoryBudgetError: 413
+    if resolved.steps_total > config.max_steps:  # octaves "auto" are known only now
+        raise SettingsError("steps", f"x {resolved.octaves} octaves is {resolved.steps_total} "
+                                     f"steps, more than this server's limit of {config.max_steps}")
     progress = None
     if job is not None:
         job.provider = gm.provider

@@ -1,8 +1,10 @@
 """Provenance: the metadata every image onnxdream writes carries, built in one place.
 
 A dream's PNG (or the XMP packet of a JPEG/WebP) records the onnxdream version, the model, the
-objective as compiled, the layers, the provider, every setting, the values the resolver chose,
-and the command line that makes the same image again. The CLI, the server (and batch/video)
+objective as compiled, the layers, the provider, every setting as it ran (``onnxdream:octaves``
+is the number of octaves the resolver chose; ``onnxdream:requested`` keeps what was asked,
+``"auto"`` included), the resolver's values, the memory estimate, and the command line that
+makes the same image again (with the resolved values spelled out). The CLI, the server (and batch/video)
 call :func:`dream_metadata`; ``visualize`` calls :func:`visualize_metadata`. Keys are
 ``onnxdream:<name>``; :func:`onnxdream.imageio.read_metadata` reads them back.
 """
@@ -42,7 +44,7 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
     ``output``: the paths to put in the recorded command (placeholders where there are none,
     as for an upload).
     """
-    settings = resolved.settings
+    settings = resolved.concrete()
     concrete = replace(settings, layers=tuple(f"{t.layer}:{t.weight:g}" for t in objective.terms))
     meta = _keys({
         "version": __version__,

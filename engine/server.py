@@ -15,11 +15,12 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 - ``DELETE /jobs/{id}``         cancel (cooperatively, at the next step) and forget the job.
 
 Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``objective``,
-``pre_relu``, ``octaves``, ``octave_scale``, ``steps``, ``step_size``, ``jitter``, ``tile_size``,
-``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings are
-accepted too, unknown fields are refused. Empty values mean "the default" (the defaults are
-:class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the same provenance
-as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in JPEG/WebP).
+``pre_relu``, ``octaves`` (a number, or ``auto``: the default), ``octave_scale``, ``steps``,
+``step_size``, ``jitter``, ``tile_size`` (0: as large as the memory budget allows),
+``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings
+are accepted too, unknown fields are refused. Empty values mean "the default" (the defaults are
+:class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the same
+provenance as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in JPEG/WebP).
 
 Nothing from a request becomes a filesystem path: ``model`` must be a zoo name or the file stem of
 a model the operator allowed at start-up (``--model-path FILE``).
@@ -44,6 +45,10 @@ Environment variables (command-line options override them):
 - ``ONNXDREAM_MAX_PIXELS``  largest image accepted, width x height (default 16,000,000).
 - ``ONNXDREAM_MAX_BODY_MB`` largest request body in megabytes (default 32).
 - ``ONNXDREAM_MAX_STEPS``   most ascent steps (octaves x steps) one dream may ask for (default 1000).
+- ``ONNXDREAM_MAX_MEMORY_MB`` memory the running dreams may take together, shared equally by
+                            the workers (default: half the cgroup's or the machine's memory); each
+                            dream's tiles are the largest that fit its share, and a dream that
+                            cannot fit even in small tiles gets 413 (:mod:`onnxdream.memory`).
 - ``ONNXDREAM_JOB_TTL``     seconds a finished job (and its image) is kept (default 600).
 - ``ONNXDREAM_CACHE_SIZE``  sessions kept loaded, least recently used dropped first (default 4).
 - ``ONNXDREAM_MODEL_PATHS`` extra dreamable .onnx files, separated by ``os.pathsep``; each is
@@ -86,7 +91,8 @@ from onnxdream.jobs import (
     ShuttingDown,
     UnknownJob,
 )
-from onnxdream.settings import ASCENT_FIELDS, DreamSettings
+from onnxdream.memory import MemoryBudgetError
+from onnxdream.settings import ASCENT_FIELDS, AUTO, DreamSettings
 
 try:
     from fastapi import FastAPI, Request
@@ -139,6 +145,8 @@ def refusal(exc: BaseException) -> ApiError:
         return ApiError(404, str(exc))
     if isinstance(exc, ImageTooLargeError):  # too many pixels, or a decompression bomb
         return ApiError(413, f"{exc.summary}; send a smaller image")
+    if isinstance(exc, MemoryBudgetError):  # the image cannot be dreamed within the budget
+        return ApiError(413, f"{exc}; send a smaller image")
     if isinstance(exc, SettingsError):
         return ApiError(400, exc.named(form_field(exc.field)))
     if isinstance(exc, OnnxDreamError):
@@ -158,7 +166,7 @@ def _respond(err: ApiError) -> JSONResponse:
 # Form parsing
 
 
-_TYPES: dict[str, type] = {"model": str, "objective": str, "pre_relu": bool, "octaves": int,
+_TYPES: dict[str, type] = {"model": str, "objective": str, "pre_relu": bool, "octaves": str,
                            "octave_scale": float, "steps": int, "step_size": float,
                            "jitter": int, "tile_size": int, "normalize": str, "max_loss": float,
                            "seed": int, "format": str}
@@ -235,7 +243,8 @@ def build_settings(fields: dict[str, Any], layers: list[str], config: ServerConf
     """Form values → a validated DreamSettings with its seed fixed (defaults from settings)."""
     given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS)}
     settings = DreamSettings.from_options(layers=layers or None, **given).with_seed()
-    if settings.octaves * settings.steps > config.max_steps:
+    # octaves "auto" depend on the image: run_request checks those once it is decoded
+    if settings.octaves != AUTO and settings.octaves * settings.steps > config.max_steps:
         raise ApiError(400, f"octaves x steps is {settings.octaves * settings.steps}, more than "
                             f"this server's limit of {config.max_steps}")
     return settings
@@ -387,7 +396,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__, "provider": models.provider(),
                 "device": config.device, "workers": config.workers, "queue": jobs.stats(),
                 "max_pixels": config.max_pixels, "max_body_mb": round(config.max_body / MB, 2),
-                "models": models.loaded()}
+                "max_memory_mb": config.max_memory_mb, "models": models.loaded()}
 
     @app.get("/models")
     async def list_models():

@@ -11,8 +11,9 @@ for ``onnxdream visualize``.
 Validation raises :class:`~onnxdream.errors.SettingsError` naming the *field* (``step_size``);
 the CLI shows it as ``--step-size``, the server as the form field ``step_size``.
 
-What depends on the image and the model (the octave sizes actually used, the tile size, later
-"auto" octaves and a memory budget) is not decided here but by :func:`onnxdream.resolve.resolve`.
+What depends on the image and the model (``octaves="auto"``, the octave sizes actually used,
+the tile size under the memory budget, ``step_size="auto"``) is not decided here but by
+:func:`onnxdream.resolve.resolve`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ import numpy as np
 from onnxdream.errors import SettingsError
 from onnxdream.models.registry import DEFAULT_MODEL
 
-__all__ = ["ASCENT_FIELDS", "DreamSettings", "MIN_OCTAVE_SIDE", "OBJECTIVE_FIELDS",
+__all__ = ["ASCENT_FIELDS", "AUTO", "DEFAULT_STEP_SIZE", "DreamSettings", "MAX_OCTAVES",
+           "MIN_OCTAVE_SIDE", "OBJECTIVE_FIELDS",
            "VISUALIZE_NORMALIZERS", "VisualizeSettings", "describe", "octave_sizes",
            "random_seed", "require"]
 
 #: The smallest side an octave may have, in pixels (smaller octaves are dropped).
 MIN_OCTAVE_SIDE = 32
+#: The most octaves a dream may have (``"auto"`` stops here too).
+MAX_OCTAVES = 12
+#: A value the resolver decides from the image and the model (``octaves``, ``step_size``).
+AUTO = "auto"
+#: The step size when none is given and the model recommends none.
+DEFAULT_STEP_SIZE = 0.006
 
 #: DreamSettings fields that say what to amplify (a model's gradient graph depends on these).
 OBJECTIVE_FIELDS = ("model", "layers", "objective", "pre_relu", "border", "preset")
@@ -104,17 +112,20 @@ class DreamSettings:
     border: int = 0
     preset: str | None = None
     # how
-    octaves: int = 4
+    octaves: int | str = AUTO  # "auto": from the image and the model's native size (resolve)
     octave_scale: float = 1.4
     steps: int = 10
-    step_size: float = 0.006
+    step_size: float | str = DEFAULT_STEP_SIZE  # "auto": the model's recommendation (resolve)
     jitter: int = 32
-    tile_size: int = 512
+    tile_size: int = 1024  # the largest tile side; the memory budget may shrink it (resolve)
     seed: int | None = None
     normalize: str = "mean-abs"
     max_loss: float | None = None
 
     def __post_init__(self):
+        if isinstance(self.octaves, str):  # "auto", or a number from a form or a flag
+            text = self.octaves.strip().lower()
+            object.__setattr__(self, "octaves", int(text) if text.isdigit() else text)
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", (self.layers,))
         elif not isinstance(self.layers, tuple):
@@ -133,18 +144,19 @@ class DreamSettings:
              "must be mean, l2, channel:K, neuron:K or class:K"),
             (_is_int(self.border) and self.border >= 0, "border",
              "must be an integer >= 0"),
-            (_is_int(self.octaves) and 1 <= self.octaves <= 12, "octaves",
-             "must be between 1 and 12"),
+            (self.octaves == AUTO or (_is_int(self.octaves) and 1 <= self.octaves <= MAX_OCTAVES),
+             "octaves", f"must be auto or between 1 and {MAX_OCTAVES}"),
             (_is_number(self.octave_scale) and 1.0 < self.octave_scale <= 4.0, "octave_scale",
              "must be > 1 and <= 4"),
             (_is_int(self.steps) and 1 <= self.steps <= 10_000, "steps",
              "must be between 1 and 10000"),
-            (_is_number(self.step_size) and 0.0 < self.step_size <= 10.0, "step_size",
+            (self.step_size == AUTO or (_is_number(self.step_size) and
+                                        0.0 < self.step_size <= 10.0), "step_size",
              "must be > 0 and <= 10"),
             (_is_int(self.jitter) and 0 <= self.jitter <= 4096, "jitter",
              "must be between 0 and 4096 pixels"),
             (_is_int(self.tile_size) and (self.tile_size == 0 or 64 <= self.tile_size <= 8192),
-             "tile_size", "must be 0 (no tiles) or between 64 and 8192 pixels"),
+             "tile_size", "must be 0 (as large as memory allows) or between 64 and 8192 pixels"),
             (self.normalize in NORMALIZERS, "normalize",
              f"must be one of {', '.join(NORMALIZERS)}"),
             (self.max_loss is None or _is_number(self.max_loss), "max_loss",
@@ -171,7 +183,9 @@ class DreamSettings:
 
         Every value is spelled out (no preset), so the command reproduces the dream even when
         defaults change. Give concrete ``layers`` (not the model's default) for a command that
-        does not depend on the model's metadata either.
+        does not depend on the model's metadata either, and concrete octaves and tile size
+        (``ResolvedSettings.concrete()``) for one that does not depend on the resolver's rules
+        or the machine's memory.
         """
         argv = ["dream", str(image)] + (["-o", str(output)] if output is not None else [])
         argv += ["--model", self.model]

@@ -221,7 +221,9 @@ def test_resolver_reproduces_the_octave_rule(h, w, octaves, scale):
     assert list(r.octave_sizes) == _old_octave_sizes(h, w, octaves, scale)
     assert octave_sizes(h, w, octaves, scale) == _old_octave_sizes(h, w, octaves, scale)
     assert r.steps_total == len(r.octave_sizes) * 3 and r.octaves == len(r.octave_sizes)
-    assert (r.tile_size, r.jitter, r.step_size) == (s.tile_size, s.jitter, s.step_size)
+    # no memory profile: the tile as asked, none (0) where the image fits in one
+    tile = 0 if max(h, w) <= s.tile_size else s.tile_size
+    assert (r.tile_size, r.jitter, r.step_size) == (tile, s.jitter, s.step_size)
     meta = json.loads(r.to_metadata()["onnxdream:resolved"])
     assert meta["octave_sizes"] == [list(x) for x in r.octave_sizes]
 
@@ -259,7 +261,7 @@ def test_dream_metadata_keys_and_command():
     from onnxdream.provenance import dream_metadata
     from onnxdream.resolve import resolve
 
-    s = DreamSettings(seed=9, max_loss=3.0)
+    s = DreamSettings(seed=9, max_loss=3.0, octaves=4)
     objective = Objective.build(["blocks.5"], "mean")  # what the model's default layer gives
     meta = dream_metadata(resolve(s, 64, 80), objective=objective, provider="CPU",
                           image="a b.png", output="o.png")
@@ -269,13 +271,15 @@ def test_dream_metadata_keys_and_command():
     assert meta["onnxdream:step_size"] == "0.006" and meta["onnxdream:max_loss"] == "3.0"
     assert meta["onnxdream:seed"] == "9" and meta["onnxdream:preset"] == ""
     assert json.loads(meta["onnxdream:resolved"])["octaves"] == 3  # 64, 46, 33 px
+    assert meta["onnxdream:octaves"] == "3"  # as it ran; what was asked is kept apart
+    assert json.loads(meta["onnxdream:requested"])["octaves"] == 4
     command = meta["onnxdream:command"]
     assert command.startswith("onnxdream dream 'a b.png' -o o.png --model efficientnet-lite0 "
                               "--layer blocks.5:1 ")
     import shlex
 
     assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(
-        layers=("blocks.5:1",), seed=9, max_loss=3.0)
+        layers=("blocks.5:1",), seed=9, max_loss=3.0, octaves=3)
 
 
 # -- the atomic writer ------------------------------------------------------------------------
