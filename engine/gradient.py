@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +122,8 @@ class GradientModel:
     @functools.cached_property
     def memory(self) -> MemoryProfile:
         """What the compiled graph costs in memory per pixel (see :mod:`onnxdream.memory`)."""
-        return MemoryProfile.of_graph(self._graph, self.info.native_size)
+        profile = MemoryProfile.of_graph(self._graph, self.info.native_size)
+        return replace(profile, model_bytes=self.model_path.stat().st_size)
 
     @property
     def provider(self) -> str:

@@ -32,16 +32,22 @@ __all__ = ["BUDGET_ENV", "MemoryBudgetError", "MemoryEstimate", "MemoryProfile",
 MB = 1 << 20
 BUDGET_ENV = "ONNXDREAM_MAX_MEMORY_MB"
 
-#: onnxruntime's peak over the graph's live-tensor peak (arena on, memory patterns off): the
-#: largest ratio measured (EfficientNet-Lite0 1.44; GoogLeNet, ResNet-18 1.07-1.22).
-ACTIVATION_FACTOR = 1.5
-#: numpy buffers of the ascent per pixel of the largest octave, in bytes (float32 RGB copies:
-#: the photo, the base, the detail, the image, the gradient and the jitter's rolled copies).
-IMAGE_BYTES_PER_PIXEL = 96
-#: the session's memory over the weights' bytes, and what it takes besides them.
+#: onnxruntime's peak over the graph's live-tensor peak (arena on, memory patterns off). Measured
+#: 1.0-1.45 over whole dreams (GoogLeNet at 2048 px the highest: the arena grows in powers of
+#: two), so 1.6 keeps the estimate above every peak measured (benchmarks/README.md).
+ACTIVATION_FACTOR = 1.6
+#: numpy buffers of the ascent per pixel of the largest octave, in bytes: float32 RGB copies
+#: (12 bytes a pixel each) of the photo, the base, the detail (two sizes), the image and the
+#: gradient; an untiled step adds the jittered image, onnxruntime's gradient and its unjittered
+#: copy. Measured at 3000x3000 px: ~120 untiled (a model with negligible activations), ~50
+#: tiled with one octave (the detail buffers come with more octaves).
+IMAGE_BYTES_PER_PIXEL = 80
+UNTILED_BYTES_PER_PIXEL = 48
+#: the session's memory over the compiled graph's weights, and what it takes besides them (the
+#: model file is read whole on top: measured ResNet-18 122 MB for 23 MB of weights, 47 MB file).
 WEIGHTS_FACTOR = 2.5
 SESSION_BYTES = 32 * MB
-#: Python, numpy and onnxruntime before any model is loaded.
+#: Python, numpy and onnxruntime before any model is loaded (measured 75 MB; the CLI's more).
 RUNTIME_BYTES = 128 * MB
 
 
@@ -60,11 +66,13 @@ class MemoryProfile:
     """The memory price of one compiled gradient graph.
 
     ``bytes_per_pixel``: its activations' live peak per input pixel (uncalibrated: the graph's
-    own figure); ``weight_bytes``: its initializers.
+    own figure); ``weight_bytes``: its initializers; ``model_bytes``: the size of the model
+    file it was compiled from (read whole while the session is made).
     """
 
     bytes_per_pixel: float
     weight_bytes: int
+    model_bytes: int = 0
 
     @classmethod
     def of_graph(cls, graph, size: tuple[int, int]) -> MemoryProfile:
@@ -86,7 +94,8 @@ class MemoryProfile:
 
     def fixed_bytes(self) -> int:
         """The runtime and the session: what any dream with this graph takes."""
-        return int(RUNTIME_BYTES + SESSION_BYTES + WEIGHTS_FACTOR * self.weight_bytes)
+        return int(RUNTIME_BYTES + SESSION_BYTES + WEIGHTS_FACTOR * self.weight_bytes
+                   + self.model_bytes)
 
 
 def _mtime(path) -> float:
@@ -138,11 +147,11 @@ def _size(n: float) -> str:
 
 
 def estimate(profile: MemoryProfile, size: tuple[int, int], run_pixels: int,
-             budget: int | None = None) -> MemoryEstimate:
+             budget: int | None = None, *, tiled: bool = True) -> MemoryEstimate:
     """The peak of a dream whose largest octave is ``size`` (h, w), each run of the gradient
-    graph covering ``run_pixels`` input pixels."""
-    return MemoryEstimate(fixed=profile.fixed_bytes(),
-                          images=int(IMAGE_BYTES_PER_PIXEL * size[0] * size[1]),
+    graph covering ``run_pixels`` input pixels (the whole octave when not ``tiled``)."""
+    per_pixel = IMAGE_BYTES_PER_PIXEL + (0 if tiled else UNTILED_BYTES_PER_PIXEL)
+    return MemoryEstimate(fixed=profile.fixed_bytes(), images=int(per_pixel * size[0] * size[1]),
                           run=profile.run_bytes(run_pixels), budget=budget)
 
 

@@ -4,9 +4,9 @@ A dream's PNG (or the XMP packet of a JPEG/WebP) records the onnxdream version, 
 objective as compiled, the layers, the provider, every setting as it ran (``onnxdream:octaves``
 is the number of octaves the resolver chose; ``onnxdream:requested`` keeps what was asked,
 ``"auto"`` included), the resolver's values, the memory estimate, and the command line that
-makes the same image again (with the resolved values spelled out). The CLI, the server (and batch/video)
-call :func:`dream_metadata`; ``visualize`` calls :func:`visualize_metadata`. Keys are
-``onnxdream:<name>``; :func:`onnxdream.imageio.read_metadata` reads them back.
+makes the same image again (with the resolved values spelled out). The CLI, the server (and
+batch/video) call :func:`dream_metadata`; ``visualize`` calls :func:`visualize_metadata`. Keys
+are ``onnxdream:<name>``; :func:`onnxdream.imageio.read_metadata` reads them back.
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ from onnxdream.settings import (
     octave_sizes,
 )
 
-__all__ = ["BATCH_PIXELS", "MIN_AUTO_OCTAVES", "MIN_TILE", "MemoryBudgetError", "ModelGeometry", "ResolvedSettings",
-           "auto_octaves", "resolve", "resolve_step_size"]
+__all__ = ["BATCH_PIXELS", "MIN_AUTO_OCTAVES", "MIN_TILE", "MemoryBudgetError", "ModelGeometry",
+           "ResolvedSettings", "auto_octaves", "recommended_step_size", "resolve",
+           "resolve_step_size"]
 
 #: The fewest octaves "auto" takes for a dynamic model (where the image is large enough):
 #: measured on a 256-px photo, 2 octaves change it 0.82x as much as a 512-px photo's 4; 3, 1.0x.
@@ -274,7 +275,8 @@ def _choose_tile(settings: DreamSettings, work: tuple[int, int], native: tuple[i
     best = None
     for tile in candidates:
         for batch in (BATCH_PIXELS, 1):  # a batch of tiles, else one tile a run
-            est = estimate(memory, work, _run_pixels(tile, work, batch), budget)
+            est = estimate(memory, work, _run_pixels(tile, work, batch), budget,
+                           tiled=tile != (0, 0))
             if best is None or est.total < best[1].total:
                 best = (tile, est)
             if est.fits:

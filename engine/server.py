@@ -20,7 +20,8 @@ Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``o
 ``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings
 are accepted too, unknown fields are refused. Empty values mean "the default" (the defaults are
 :class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the same
-provenance as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in JPEG/WebP).
+provenance as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in
+JPEG/WebP).
 
 Nothing from a request becomes a filesystem path: ``model`` must be a zoo name or the file stem of
 a model the operator allowed at start-up (``--model-path FILE``).

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
-from conftest import photo, run_cli
 from onnx import helper, numpy_helper
 
+from conftest import photo, run_cli
 from onnxdream.memory import MB, MemoryBudgetError, MemoryProfile
 from onnxdream.resolve import auto_octaves, resolve
 from onnxdream.settings import DreamSettings
@@ -150,7 +150,7 @@ def test_a_dream_that_cannot_fit_is_refused_with_the_reason():
     with pytest.raises(MemoryBudgetError) as err:
         resolve(DreamSettings(), 6000, 6000, LITE0, memory=PROFILE, budget_mb=1000)
     text = str(err.value)
-    assert "6000x6000" in text and "image buffers 3.2 GB" in text and "1000 MB" in text
+    assert "6000x6000" in text and "image buffers 2.7 GB" in text and "1000 MB" in text
     assert err.value.field == "max_memory" and err.value.budget == 1000 * MB
     # a fixed-size model cannot shrink its tiles
     with pytest.raises(MemoryBudgetError, match="fixed input size"):
@@ -164,8 +164,9 @@ def test_the_memory_estimate_of_a_compiled_graph(model_home):
     gm = GradientModel("efficientnet-lite0")
     p = gm.memory
     assert 300 < p.bytes_per_pixel < 600  # Lite0 to blocks.5: ~420 B/px live at once
-    assert MemoryProfile.of_graph(gm._graph, (224, 224)) is p or \
-        MemoryProfile.of_graph(gm._graph, (224, 224)) == p
+    again = MemoryProfile.of_graph(gm._graph, (224, 224))  # cached by path and mtime
+    assert (again.bytes_per_pixel, again.weight_bytes) == (p.bytes_per_pixel, p.weight_bytes)
+    assert p.model_bytes == gm.model_path.stat().st_size  # read whole: counted once
 
 
 def conv_model(channels: int = 16) -> onnx.ModelProto:
@@ -196,6 +197,7 @@ RSS_CHILD = textwrap.dedent("""
     import numpy as np
     from onnxdream.ascent import dream
     from onnxdream.gradient import GradientModel
+    from onnxdream.memory import estimate
     from onnxdream.resolve import resolve
     from onnxdream.settings import DreamSettings
 
@@ -206,9 +208,9 @@ RSS_CHILD = textwrap.dedent("""
                 gm.info, memory=gm.memory, budget_mb=budget)
     dream(gm, rgb, r)
     peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    untiled = estimate(gm.memory, (3000, 3000), 3000 * 3000, tiled=False).total
     print(json.dumps({"tile": r.tile_size, "estimate": r.memory.total, "peak": peak * 1024,
-                      "untiled": r.memory.images + r.memory.fixed
-                                 + gm.memory.run_bytes(3000 * 3000)}))
+                      "untiled": untiled}))
 """)
 
 
@@ -229,13 +231,58 @@ def test_a_3000px_untiled_request_stays_under_the_budget(model_home, tmp_path):
     largest whose estimate fits, and the child's peak RSS stays under the budget."""
     path = tmp_path / "convnet.onnx"
     onnx.save(conv_model(), str(path))
-    _rss_of_3000px_request(str(path), 1200)
+    _rss_of_3000px_request(str(path), 1600)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_a_3000px_untiled_request_with_the_zoo_model_stays_under_the_budget(model_home):
-    _rss_of_3000px_request("efficientnet-lite0", 1200)
+    _rss_of_3000px_request("efficientnet-lite0", 1600)
+
+
+def test_the_server_answers_413_for_what_cannot_fit_and_takes_octaves_auto(model_home, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from onnxdream.server import ServerConfig, create_app, refusal
+
+    assert refusal(MemoryBudgetError("too big", needed=2, budget=1)).status == 413
+    app = create_app(ServerConfig(workers=1, max_memory_mb=300, max_steps=25))
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (90, 120, 150)).save(buf, "PNG")
+        return buf.getvalue()
+
+    async def requests():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://test", timeout=120) as c:
+            def post(image, **data):
+                return c.post("/dream", files={"image": ("p.png", image, "image/png")},
+                              data={"steps": "2", "seed": "1", **data})
+            return (await post(png(3000, 2000)), await post(png(96, 64), octaves="auto"),
+                    await post(png(96, 64), octaves="many"), await post(png(96, 64), steps="9"))
+
+    try:
+        big, auto, bad, too_many = asyncio.run(requests())
+    finally:
+        app.state.jobs.stop()
+    assert big.status_code == 413, big.text
+    assert "3000x2000" in big.json()["error"] and "memory budget of 300 MB" in big.json()["error"]
+    assert auto.status_code == 200, auto.text
+    from onnxdream.imageio import read_metadata
+
+    (tmp_path / "auto.png").write_bytes(auto.content)
+    meta = read_metadata(tmp_path / "auto.png")
+    assert meta["onnxdream:octaves"] == "3"  # 96x64 px: 64, 46, 33
+    assert json.loads(meta["onnxdream:requested"])["octaves"] == "auto"
+    assert bad.status_code == 400 and "octaves must be auto or" in bad.json()["error"]
+    # "auto" octaves are counted against the step limit once the image is known: 3 x 9 > 25
+    assert too_many.status_code == 400 and "limit of 25" in too_many.json()["error"]
 
 
 # -- fixed-size models -------------------------------------------------------------------------
@@ -298,6 +345,12 @@ def test_a_wrong_size_names_the_size_the_model_needs(fixed_path):
     gm = GradientModel(fixed_path, cache=False)
     with pytest.raises(ModelError, match=r"runs only at 56x40 pixels, not 50x60"):
         gm(np.zeros((1, 3, 60, 50), np.float32))
+    from onnxdream.errors import OnnxDreamError
+    from onnxdream.visualize import BatchObjective
+
+    objective = BatchObjective(fixed_path, "act2", device="cpu")
+    with pytest.raises(OnnxDreamError, match=r"runs only at 56x40 pixels"):
+        objective(np.zeros((1, 3, 64, 64), np.float32), np.full((1, 8, 1, 1), 0.125, np.float32))
 
 
 def test_a_class_objective_on_a_fixed_size_model_is_taken_per_tile(fixed_path):
