@@ -40,8 +40,7 @@ from typing import Annotated, Any
 import typer
 
 from onnxdream import __version__
-from onnxdream.errors import OnnxDreamError, SettingsError
-from onnxdream.memory import MemoryBudgetError
+from onnxdream.errors import MemoryBudgetError, OnnxDreamError, SettingsError
 from onnxdream.settings import DreamSettings
 
 __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "JsonOpt",

@@ -78,6 +78,20 @@ class ImageTooLargeError(ImageError):
         return f"{self.subject} {what}, more than the limit of {self.limit:,}"
 
 
+class MemoryBudgetError(OnnxDreamError):
+    """A dream would need more memory than its budget allows (CLI exit 2, HTTP 413).
+
+    ``needed`` and ``budget`` are in bytes; ``field`` is ``max_memory`` (the CLI's
+    ``--max-memory``; the server's budget is the operator's ``ONNXDREAM_MAX_MEMORY_MB``).
+    """
+
+    field = "max_memory"
+
+    def __init__(self, message: str, *, needed: int, budget: int):
+        super().__init__(message)
+        self.needed, self.budget = int(needed), int(budget)
+
+
 class DeviceError(OnnxDreamError):
     """The requested execution device (e.g. CUDA) is not available."""
 

@@ -24,10 +24,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxdream.errors import OnnxDreamError
+from onnxdream.errors import MemoryBudgetError, OnnxDreamError
 
-__all__ = ["BUDGET_ENV", "MemoryBudgetError", "MemoryEstimate", "MemoryProfile",
-           "default_budget_mb", "estimate", "system_memory_bytes"]
+__all__ = ["BUDGET_ENV", "MB", "MemoryBudgetError", "MemoryEstimate", "MemoryProfile",
+           "budget_from_env", "default_budget_mb", "estimate", "system_memory_bytes"]
 
 MB = 1 << 20
 BUDGET_ENV = "ONNXDREAM_MAX_MEMORY_MB"
@@ -49,16 +49,6 @@ WEIGHTS_FACTOR = 2.5
 SESSION_BYTES = 32 * MB
 #: Python, numpy and onnxruntime before any model is loaded (measured 75 MB; the CLI's more).
 RUNTIME_BYTES = 128 * MB
-
-
-class MemoryBudgetError(OnnxDreamError):
-    """A dream would need more memory than its budget allows (CLI exit 2, HTTP 413)."""
-
-    field = "max_memory"
-
-    def __init__(self, message: str, *, needed: int, budget: int):
-        super().__init__(message)
-        self.needed, self.budget = int(needed), int(budget)
 
 
 @dataclass(frozen=True)

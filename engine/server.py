@@ -69,6 +69,7 @@ from onnxdream import __version__
 from onnxdream.errors import (
     DependencyError,
     ImageTooLargeError,
+    MemoryBudgetError,
     ModelError,
     OnnxDreamError,
     SettingsError,
@@ -92,7 +93,6 @@ from onnxdream.jobs import (
     ShuttingDown,
     UnknownJob,
 )
-from onnxdream.memory import MemoryBudgetError
 from onnxdream.settings import ASCENT_FIELDS, AUTO, DreamSettings
 
 try:

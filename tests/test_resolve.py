@@ -399,7 +399,7 @@ def _change(gm, rgb: np.ndarray, side: int, steps: int) -> float:
 
 
 @pytest.mark.parametrize("steps", [
-    2,  # cut for both to keep it quick (measured ratio 1.20)
+    2,  # cut for both to keep it quick (measured ratio 1.19)
     pytest.param(10, marks=[pytest.mark.slow, pytest.mark.timeout(3600)]),  # the defaults: 1.25
 ])
 def test_defaults_change_512_and_2048_px_alike(model_home, steps):
