@@ -80,6 +80,11 @@ def dream(
         h, w = loaded.rgb.shape[:2]
         resolved = resolve(settings, h, w, gm.info, memory=gm.memory,
                            budget_mb=max_memory or budget_from_env())
+        if resolved.work_size != (h, w):
+            nh, nw = gm.info.native_size
+            typer.echo(f"note: {gm.info.name} runs only at {nw}x{nh} pixels; the {w}x{h} photo is "
+                       f"dreamed at {resolved.work_size[1]}x{resolved.work_size[0]} and scaled "
+                       "back", err=True)
         t0 = time.perf_counter()
         with maybe_progress(quiet) as bar:
             task = bar.add_task("dreaming", total=resolved.steps_total, info="") if bar else None

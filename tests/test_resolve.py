@@ -370,8 +370,9 @@ def test_cli_dreams_with_a_fixed_size_model_and_refuses_what_cannot_fit(fixed_pa
     src = tmp_path / "small.png"
     Image.fromarray((np.random.default_rng(0).random((30, 45, 3)) * 255).astype(np.uint8)).save(src)
     out = tmp_path / "out.png"
-    run_cli("dream", str(src), "-o", str(out), "--model", str(fixed_path), "--steps", "2",
-            "--seed", "1", home=model_home)
+    proc = run_cli("dream", str(src), "-o", str(out), "--model", str(fixed_path), "--steps", "2",
+                   "--seed", "1", home=model_home)
+    assert "runs only at 56x40 pixels; the 45x30 photo is dreamed at 60x40" in proc.stderr
     from onnxdream.imageio import read_metadata
 
     meta = read_metadata(out)
