@@ -9,12 +9,13 @@ enlarge and re-inject the detail that shrinking lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from onnxdream.errors import OnnxDreamError
+from onnxdream.errors import NonFiniteError, OnnxDreamError
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import resize
 from onnxdream.normalize import normalize
@@ -45,12 +46,15 @@ def _resize_chw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | DreamSettings,
            rng: np.random.Generator, steps: int,
-           on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
+           on_step: Callable[[int, float], bool | None] | None = None,
+           params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
     Reads the tile, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
     values; a DreamSettings' own values are taken as they are). One gradient buffer is reused
-    across steps; jitter rolls the network's view, not the image.
+    across steps; jitter rolls the network's view, not the image. ``params``: the objective
+    parameters to feed (default ``gm.params``; see :meth:`GradientModel.params_for`). A
+    non-finite objective or gradient stops the ascent with :class:`NonFiniteError`.
     """
     _, h, w = img.shape
     if isinstance(settings, ResolvedSettings):
@@ -70,7 +74,16 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
                 else:
                     yield 0, 0
 
-        img[...] = gm.device_ascent().run(img, steps, step_size, shifts(), on_step)
+        def checked(i: int, obj: float) -> bool | None:
+            _check_finite(obj, 0.0, i)
+            return on_step(i, obj) if on_step is not None else None
+
+        out = gm.device_ascent().run(img, steps, step_size, shifts(), checked, params=params)
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = float(out.sum(dtype=np.float64))
+        if not math.isfinite(total):  # a non-finite step leaves NaN pixels
+            raise NonFiniteError(NON_FINITE.format(what="image", step=steps))
+        img[...] = out
         return img
     grad = np.empty_like(img)
     for i in range(steps):
@@ -78,10 +91,16 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
             oy, ox = (int(v) for v in rng.integers(-settings.jitter, settings.jitter + 1, 2))
         else:
             oy = ox = 0
-        obj, g = gm.gradient(img, tile, (oy, ox), out=grad, batch_pixels=batch)
+        obj, g = gm.gradient(img, tile, (oy, ox), out=grad, params=params,
+                             batch_pixels=batch)
         if settings.normalize == "mean-abs":
-            g *= step_size / (mean_abs(g) + 1e-8)
+            scale = mean_abs(g)
+            _check_finite(obj, scale, i)
+            g *= step_size / (scale + 1e-8)
         else:
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, reported
+                total = float(g.sum(dtype=np.float64))
+            _check_finite(obj, total, i)
             g = normalize(g, settings.normalize) * step_size
         img += g
         np.clip(img, 0.0, 1.0, out=img)
@@ -90,18 +109,34 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
     return img
 
 
+NON_FINITE = ("the dream's {what} stopped being a finite number at step {step} (float32 "
+              "overflow: the layer weights are too large, or the model's activations overflow "
+              "at this layer); use smaller layer weights or another layer")
+
+
+def _check_finite(objective: float, gradient_summary: float, step: int) -> None:
+    """NonFiniteError when the objective or a summary of the gradient (a sum or mean over it:
+    NaN or inf when any element is) is not finite: a step would write NaN (black) pixels."""
+    if not math.isfinite(objective):
+        raise NonFiniteError(NON_FINITE.format(what="objective", step=step + 1))
+    if not math.isfinite(gradient_summary):
+        raise NonFiniteError(NON_FINITE.format(what="gradient", step=step + 1))
+
+
 def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
     """mean(|a|) without a full-size temporary."""
     flat = a.reshape(-1)
     total = 0.0
-    for i in range(0, flat.size, chunk):
-        total += float(np.abs(flat[i:i + chunk]).sum(dtype=np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are the caller's to report
+        for i in range(0, flat.size, chunk):
+            total += float(np.abs(flat[i:i + chunk]).sum(dtype=np.float64))
     return total / max(flat.size, 1)
 
 
 def dream(gm: GradientModel, rgb: np.ndarray,
-          settings: DreamSettings | ResolvedSettings = DreamSettings(),
-          progress: ProgressFn | None = None) -> np.ndarray:
+          settings: DreamSettings | ResolvedSettings | None = None,
+          progress: ProgressFn | None = None,
+          params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
 
     ``settings``: a DreamSettings (resolved here for this image and ``gm``'s model, with the
@@ -113,7 +148,14 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     needed).
 
     Pass a settings with a seed for a reproducible result (``settings.with_seed()``).
+
+    ``params``: the objective parameters for this dream (default ``gm.params``), e.g. another
+    weighting of ``gm``'s terms from :meth:`GradientModel.params_for`, so that one shared model
+    serves every weighting without being changed. A non-finite objective or gradient stops the
+    dream with :class:`~onnxdream.errors.NonFiniteError` (never a black image).
     """
+    if settings is None:
+        settings = DreamSettings()
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")
     if isinstance(settings, ResolvedSettings):
@@ -160,7 +202,7 @@ def dream(gm: GradientModel, rgb: np.ndarray,
             return stop
 
         if not stop:
-            img = ascend(gm, img, resolved, rng, steps, on_step)
+            img = ascend(gm, img, resolved, rng, steps, on_step, params)
         if not last:
             detail = img - octave_base
     if grown:

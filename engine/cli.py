@@ -40,7 +40,7 @@ from onnxdream.cli_common import (
 from onnxdream.settings import DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize",)
+COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import")
 
 
 # -- dream ------------------------------------------------------------------------------------
@@ -111,7 +111,8 @@ def predict(
     model: ModelOpt = DreamSettings.model,
     top: Annotated[int, typer.Option(help="How many classes to show.", min=1, max=1000)] = 5,
     as_json: Annotated[bool, typer.Option(
-        "--json", help='Print a JSON list of {"index", "label", "probability"}, best first.')] = False,
+        "--json",
+        help='Print a JSON list of {"index", "label", "probability"}, best first.')] = False,
     device: DeviceOpt = "auto",
 ):
     """Classify IMAGE with the model: the top classes and their probabilities."""
@@ -165,10 +166,18 @@ def layers(
 ):
     """List a model's layers with their op types and output shapes (at its native size)."""
     with user_errors():
-        from onnxdream.exporters.graph import list_layers
+        from onnxdream.errors import UnwrappedModelError
+        from onnxdream.exporters.graph import list_layers, load_model
+        from onnxdream.exporters.graph.contract import require_dreamable
         from onnxdream.gradient import resolve_model_path
 
-        infos = list_layers(resolve_model_path(model))
+        path = resolve_model_path(model)
+        proto = load_model(path)
+        try:
+            require_dreamable(proto, model)
+        except UnwrappedModelError as exc:  # the layers are still worth listing
+            warn(str(exc))
+        infos = list_layers(proto)
         if as_json:
             typer.echo(json.dumps([{"name": i.name, "tensor": i.tensor, "op_type": i.op_type,
                                     "shape": list(i.shape) if i.shape else None}
@@ -177,7 +186,8 @@ def layers(
         width = max((len(i.name) for i in infos), default=10)
         for i in infos:
             shape = "x".join(str(d) for d in i.shape) if i.shape else "?"
-            typer.echo(f"{i.name:<{width}}  {i.op_type:<20} {shape}")
+            tensor = f"  {i.tensor}" if i.tensor != i.name else ""  # an alias: its tensor
+            typer.echo(f"{i.name:<{width}}  {i.op_type:<20} {shape:<16}{tensor}".rstrip())
 
 
 @app.command("compile")
@@ -199,10 +209,11 @@ def compile_cmd(
     """
     with user_errors():
         from onnxdream.exporters.graph import compile_gradient, save_model
-        from onnxdream.exporters.graph.contract import ModelInfo
+        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
         from onnxdream.gradient import resolve_model_path
 
         path = resolve_model_path(model)
+        require_dreamable(load_model(path), model)
         names = layer or []
         if not names and not objective.startswith("class:"):
             names = ModelInfo.load(path).require_default_layers()
@@ -218,7 +229,8 @@ def compile_cmd(
 
 @export_app.command("torchvision")
 def export_torchvision_cmd(
-    name: Annotated[str, typer.Argument(help="A torchvision classifier, e.g. googlenet, resnet50.")],
+    name: Annotated[str, typer.Argument(
+        help="A torchvision classifier, e.g. googlenet, resnet50.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
     weights: Annotated[str, typer.Option(
         help="DEFAULT (torchvision's pretrained, needs internet once), none (random) or a "
@@ -297,6 +309,17 @@ def serve(
         "\\[env ONNXDREAM_MODEL_PATHS]. Requests can name only these and the zoo.")] = None,
     device: Annotated[str | None, typer.Option(
         help=DEVICE_HELP + " \\[env ONNXDREAM_DEVICE]")] = None,
+    cache_mb: Annotated[int | None, typer.Option(
+        help="Disk budget of the compiled-graph cache in MB; the least recently used graphs "
+        "are removed first (default 512) \\[env ONNXDREAM_CACHE_MB].", min=1)] = None,
+    trusted_host: Annotated[list[str] | None, typer.Option(
+        "--trusted-host", help="A Host header to serve (example.com, *.example.com); "
+        "repeatable; others get 400. Default: localhost names when --host is a loopback "
+        "address, else any \\[env ONNXDREAM_TRUSTED_HOSTS, comma-separated].")] = None,
+    docs: Annotated[bool, typer.Option(
+        "--docs", help="Serve the interactive API docs at /docs (Swagger UI, whose script "
+        "comes from the jsDelivr CDN; that page's CSP allows it). /openapi.json is always "
+        "served.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):
     r"""Serve dreams over HTTP, with a web page at / (needs onnxdream\[serve]).
@@ -306,24 +329,43 @@ def serve(
     """
     with user_errors():
         import importlib.util
+        import os
 
         from onnxdream.errors import DependencyError
 
         missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing or not (importlib.util.find_spec("python_multipart")
                            or importlib.util.find_spec("multipart")):
-            raise DependencyError("the server needs the [serve] extra: pip install 'onnxdream[serve]'")
+            raise DependencyError(
+                "the server needs the [serve] extra: pip install 'onnxdream[serve]'")
         from onnxdream.server import ServerConfig, run
 
+        hosts = trusted_host or None
+        if not hosts and not os.environ.get("ONNXDREAM_TRUSTED_HOSTS", "").strip() \
+                and _is_loopback(host):
+            hosts = ["localhost", "127.0.0.1", "::1", "[::1]"]  # no DNS rebinding onto it
         config = ServerConfig.from_env(workers=workers, max_queue=max_queue,
                                        max_pixels=max_pixels, max_body_mb=max_body,
                                        max_steps=max_steps, device=device,
-                                       model_paths=model_path, max_memory_mb=max_memory)
+                                       model_paths=model_path, cache_mb=cache_mb,
+                                       trusted_hosts=hosts, docs=docs,
+                                       max_memory_mb=max_memory)
         typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
                    f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
                    f"{config.max_queue}, device {config.device}, memory "
                    f"{config.max_memory_mb} MB)", err=True)
         run(config, host=host, port=port, log_level=log_level)
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"onnxdream.{_name}")

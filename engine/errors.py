@@ -43,8 +43,23 @@ class SettingsError(OnnxDreamError):
         return f"{name} {self.reason}"
 
 
+class ScheduleError(SettingsError):
+    """A keyframed setting (``"0:blocks.5,120:blocks.9"``, see :mod:`onnxdream.schedule`) cannot
+    be parsed: ``field`` names the setting, ``reason`` what is wrong with its schedule
+    (``str(exc)``: ``"step_size schedule '0:x': 'x' is not a number"``)."""
+
+
 class ModelError(OnnxDreamError):
     """A model file is missing, corrupt or not usable as a dreamable model."""
+
+
+class UnwrappedModelError(ModelError):
+    """An ONNX file that is not a dreamable model (its input is not ``image`` [N,3,H,W] in
+    [0,1]); ``command`` is the ``onnxdream import onnx`` command line that probably wraps it."""
+
+    def __init__(self, message: str, command: str):
+        super().__init__(message, field="model")
+        self.command = command
 
 
 class LayerError(OnnxDreamError):
@@ -90,6 +105,16 @@ class MemoryBudgetError(OnnxDreamError):
     def __init__(self, message: str, *, needed: int, budget: int):
         super().__init__(message)
         self.needed, self.budget = int(needed), int(budget)
+
+
+class VideoError(OnnxDreamError):
+    """A video cannot be read (not a video, no frames, audio only, a still image), a frame
+    selection is out of range, or an output cannot be written (unknown extension, …)."""
+
+
+class NonFiniteError(OnnxDreamError):
+    """The objective or its gradient stopped being a finite number during a dream (float32
+    overflow: huge layer weights, or a model whose activations overflow); nothing is written."""
 
 
 class DeviceError(OnnxDreamError):

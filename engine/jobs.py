@@ -3,8 +3,11 @@
 No web framework here: the HTTP server (:mod:`onnxdream.server`) and a batch runner both build on
 it. :class:`ServerConfig` says what is allowed and how much runs at once (from options and
 ``ONNXDREAM_*`` variables); :class:`ModelCache` holds one GradientModel (one onnxruntime session)
-per compiled objective, shared by every job; :class:`JobManager` runs :class:`DreamRequest`\\ s
-on a fixed pool of threads over a bounded FIFO, with progress, cancellation and expiry.
+per objective *structure* (layers and kinds, not weights), shared by every job, each dream
+feeding its own weights; :class:`JobManager` runs :class:`DreamRequest`\\ s on a fixed pool of
+threads over a bounded FIFO, with progress, cancellation and expiry. A front end takes a place
+in the queue (:meth:`JobManager.admit`) before it reads, decodes or compiles anything; queued
+requests hold the encoded image, which the worker decodes when the dream starts.
 
 Errors: a job's failure is kept as the exception itself (``Job.exception``); front ends map its
 *type* to what they show (an HTTP status, an exit code). The queue's own refusals are
@@ -15,25 +18,27 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from onnxdream.errors import ModelError, OnnxDreamError, SettingsError, did_you_mean
-from onnxdream.memory import budget_from_env
+from onnxdream.memory import budget_from_env as memory_budget_from_env
 from onnxdream.settings import DreamSettings, require
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "DreamRequest", "Job",
-           "JobCancelled", "JobError", "JobManager", "ModelCache", "ModelKey", "QueueFull",
-           "SHUTDOWN", "ServerConfig", "ShuttingDown", "UnknownJob", "run_request"]
+__all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "SHUTDOWN", "Admission",
+           "DreamRequest", "Job", "JobCancelled", "JobError", "JobManager", "Loaded", "ModelCache",
+           "ModelKey", "QueueFull", "ServerConfig", "ShuttingDown", "UnknownJob", "run_request"]
 
 log = logging.getLogger("onnxdream.jobs")
 
@@ -89,9 +94,13 @@ class ServerConfig:
     max_steps: int = 1000
     job_ttl: float = 600.0
     cache_size: int = 4
+    cache_mb: int = 512  # the compiled-graph cache's disk budget (graph_cache.DEFAULT_BUDGET_MB)
     max_results: int = 64  # finished jobs kept at most, whatever their TTL
     threads: int | None = None
     model_paths: dict[str, Path] = field(default_factory=dict)  # name (file stem) -> file
+    trusted_hosts: tuple[str, ...] = ()  # Host headers accepted ("*.example.com"); () = any
+    docs: bool = False  # serve the Swagger UI at /docs (it loads scripts from a CDN)
+    health_ttl: float = 10.0  # seconds a /health self-check result is reused
     max_memory_mb: int = 4096  # for all the dreams running at once (ONNXDREAM_MAX_MEMORY_MB)
 
     @property
@@ -103,27 +112,41 @@ class ServerConfig:
     def from_env(cls, *, workers: int | None = None, max_queue: int | None = None,
                  max_pixels: int | None = None, max_body_mb: float | None = None,
                  max_steps: int | None = None, job_ttl: float | None = None,
-                 cache_size: int | None = None, device: str | None = None,
+                 cache_size: int | None = None, cache_mb: int | None = None,
+                 device: str | None = None,
                  model_paths: list[str | os.PathLike] | None = None,
-                 max_memory_mb: int | None = None) -> ServerConfig:
+                 trusted_hosts: list[str] | None = None,
+                 docs: bool = False, max_memory_mb: int | None = None) -> ServerConfig:
         """Explicit arguments first, then ``ONNXDREAM_*`` environment variables, then defaults."""
+        from onnxdream.graph_cache import budget_from_env
+
         device = (device or os.environ.get("ONNXDREAM_DEVICE", "").strip() or "auto").lower()
         if device not in ("auto", "cpu", "cuda"):
             raise SettingsError("device", f"must be auto, cpu or cuda, got {device!r}")
         _check_device(device)
         env_paths = [p for p in os.environ.get("ONNXDREAM_MODEL_PATHS", "").split(os.pathsep) if p]
         body_mb = max_body_mb if max_body_mb is not None else _env_int("ONNXDREAM_MAX_BODY_MB", 32)
+        if not math.isfinite(body_mb) or body_mb <= 0:
+            raise SettingsError("max_body", f"must be a positive number of MB, got {body_mb}")
+        if job_ttl is not None and not math.isfinite(job_ttl):
+            raise SettingsError("job_ttl", "must be a finite number of seconds")
+        hosts = trusted_hosts or [h.strip() for h in os.environ.get(
+            "ONNXDREAM_TRUSTED_HOSTS", "").split(",") if h.strip()]
         cfg = cls(
             device=device,
             workers=workers or _env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
-            max_queue=max_queue if max_queue is not None else _env_int("ONNXDREAM_MAX_QUEUE", 16, 0),
+            max_queue=(max_queue if max_queue is not None
+                       else _env_int("ONNXDREAM_MAX_QUEUE", 16, 0)),
             max_pixels=max_pixels or _env_int("ONNXDREAM_MAX_PIXELS", 16_000_000),
             max_body=int(float(body_mb) * MB),
             max_steps=max_steps or _env_int("ONNXDREAM_MAX_STEPS", 1000),
             job_ttl=float(job_ttl if job_ttl is not None else _env_int("ONNXDREAM_JOB_TTL", 600)),
             cache_size=cache_size or _env_int("ONNXDREAM_CACHE_SIZE", 4),
+            cache_mb=cache_mb if cache_mb is not None else budget_from_env(),
             model_paths=_allowed_models(list(model_paths or []) + env_paths),
-            max_memory_mb=max_memory_mb or budget_from_env(),
+            trusted_hosts=tuple(hosts),
+            docs=bool(docs),
+            max_memory_mb=max_memory_mb or memory_budget_from_env(),
         )
         return cfg.validate()
 
@@ -136,6 +159,10 @@ class ServerConfig:
             (self.max_steps >= 1, "max_steps", "must be a positive integer"),
             (self.job_ttl > 0, "job_ttl", "must be positive"),
             (self.cache_size >= 1, "cache_size", "must be at least 1 (sessions kept loaded)"),
+            (self.cache_mb >= 1, "cache_mb", "must be at least 1 (MB of compiled graphs)"),
+            (all(h and " " not in h and "/" not in h for h in self.trusted_hosts),
+             "trusted_hosts", "must be host names like example.com or *.example.com"),
+            (self.health_ttl >= 0, "health_ttl", "must be >= 0 seconds"),
             (self.max_memory_mb >= 1, "max_memory_mb", "must be a positive number of MB"),
         ])
         return self
@@ -166,11 +193,26 @@ def _allowed_models(paths: list[str | os.PathLike]) -> dict[str, Path]:
 # Sessions: loaded once, shared, bounded
 
 
-ModelKey = tuple[str, tuple[str, ...], str, bool, int]  # DreamSettings.gradient_key()
+#: What a loaded GradientModel depends on: (model, the objective's structure (layer, kind,
+#: index per term), pre_relu, border). Not the weights: one model serves every weighting.
+ModelKey = tuple[str, tuple[tuple[str, str, "int | None"], ...], bool, int]
+
+
+class Loaded(NamedTuple):
+    """A shared GradientModel and what one dream feeds it: its objective and parameters."""
+
+    model: Any  # GradientModel
+    objective: Any  # the dream's Objective (its weights, for provenance)
+    params: dict[str, np.ndarray]  # gm.params_for(objective): the dream's own, never gm's
 
 
 class ModelCache:
-    """GradientModels keyed by ``DreamSettings.gradient_key()``; thread-safe, bounded LRU.
+    """GradientModels keyed by :data:`ModelKey`; thread-safe, bounded LRU.
+
+    The key leaves out the term weights (they are the compiled graph's ``weights`` input): a
+    dream with other weights gets the same model and its own parameters (:class:`Loaded`), and
+    nothing shared is changed by a request. Compiled graphs go to ``compiled`` (a
+    :class:`~onnxdream.graph_cache.CompiledCache` with the configured disk budget).
 
     One model is built at a time (a compile holds a few hundred MB while it runs); lookups of
     loaded models never wait for a build. A model dropped from the cache while a dream uses it
@@ -179,11 +221,14 @@ class ModelCache:
     """
 
     def __init__(self, config: ServerConfig):
+        from onnxdream.graph_cache import CompiledCache
+
         self.config = config
+        self.compiled = CompiledCache(budget_mb=config.cache_mb)
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._models: collections.OrderedDict[ModelKey, Any] = collections.OrderedDict()
-        self._layers: dict[str, tuple[list[str], list[str]]] = {}
+        self._infos: dict[str, tuple[Any, dict[str, str]]] = {}  # name -> (ModelInfo, names)
 
     def source(self, name: str) -> str:
         """The zoo name or allowed file for ``name``; ModelError for anything else."""
@@ -197,56 +242,84 @@ class ModelCache:
         raise ModelError(f"unknown model '{name[:100]}': this server offers "
                          f"{', '.join(names)}{did_you_mean(name[:100], names)}", field="model")
 
-    def get(self, key: ModelKey):
-        """The GradientModel for ``key`` (built, and cached, on first use)."""
+    def info(self, name: str):
+        """(ModelInfo, its layer and tensor names) of model ``name``, read once."""
+        with self._lock:
+            if name in self._infos:
+                return self._infos[name]
+        from onnxdream.exporters.graph.contract import ModelInfo, load_model
+        from onnxdream.exporters.graph.layers import layer_names
+        from onnxdream.gradient import resolve_model_path
+
+        with self._build_lock:
+            proto = load_model(resolve_model_path(self.source(name)))
+            info = ModelInfo.load(proto)
+            result = (info, layer_names(proto, info.layers))
+        with self._lock:
+            self._infos[name] = result
+        return result
+
+    def objective(self, settings: DreamSettings):
+        """The dream's Objective (layer names checked against the model, weights in range)."""
+        from onnxdream.gradient import objective_for
+
+        info, known = self.info(settings.model)
+        return objective_for(info, known, list(settings.layers),
+                             settings.objective).check_weights()
+
+    def key(self, settings: DreamSettings, objective=None) -> ModelKey:
+        objective = objective or self.objective(settings)
+        return (settings.model, tuple(map(tuple, objective.structure())),
+                bool(settings.pre_relu), int(settings.border))
+
+    def get(self, settings: DreamSettings) -> Loaded:
+        """The shared GradientModel for ``settings`` (built, and cached, on first use) and the
+        parameters of this dream's weighting."""
+        objective = self.objective(settings)
+        key = self.key(settings, objective)
         with self._lock:
             gm = self._models.get(key)
             if gm is not None:
                 self._models.move_to_end(key)
-                return gm
+                return Loaded(gm, objective, gm.params_for(objective))
         with self._build_lock:
             with self._lock:
                 gm = self._models.get(key)
-                if gm is not None:
-                    self._models.move_to_end(key)
-                    return gm
-            from onnxdream.gradient import GradientModel
-
-            model, layers, objective, pre_relu, border = key
-            t0 = time.perf_counter()
-            gm = GradientModel(self.source(model), list(layers), objective, pre_relu=pre_relu,
-                               border=border, device=self.config.device,
-                               threads=self.config.threads)
-            if gm.session.fallback_warning:
-                log.warning("%s", gm.session.fallback_warning)
-            log.info("loaded %s %s on %s in %.1fs", model, gm.objective.describe(), gm.provider,
-                     time.perf_counter() - t0)
+            if gm is None:
+                gm = self._build(key, objective)
             with self._lock:
                 self._models[key] = gm
+                self._models.move_to_end(key)
                 while len(self._models) > self.config.cache_size:
                     self._models.popitem(last=False)
-            return gm
+        return Loaded(gm, objective, gm.params_for(objective))
+
+    def _build(self, key: ModelKey, objective):
+        from onnxdream.gradient import GradientModel
+
+        model, _, pre_relu, border = key
+        t0 = time.perf_counter()
+        gm = GradientModel(self.source(model), objective, pre_relu=pre_relu, border=border,
+                           device=self.config.device, threads=self.config.threads,
+                           cache=self.compiled)
+        if gm.session.fallback_warning:
+            log.warning("%s", gm.session.fallback_warning)
+        log.info("loaded %s %s on %s in %.1fs", model, gm.objective.describe(), gm.provider,
+                 time.perf_counter() - t0)
+        return gm
 
     def layers(self, name: str) -> tuple[list[str], list[str]]:
         """(all layer names, default layers) of model ``name``."""
-        with self._lock:
-            if name in self._layers:
-                return self._layers[name]
-        from onnxdream.exporters.graph.contract import ModelInfo
-        from onnxdream.gradient import resolve_model_path
-
-        with self._build_lock:
-            info = ModelInfo.load(resolve_model_path(self.source(name)))
-            result = (list(info.layers), list(info.default_layers))
-        with self._lock:
-            self._layers[name] = result
-        return result
+        info, _ = self.info(name)
+        return list(info.layers), list(info.default_layers)
 
     def loaded(self) -> list[dict[str, Any]]:
         with self._lock:
             items = list(self._models.items())
-        return [{"model": k[0], "objective": gm.objective.describe(), "pre_relu": k[3],
-                 "provider": gm.provider} for k, gm in items]
+        return [{"model": k[0], "objective": " + ".join(f"{kind}({layer})" if index is None
+                                                        else f"{kind}:{index}({layer})"
+                                                        for layer, kind, index in k[1]),
+                 "pre_relu": k[2], "provider": gm.provider} for k, gm in items]
 
     def provider(self) -> str:
         with self._lock:
@@ -264,17 +337,20 @@ class ModelCache:
 
 @dataclass(eq=False)
 class DreamRequest:
-    """A validated dream: what to run and on which pixels (uint8 while queued, dropped after)."""
+    """A validated dream: what to run and on which pixels.
+
+    Either the encoded upload (``data``, decoded by the worker when the dream starts, so that
+    queued dreams hold kilobytes, not decoded megapixels) or decoded uint8 pixels (``image``);
+    both are dropped once the job finishes.
+    """
 
     settings: DreamSettings  # validated, seed fixed
     fmt: str  # output format: png, jpeg (jpg) or webp
     image: np.ndarray | None  # uint8 HxWx3
     alpha: np.ndarray | None  # uint8 HxW
     size: tuple[int, int]  # (width, height)
-
-    @property
-    def key(self) -> ModelKey:
-        return self.settings.gradient_key()
+    data: bytes | None = None  # the encoded image, when not decoded yet
+    max_pixels: int | None = None  # the decoder's limit for ``data``
 
     @classmethod
     def from_loaded(cls, settings: DreamSettings, fmt: str, loaded) -> DreamRequest:
@@ -284,6 +360,42 @@ class DreamRequest:
         alpha = to_uint8(loaded.alpha) if loaded.alpha is not None else None
         return cls(settings=settings, fmt=fmt, image=to_uint8(loaded.rgb), alpha=alpha,
                    size=(loaded.rgb.shape[1], loaded.rgb.shape[0]))
+
+    @classmethod
+    def from_bytes(cls, settings: DreamSettings, fmt: str, data: bytes,
+                   max_pixels: int | None) -> DreamRequest:
+        """From an encoded image, checked from its header only (format, size, the pixel
+        limit: ImageError / ImageTooLargeError); decoded when the dream runs."""
+        from onnxdream.imageio import image_size
+
+        size = image_size(data, max_pixels=max_pixels)
+        return cls(settings=settings, fmt=fmt, image=None, alpha=None, size=size, data=data,
+                   max_pixels=max_pixels)
+
+    def pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(float32 HxWx3 in [0,1], uint8 HxW alpha or None), decoding ``data`` if needed."""
+        from onnxdream.imageio import load_image_bytes, to_uint8
+
+        if self.image is not None:
+            rgb = self.image.astype(np.float32)
+            rgb *= np.float32(1.0 / 255.0)
+            return rgb, self.alpha
+        loaded = load_image_bytes(self.data, name="the uploaded image",
+                                  max_pixels=self.max_pixels)
+        self.data = None  # decoded: the bytes are not needed any more
+        self.size = loaded.size
+        return loaded.rgb, (to_uint8(loaded.alpha) if loaded.alpha is not None else None)
+
+    @property
+    def work(self) -> float:
+        """The dream's cost in pixel-steps (over its octaves), for queue wait estimates."""
+        from onnxdream.resolve import resolve
+
+        w, h = self.size
+        # the octaves as the resolver decides them ("auto": for the default native size, the
+        # model's is not known yet)
+        sizes = resolve(self.settings, h, w).octave_sizes
+        return float(sum(a * b for a, b in sizes) * self.settings.steps)
 
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -305,6 +417,7 @@ class Job:
     exception: BaseException | None = None  # what failed it (front ends map its type)
     result: bytes | None = None
     provider: str | None = None
+    work: float = 0.0  # pixel-steps (DreamRequest.work), for wait estimates
     cancel: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False  # cancelled because the server stops, not by its client
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -375,9 +488,8 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
 
     if job is not None and job.cancel.is_set():
         raise JobCancelled()
-    gm = models.get(req.key)
-    rgb = req.image.astype(np.float32)
-    rgb *= np.float32(1.0 / 255.0)
+    gm, objective, params = models.get(req.settings)
+    rgb, alpha = req.pixels()
     config = models.config
     resolved = resolve(req.settings, rgb.shape[0], rgb.shape[1], gm.info, memory=gm.memory,
                        budget_mb=config.dream_memory_mb)  # MemoryBudgetError: 413
@@ -395,35 +507,54 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
             job.done, job.total, job.octave = p.done, p.total, p.octave
             job.objective = float(p.objective) if math.isfinite(p.objective) else None
 
-    out = dream(gm, rgb, resolved, progress)
+    out = dream(gm, rgb, resolved, progress, params)
     if job is not None:
         if job.cancel.is_set():
             raise JobCancelled()
         job.done = job.total
     ext = "jpg" if req.fmt in ("jpeg", "jpg") else req.fmt
-    meta = dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
+    meta = dream_metadata(resolved, objective=objective, provider=gm.provider,
                           image="IMAGE", output=f"dream.{ext}")
-    return encode_image(out, req.alpha, req.fmt, metadata=meta)
+    return encode_image(out, alpha, req.fmt, metadata=meta)
+
+
+class Admission:
+    """A place in the queue, held while a request is read, checked and compiled; see
+    :meth:`JobManager.admit`."""
+
+    def __init__(self) -> None:
+        self.used = False
 
 
 class JobManager:
     """A fixed pool of worker threads over a bounded FIFO; finished jobs expire.
 
-    At most ``workers + max_queue`` dreams are outstanding (queued, or running including ones
-    cancelled but not yet stopped); ``submit`` beyond that raises :class:`QueueFull`.
+    At most ``workers + max_queue`` dreams are outstanding (being admitted, queued, or running
+    including ones cancelled but not yet stopped); beyond that :meth:`admit` and :meth:`submit`
+    raise :class:`QueueFull` with a Retry-After estimate: the work waiting ahead (each dream's
+    pixel-steps, see :attr:`DreamRequest.work`) at the rate recent dreams ran.
+
+    A front end calls :meth:`admit` *before* reading, decoding or compiling anything for a
+    request, so a full queue costs nothing but the refusal.
     """
 
-    def __init__(self, config: ServerConfig, models: ModelCache):
+    #: seconds per dream assumed before any dream has finished or made progress
+    DEFAULT_JOB_SECONDS = 10.0
+
+    def __init__(self, config: ServerConfig, models: ModelCache, *,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.models = models
+        self._clock = clock
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}  # tracked jobs by id
         self._running = 0
+        self._admitting = 0  # places held by admit() not yet submitted
         self._active: set[Job] = set()  # running now, tracked or not
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._durations: collections.deque[float] = collections.deque(maxlen=20)
+        self._finished_work: collections.deque[tuple[float, float]] = collections.deque(maxlen=20)
 
     # -- lifecycle
     def start(self) -> None:
@@ -436,7 +567,7 @@ class JobManager:
                 self._threads.append(t)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything queued or running (``shutdown`` set on each) and wait for the workers."""
+        """Cancel everything queued or running (``shutdown`` set on each); wait for the workers."""
         with self._cond:
             self._stopping = True
             while self._queue:
@@ -458,16 +589,38 @@ class JobManager:
     def capacity(self) -> int:
         return self.config.workers + self.config.max_queue
 
-    def submit(self, request: DreamRequest, *, track: bool) -> Job:
-        """Queue ``request``; ``track`` keeps the job findable by id (:meth:`get`)."""
-        self.start()
-        job = Job(request)
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[Admission]:
+        """Hold a place for a request while it is read and checked (QueueFull / ShuttingDown
+        at once when there is none); pass the :class:`Admission` to :meth:`submit`. The place
+        is given back if the block ends without submitting (a bad request)."""
         with self._cond:
-            if self._stopping:
-                raise ShuttingDown()
-            self._sweep()
-            if len(self._queue) + self._running >= self.capacity:
-                raise QueueFull(self._retry_after(), self.capacity)
+            self._check_room()
+            self._admitting += 1
+        ticket = Admission()
+        try:
+            yield ticket
+        finally:
+            if not ticket.used:
+                with self._cond:
+                    self._admitting -= 1
+                    ticket.used = True
+
+    def submit(self, request: DreamRequest, *, track: bool,
+               admission: Admission | None = None) -> Job:
+        """Queue ``request``; ``track`` keeps the job findable by id (:meth:`get`). With an
+        ``admission`` from :meth:`admit` its place is used (no second capacity check)."""
+        self.start()
+        job = Job(request, created=self._clock())
+        job.work = request.work
+        with self._cond:
+            if admission is not None and not admission.used:
+                admission.used = True
+                self._admitting -= 1
+                if self._stopping:
+                    raise ShuttingDown()
+            else:
+                self._check_room()
             self._queue.append(job)
             if track:
                 self._jobs[job.id] = job
@@ -499,11 +652,24 @@ class JobManager:
         with self._cond:
             self._sweep()
             return {"queued": len(self._queue), "running": self._running,
-                    "capacity": self.capacity, "jobs_kept": len(self._jobs)}
+                    "admitting": self._admitting, "capacity": self.capacity,
+                    "jobs_kept": len(self._jobs)}
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free (what a 503's Retry-After says)."""
+        with self._cond:
+            return self._retry_after()
 
     # -- internals (call with self._cond held)
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise ShuttingDown()
+        self._sweep()
+        if len(self._queue) + self._running + self._admitting >= self.capacity:
+            raise QueueFull(self._retry_after(), self.capacity)
+
     def _sweep(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         finished = [j for j in self._jobs.values() if j.finished is not None]
         for j in finished:
             if now - j.finished > self.config.job_ttl:
@@ -513,16 +679,39 @@ class JobManager:
         for j in finished[:max(0, len(finished) - self.config.max_results)]:
             del self._jobs[j.id]
 
+    def _rate(self) -> float | None:
+        """Pixel-steps per second of one worker: recent finished dreams, else the progress of
+        the running ones; None when nothing is known yet."""
+        work = sum(w for w, _ in self._finished_work)
+        seconds = sum(t for _, t in self._finished_work)
+        if not self._finished_work:
+            now = self._clock()
+            for job in self._active:
+                if job.started is not None and job.total and job.done:
+                    work += job.work * job.done / job.total
+                    seconds += now - job.started
+        return work / seconds if work > 0 and seconds > 0 else None
+
     def _retry_after(self) -> int:
-        avg = sum(self._durations) / len(self._durations) if self._durations else 10.0
-        waiting = len(self._queue) + self._running
-        return int(min(600, max(1, math.ceil(avg * waiting / self.config.workers))))
+        """The work ahead of a new request (the rest of the running dreams, the queued ones,
+        those being admitted) over the recent rate, shared by the workers."""
+        running = [j.work * (1 - (j.done / j.total if j.total else 0.0)) for j in self._active]
+        queued = [j.work for j in self._queue]
+        known = running + queued
+        per_job = sum(known) / len(known) if known else 0.0
+        ahead = sum(known) + per_job * self._admitting
+        rate = self._rate()
+        if rate is None or ahead <= 0:
+            seconds = self.DEFAULT_JOB_SECONDS * (len(known) + self._admitting)
+        else:
+            seconds = ahead / rate
+        return int(min(3600, max(1, math.ceil(seconds / self.config.workers))))
 
     def _finish(self, job: Job, state: str, *, error: str | None = None,
                 exception: BaseException | None = None, result: bytes | None = None) -> None:
         job.state, job.error, job.exception, job.result = state, error, exception, result
-        job.finished = time.monotonic()
-        job.request.image = job.request.alpha = None  # only the result is needed now
+        job.finished = self._clock()
+        job.request.image = job.request.alpha = job.request.data = None  # only the result now
         if not job.future.done():
             job.future.set_result(job)
 
@@ -537,7 +726,7 @@ class JobManager:
                 job = self._queue.popleft()
                 self._running += 1
                 self._active.add(job)
-                job.state, job.started = RUNNING, time.monotonic()
+                job.state, job.started = RUNNING, self._clock()
             try:
                 data = run_request(job.request, self.models, job)
             except JobCancelled:
@@ -554,6 +743,8 @@ class JobManager:
                 self._running -= 1
                 self._active.discard(job)
                 if outcome["state"] == DONE:
-                    self._durations.append(time.monotonic() - (job.started or job.created))
+                    seconds = self._clock() - (job.started or job.created)
+                    if seconds > 0:
+                        self._finished_work.append((job.work, seconds))
                 self._finish(job, **outcome)
                 self._cond.notify_all()

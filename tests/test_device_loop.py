@@ -24,7 +24,8 @@ def gm(model_home):
 
 
 def test_step_graph_is_standard_onnx(gm):
-    proto = onnx.load_from_string(gm._graph) if isinstance(gm._graph, bytes) else onnx.load(gm._graph)
+    proto = (onnx.load_from_string(gm._graph) if isinstance(gm._graph, bytes)
+             else onnx.load(gm._graph))
     step = step_graph(proto)
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
@@ -79,7 +80,7 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
     calls = []
 
     class Fake:
-        def run(self, img, steps, step_size, shifts, on_step):
+        def run(self, img, steps, step_size, shifts, on_step, params=None):
             calls.append((img.shape, steps, step_size, next(shifts)))
             return img + 1
 

@@ -162,6 +162,46 @@ def test_a_new_command_gets_the_dream_options():
     assert help_text.index("--model") < help_text.index("--seed") < help_text.index("--frames")
 
 
+def test_command_defaults_and_keyframed_options():
+    """zoom's own defaults sit below a preset and explicit options; keyframed options come back
+    as schedules, their first key in the settings."""
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @with_dream_options(defaults={"steps": 5, "octaves": 2}, schedules=("layer", "steps",
+                                                                          "step_size"))
+    def zoom(options: DreamOptions = None):
+        seen["settings"], seen["schedules"] = options.settings(), options.schedules()
+
+    @app.command()
+    def other():
+        pass
+
+    def run(*argv):
+        result = CliRunner().invoke(app, ["zoom", *argv])
+        assert result.exit_code == 0, result.output
+        return seen["settings"], {k: v.describe() for k, v in seen["schedules"].items()}
+
+    assert run() == (DreamSettings(steps=5, octaves=2), {})
+    assert run("--steps", "7", "--step-size", "0.01") == (
+        DreamSettings(steps=7, octaves=2, step_size=0.01), {})
+    settings, schedules = run("--layer", "0:blocks.5+blocks.6:0.5,2s:blocks.9", "--steps",
+                              "0:3,10:6")
+    assert settings == DreamSettings(steps=3, octaves=2, layers=("blocks.5", "blocks.6:0.5"))
+    assert schedules == {"layers": "0:blocks.5+blocks.6:0.5,2s:blocks.9", "steps": "0:3,10:6"}
+    assert run("--layer", "blocks.5", "--layer", "blocks.9:2")[0].layers == (
+        "blocks.5", "blocks.9:2")
+    preset = DreamSettings.from_options(preset="caffe-googlenet", layers=["x"],
+                                        defaults={"steps": 5, "octaves": 2})
+    assert (preset.steps, preset.octaves) == (10, 4)  # the preset's recipe wins
+    help_text = CliRunner().invoke(app, ["zoom", "--help"], env={"COLUMNS": "200"}).output
+    assert "steps per octave. In a clip, keyframes" in help_text and "[default: 5]" in help_text
+    bad = CliRunner().invoke(app, ["zoom", "--steps", "0:3,10:0"])
+    assert isinstance(bad.exception, SettingsError) and bad.exception.field == "steps"
+    assert "must be between 1 and 10000" in str(bad.exception)
+
+
 def _parse_dream(argv: list[str]) -> DreamSettings:
     """argv (as to_argv writes it) → the DreamSettings the CLI would build from it."""
     from onnxdream.cli import app
@@ -320,6 +360,27 @@ def test_write_atomic_failure_leaves_the_old_file(tmp_path, monkeypatch, how):
                             (lambda tmp: tmp.write_bytes(b"new")))
     assert target.read_bytes() == b"old"
     assert [x.name for x in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_target_file_and_folder(tmp_path):
+    from onnxdream.atomic import AtomicTarget
+
+    with AtomicTarget(tmp_path / "v.mp4") as t:  # an incremental writer's file
+        t.tmp.write_bytes(b"video")
+        assert not (tmp_path / "v.mp4").exists()
+    assert (tmp_path / "v.mp4").read_bytes() == b"video"
+    old = tmp_path / "frames"
+    old.mkdir()
+    (old / "frame_000000.png").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), AtomicTarget(old, directory=True) as t:
+        (t.tmp / "frame_000000.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert [x.name for x in old.iterdir()] == ["frame_000000.png"]
+    assert (old / "frame_000000.png").read_bytes() == b"old"
+    with AtomicTarget(old, directory=True) as t:  # a folder replaces the old folder whole
+        (t.tmp / "frame_000001.png").write_bytes(b"new")
+    assert [x.name for x in old.iterdir()] == ["frame_000001.png"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["frames", "v.mp4"]
 
 
 def test_remove_stale_temps(tmp_path):

@@ -1,4 +1,7 @@
-"""The framework-free gradient compiler (onnx + numpy only); the model contract is in contract.py."""
+"""The framework-free gradient compiler (onnx + numpy only).
+
+The model contract is in contract.py.
+"""
 
 from onnxdream.exporters.graph.compiler import compile_gradient, save_model
 from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model

@@ -18,6 +18,11 @@ visualisation, the CUDA step loop) and the browser all meet here.
   without that metadata still works: every float node output is then a layer, under its tensor
   name (:func:`layer_table`).
 
+An ONNX model from elsewhere (tf2onnx, paddle2onnx, …) becomes one with ``onnxdream import
+onnx`` (:mod:`.importer`), which wraps it without touching its weights. The engine checks the
+input before dreaming (:func:`require_dreamable`): a file that does not take ``image`` gets one
+line naming the import command that would wrap it.
+
 **Metadata** (``metadata_props``; strings, JSON where noted), written by :func:`write_metadata`
 (or :func:`model_metadata` for the exporters that finish the model themselves):
 
@@ -153,7 +158,51 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(f"{path} is not a valid ONNX model (it has no graph nodes)")
     if len(proto.graph.input) < 1:
         raise ModelError("the model has no input")
+    check_initializers(proto)
     return ensure_opset(proto)
+
+
+def check_initializers(proto: onnx.ModelProto) -> None:
+    """ModelError naming the first initializer whose stored values do not match its declared
+    shape (a truncated or hostile file: ``dims`` of 10^12 and no data would otherwise make
+    numpy try to allocate terabytes). Externally stored tensors are checked where they are read."""
+    for t in proto.graph.initializer:
+        declared = 1
+        for d in t.dims:
+            if d < 0:
+                raise ModelError(f"model initializer '{t.name[:80]}' has a negative dimension "
+                                 f"{list(t.dims)}: the file is corrupt")
+            declared *= d
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        stored = _stored_values(t)
+        if stored is not None and stored != declared:
+            raise ModelError(f"model initializer '{t.name[:80]}' declares {declared:,} values "
+                             f"(shape {list(t.dims)}) but holds {stored:,}: the file is corrupt "
+                             "or truncated")
+
+
+def _stored_values(t: onnx.TensorProto) -> int | None:
+    """How many values ``t`` stores inline (None when that cannot be told: packed 4-bit types)."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t.data_type in _PACKED_TYPES:
+        return None
+    if t.raw_data:
+        return len(t.raw_data) // itemsize
+    per_value = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) \
+        else 1
+    for values in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data,
+                   t.string_data):
+        if len(values):
+            return len(values) // per_value
+    return 0
+
+
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
+                                                        "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -202,6 +251,42 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
         raise ModelError(f"a dreamable model has exactly one input, this one has {len(inputs)}: "
                          + ", ".join(i.name for i in inputs))
     return inputs[0]
+
+
+def is_dreamable_input(vi: onnx.ValueInfoProto) -> bool:
+    """Whether a model's input is the contract's: ``image``, float32, ``[N, 3, H, W]``."""
+    tt = vi.type.tensor_type
+    dims = tt.shape.dim if tt.HasField("shape") else []
+    return (vi.name == IMAGE and tt.elem_type == onnx.TensorProto.FLOAT and len(dims) == 4
+            and (not dims[1].HasField("dim_value") or dims[1].dim_value == 3))
+
+
+def require_dreamable(model: onnx.ModelProto, name: str = "the model") -> None:
+    """Raise :class:`~onnxdream.errors.UnwrappedModelError` (a ModelError) for an ONNX file
+    that onnxdream did not make dreamable: its message is the ``onnxdream import onnx``
+    command, with the flags guessed from the file, that wraps it."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits and not is_param(i.name)]
+    if len(inputs) == 1 and is_dreamable_input(inputs[0]):
+        return
+    from onnxdream.errors import UnwrappedModelError
+    from onnxdream.exporters.graph.importer import guess_flags
+
+    flags, what = guess_flags(model)
+    file = Path(name).name if name != "the model" else "MODEL.onnx"  # no directories: the
+    stem = Path(file).stem  # server shows this too
+    command = " ".join(["onnxdream import onnx", _quote(file), "-o",
+                        _quote(f"{stem}-dreamable.onnx"), *map(_quote, flags)])
+    raise UnwrappedModelError(
+        f"{Path(name).name} is not a dreamable model ({what}, not image [N,3,H,W] RGB in "
+        f"[0,1]): wrap it once with `{command}` (flags guessed: check --preprocess, how the "
+        "network expects its pixels)", command)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
 
 
 def layer_table(model: onnx.ModelProto) -> dict[str, str]:

@@ -13,7 +13,13 @@ import onnx
 from onnxdream.errors import LayerError, closest
 from onnxdream.exporters.graph.autodiff import infer_shapes
 from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
-from onnxdream.exporters.graph.contract import image_input, layer_table, load_model, native_size
+from onnxdream.exporters.graph.contract import (
+    DEFAULT_SIZE,
+    image_input,
+    layer_table,
+    load_model,
+    native_size,
+)
 
 
 def layer_names(model: onnx.ModelProto, table: dict[str, str] | None = None) -> dict[str, str]:
@@ -89,14 +95,23 @@ class LayerInfo:
 
 def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
     """Every dreamable layer with its op type and output shape at the native input size."""
+    from onnxdream.exporters.graph.importer import dims_of, infer_layout
+
     proto = load_model(model)
     table = layer_table(proto)
-    h, w = native_size(proto)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     inp = image_input(fixed)
     dims = inp.type.tensor_type.shape.dim
-    for d, v in zip(dims, (1, 3, h, w)):
+    given = dims_of(inp)
+    if len(given) == 4 and infer_layout(given) == "nhwc":  # an unwrapped channels-last model
+        h, w = (v if isinstance(v, int) and v > 0 else DEFAULT_SIZE for v in given[1:3])
+        concrete = (1, h, w, given[3])
+    else:
+        h, w = native_size(proto)
+        channels = given[1] if len(given) > 1 and isinstance(given[1], int) and given[1] > 0 else 3
+        concrete = (1, channels, h, w)
+    for d, v in zip(dims, concrete):
         d.Clear()
         d.dim_value = v
     # expose layer tensors as outputs so inference keeps their shapes

@@ -23,6 +23,10 @@ import numpy as np
 from onnxdream.errors import LayerError, ObjectiveError
 from onnxdream.exporters.graph.builder import GraphBuilder
 
+#: The largest term weight in magnitude. The ascent normalises the gradient, so a weight only
+#: sets the terms' proportions; beyond this a weighted value risks overflowing float32 (3.4e38).
+MAX_WEIGHT = 1e6
+
 _SPEC = re.compile(r"^(mean|l2|channel|neuron|class)(?::(-?\d+))?$")
 
 
@@ -78,6 +82,16 @@ class Objective:
     def weights(self) -> list[float]:
         """The term weights, in term order (the compiled graph's ``weights`` input)."""
         return [t.weight for t in self.terms]
+
+    def check_weights(self) -> Objective:
+        """This objective, if every weight is finite and at most :data:`MAX_WEIGHT` in
+        magnitude; LayerError (field ``layers``) naming the first that is not."""
+        for t in self.terms:
+            if not (np.isfinite(t.weight) and abs(t.weight) <= MAX_WEIGHT):
+                raise LayerError(f"the weight of layer '{t.layer}' is {t.weight:g}: it must be a "
+                                 f"finite number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}",
+                                 field="layers")
+        return self
 
     @classmethod
     def build(cls, layers: list[LayerSpec | str], objective: str = "mean",
@@ -168,8 +182,9 @@ class LayerSpec:
             return cls(text)
         if not name:
             raise LayerError(f"layer spec '{text}' has a weight but no name")
-        if not np.isfinite(weight):
-            raise LayerError(f"layer weight in '{text}' must be a finite number")
+        if not np.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise LayerError(f"layer weight in '{text}' must be a finite number between "
+                             f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}", field="layers")
         return cls(name, weight)
 
 
