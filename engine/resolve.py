@@ -69,8 +69,10 @@ MIN_AUTO_OCTAVES = 3
 DEFAULT_NATIVE = (224, 224)
 #: Tiles of one shape run in batches of up to this many pixels (fewer when memory is short).
 BATCH_PIXELS = 512 * 512
-#: The smallest tile side the memory budget may shrink a tile to (dynamic models).
+#: The smallest tile side the memory budget may shrink a tile to (dynamic models), and the
+#: largest tile (``tile_size``'s own range, so that a resolved tile is a valid ``--tile-size``).
 MIN_TILE = 64
+MAX_TILE = 8192
 #: Tile sides are tried in multiples of this.
 TILE_GRAIN = 32
 
@@ -258,7 +260,7 @@ def _candidates(settings: DreamSettings, work: tuple[int, int], native: tuple[in
     longest = max(h, w)
     want = settings.tile_size or longest  # 0: as large as fits
     out = [(0, 0)] if want >= longest else []
-    top = min(want, longest - 1)
+    top = min(want, longest - 1, MAX_TILE)
     sides = [top] + list(range(top // TILE_GRAIN * TILE_GRAIN, MIN_TILE - 1, -TILE_GRAIN))
     for s in sides:
         if s >= MIN_TILE and (min(s, h), min(s, w)) not in out:

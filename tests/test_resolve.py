@@ -142,6 +142,9 @@ def test_tile_size_0_is_as_large_as_fits_never_unbounded():
     asked = resolve(DreamSettings(tile_size=256), 3000, 3000, LITE0, memory=PROFILE,
                     budget_mb=100_000)
     assert asked.tile == (256, 256)
+    huge = resolve(DreamSettings(tile_size=0), 9000, 12000, LITE0, memory=PROFILE,
+                   budget_mb=60_000)
+    assert huge.tile == (8192, 8192) and huge.concrete().validate().tile_size == 8192
     meta = json.loads(small.to_metadata()["onnxdream:memory"])
     assert meta == {"budget_mb": 1500, "estimate_mb": round(small.memory.total / MB)}
 
