@@ -41,7 +41,7 @@ import typer
 
 from onnxdream import __version__
 from onnxdream.errors import OnnxDreamError, SettingsError
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "JsonOpt",
            "LAYER_HELP", "LayersOpt", "MODEL_HELP", "ModelOpt", "OBJECTIVE_HELP", "QuietOpt",
@@ -203,7 +203,8 @@ _DREAM_OPTIONS: dict[str, tuple[Any, Any]] = {
         help="Gradient-ascent steps per octave" + _default(_D.steps), show_default=False)], None),
     "step_size": (Annotated[float | None, typer.Option(
         help="Step length: mean pixel change per step, on the [0,1] scale"
-        + _default(_D.step_size), show_default=False)], None),
+        + _default(f"the model's recommendation (`onnxdream models` shows it), else "
+                   f"{DEFAULT_STEP_SIZE}"), show_default=False)], None),
     "jitter": (Annotated[int | None, typer.Option(
         help="Random shift in pixels each step (0: none)" + _default(_D.jitter),
         show_default=False)], None),
