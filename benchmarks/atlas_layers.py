@@ -5,8 +5,9 @@ For each zoo model, each feature layer and each test photo (chelsea, coffee, ast
 resized to SIZE px on the long side), dream with the default settings at a fixed seed and
 measure the *visible change*: the mean absolute difference between the dream and the photo when
 both are viewed at 256 px on the long side (what a viewer sees; fine noise that averages out at
-that view does not count). Writes a contact sheet per model (rows: photos, columns: layers) to
-look at, and prints one row per layer: the change per photo and its mean.
+that view does not count) and the same at 128 px (coarse structure: what survives in a
+thumbnail). Writes a contact sheet per model (rows: photos, columns:
+layers) to look at, and prints one row per layer: the change per photo, the means and the time.
 
     python benchmarks/atlas_layers.py [--size 448] [--out /tmp/atlas-bench] [--models lite0,...]
                                       [--step-sizes 0.006] [--layers blocks.5,...]
@@ -72,20 +73,22 @@ def main() -> None:
         for step_size in (float(s) for s in args.step_sizes.split(",")):
             sheet, captions = [], []
             print(f"\n{model}  step {step_size}  {args.size}px  (change at a 256-px view)")
-            print(f"{'layer':10s} " + " ".join(f"{n:>9s}" for n in photos) + "      mean   s/dream")
+            print(f"{'layer':10s} " + " ".join(f"{n:>9s}" for n in photos)
+                  + "   mean256  mean128  s/dream")
             for layer in layers:
                 settings = DreamSettings(model=model, layers=(layer,), step_size=step_size,
                                          steps=args.steps, octaves=args.octaves, seed=0)
                 gm = GradientModel.from_settings(settings)
-                row, t0 = [], time.perf_counter()
+                row, coarse, t0 = [], [], time.perf_counter()
                 for rgb in photos.values():
                     out = np.ascontiguousarray(dream(gm, rgb, replace(settings)))
                     row.append(change(out, rgb))
+                    coarse.append(change(out, rgb, 128))
                     sheet.append(fit(out, args.sheet))
                     captions.append(f"{layer} {row[-1]:.3f}")
                 dt = (time.perf_counter() - t0) / len(photos)
                 print(f"{layer:10s} " + " ".join(f"{v:9.4f}" for v in row)
-                      + f"  {np.mean(row):8.4f}  {dt:7.2f}", flush=True)
+                      + f"  {np.mean(row):8.4f} {np.mean(coarse):8.4f}  {dt:7.2f}", flush=True)
             # columns: layers; rows: photos
             n = len(photos)
             order = [li * n + pi for pi in range(n) for li in range(len(layers))]

