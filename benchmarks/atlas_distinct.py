@@ -47,12 +47,12 @@ def main() -> None:
     cells = dream_atlas(args.model, start, layers, settings)
     width = max(len(n) for n in layers)
     print(f"{args.model} on {args.photo} ({args.cell}px): mean |difference| between cells")
-    print(" " * width + " " + " ".join(f"{n[-6:]:>6s}" for n in layers)
+    print(" " * width + " " + " ".join(f"{n:>{width}s}" for n in layers)
           + "  vs photo  nearest")
     for i, a in enumerate(cells):
         row = [float(np.abs(a - b).mean()) for b in cells]
         nearest = min(v for j, v in enumerate(row) if j != i) if len(cells) > 1 else 0.0
-        print(f"{layers[i]:{width}s} " + " ".join(f"{v:6.3f}" for v in row)
+        print(f"{layers[i]:{width}s} " + " ".join(f"{v:{width}.3f}" for v in row)
               + f"  {np.abs(a - start).mean():8.3f}  {nearest:7.3f}")
     if args.output:
         save_image(args.output, grid(cells, layers, columns=min(len(cells), 6)))
