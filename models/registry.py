@@ -98,8 +98,8 @@ def _lite(n: int, input_size: int, default: str, recommended: tuple[str, ...], e
 
 # Recommended layers: one per stage from the 2nd to the 6th (Lite0's 16 blocks: stages at
 # blocks 3-4, 5-7, 8-10, 11-14, 15; Lite1/Lite2's 21: 4-6, 7-10, 11-14, 15-19, 20), because
-# layers of one stage dream alike (mean |difference| between their dreams 0.040-0.058) and
-# layers of different stages do not (0.057-0.079): textures and ripples, eyes or arches, swirls
+# layers of one stage dream alike (mean |difference| between their dreams 0.039-0.058) and
+# layers of different stages do not (0.056-0.079): textures and ripples, eyes or arches, swirls
 # or eyes or twigs, fur, then finer detail (onnxdream atlas shows them). The default is the one
 # whose dream is strongest and most recognisable by eye on the four test photos: eyes on
 # Lite0's blocks.5 and Lite1's blocks.11, eyes in a web of twigs on Lite2's blocks.11 (Lite1's
