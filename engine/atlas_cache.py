@@ -2,14 +2,15 @@
 once per model in the background and kept on disk.
 
 ``GET /models/{name}/atlas`` asks :meth:`AtlasStore.status`: the thumbnails already on disk, and
-for the missing ones an :class:`AtlasRequest` queued on the server's :class:`~onnxdream.jobs.
-JobManager` (so it shares the worker limit and the queue bound with dreams); the page polls
-and shows thumbnails as they arrive. Each thumbnail is one cell of :func:`onnxdream.atlas.
-dream_atlas` (the bundled example, ``cell`` pixels square, default settings with the model's
-recommended step size, seed 0), written atomically as ``<home>/atlas/<digest>/<layer>.png``
-where the digest covers the model file's bytes, the settings and the picture, so a new model
-or new settings never reuse old thumbnails. At most :data:`KEEP` such folders are kept (the
-least recently written are removed). No FastAPI here; the routes are in :mod:`onnxdream.server`.
+for the missing ones an :class:`AtlasRequest` queued on the server's
+:class:`~onnxdream.jobs.JobManager` (so it shares the worker limit and the queue bound with
+dreams, and steps aside between thumbnails when a dream waits); the page polls and shows
+thumbnails as they arrive. Each thumbnail is one cell of :func:`onnxdream.atlas.dream_atlas`
+(the bundled example, ``cell`` pixels square, default settings with the model's recommended
+step size, seed 0), written atomically as ``<home>/atlas/<digest>/<layer>.png`` where the
+digest covers the model file's bytes, the settings and the picture, so a new model or new
+settings never reuse old thumbnails. At most :data:`KEEP` such folders are kept (the least
+recently written are removed). No FastAPI here; the routes are in :mod:`onnxdream.server`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,9 @@ class AtlasRequest:
     layers: list[str]  # the missing ones
     folder: Path
     cell: int
+    #: True when other work waits: the job then stops after the cell at hand (the page asks
+    #: again and queues the rest behind that work), so thumbnails never hold up a dream long
+    yield_to: Callable[[], bool] | None = None
     fmt: str = "png"
     image: np.ndarray | None = None
     alpha: np.ndarray | None = None
@@ -146,10 +151,21 @@ class AtlasRequest:
             write_atomic(self.folder / f"{layer_file(layer)}.png",
                          encode_image(image, None, "png", metadata=meta))
             infos.clear()  # the session can go
+            done.append(layer)
+            if self.yield_to is not None and self.yield_to():
+                raise _YieldWorker()
 
-        dream_atlas(self.settings.model, start, self.layers, self.settings, progress=progress,
-                    on_cell=store, gradient_model=make)
-        return json.dumps(self.layers).encode("utf-8")
+        done: list[str] = []
+        try:
+            dream_atlas(self.settings.model, start, self.layers, self.settings,
+                        progress=progress, on_cell=store, gradient_model=make)
+        except _YieldWorker:
+            pass
+        return json.dumps(done).encode("utf-8")
+
+
+class _YieldWorker(Exception):
+    """Stops an atlas job between cells when dreams are waiting."""
 
 
 class AtlasStore:
@@ -215,7 +231,8 @@ class AtlasStore:
                     raise job.exception
             if job is None or job.state not in (QUEUED, RUNNING):
                 request = AtlasRequest(replace(self.settings, model=name), missing,
-                                       entry.folder, self.cell)
+                                       entry.folder, self.cell,
+                                       yield_to=lambda: self.jobs.stats()["queued"] > 0)
                 try:
                     job = entry.job = self.jobs.submit(request, track=False)
                 except QueueFull as exc:

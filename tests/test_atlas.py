@@ -233,3 +233,37 @@ def test_server_atlas_thumbnails_are_computed_once_and_cached(model_home, tmp_pa
     finally:
         app.state.jobs.stop()
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_atlas_job_steps_aside_between_thumbnails_when_dreams_wait(model_home, tmp_path):
+    import onnx
+
+    from onnxdream.atlas_cache import AtlasRequest
+    from onnxdream.exporters.graph.contract import write_metadata
+    from onnxdream.jobs import ModelCache, ServerConfig
+    from onnxdream.settings import DreamSettings
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(write_metadata(tiny_classifier(), name="tiny",
+                             layers={"conv": "conv", "act": "act"}, default_layers=["act"],
+                             recommended_layers=["conv", "act"], input_size=32,
+                             dynamic_hw=True), path)
+    models = ModelCache(ServerConfig.from_env(model_paths=[path], workers=1))
+    settings = DreamSettings(model="tiny", seed=0, steps=1, octaves=1)
+    folder = tmp_path / "thumbs"
+    busy = AtlasRequest(settings, ["conv", "act"], folder, 64, yield_to=lambda: True)
+    assert json.loads(busy.run(models)) == ["conv"]  # a dream waits: one thumbnail, then stop
+    assert sorted(p.name for p in folder.iterdir()) == ["conv.png"]
+    idle = AtlasRequest(settings, ["act"], folder, 64, yield_to=lambda: False)
+    assert json.loads(idle.run(models)) == ["act"]
+    assert sorted(p.name for p in folder.iterdir()) == ["act.png", "conv.png"]
+
+
+def test_layer_file_names_are_safe():
+    from onnxdream.atlas_cache import layer_file
+
+    assert layer_file("blocks.5") == "blocks.5"
+    odd = layer_file("model/block_1/Relu6:0")
+    assert "/" not in odd and ":" not in odd and odd.startswith("model-block_1-Relu6-0-")
+    assert layer_file("..") != ".." and "/" not in layer_file("../../etc")
+    assert layer_file("a/b") != layer_file("a:b")
