@@ -553,12 +553,13 @@ def export_module(
             raise ModelError(f"input_size must be a positive int or (height, width), not "
                              f"{input_size!r}")
         resolved = _resolve_layers(module, layers, label)
-        for layer in [*(default_layers or ()), *(recommended_layers or ())]:
-            if layer not in resolved:
-                near = closest(str(layer), list(resolved))
-                hint = f"; did you mean {', '.join(near)}?" if near else ""
-                raise ModelError(f"default or recommended layer {layer!r} is not one of "
-                                 f"{label}'s layers{hint}")
+        for what, names in (("default", default_layers), ("recommended", recommended_layers)):
+            for layer in names or ():
+                if layer not in resolved:
+                    near = closest(str(layer), list(resolved))
+                    hint = f"; did you mean {', '.join(near)}?" if near else ""
+                    raise ModelError(f"{what} layer {layer!r} is not one of {label}'s "
+                                     f"layers{hint}")
         if isinstance(preprocess, str):
             described = f"{preprocess}: {PREPROCESSING.get(preprocess, '')} (inside the graph)"
             preprocess = preprocess_fn(preprocess)
