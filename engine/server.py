@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream import __version__
+from onnxdream.atlas_cache import AtlasStore, ThumbnailMissing
 from onnxdream.errors import (
     DependencyError,
     ImageTooLargeError,
@@ -76,7 +77,6 @@ from onnxdream.errors import (
     SettingsError,
     did_you_mean,
 )
-from onnxdream.atlas_cache import AtlasStore, ThumbnailMissing
 from onnxdream.jobs import (
     CANCELLED,
     DONE,
