@@ -92,13 +92,16 @@ def start_image(photo: str | os.PathLike | None, init: str, side: int,
 
 
 def feature_layers(model: str | os.PathLike) -> list[str]:
-    """The layers of ``model`` (a file) whose output is a feature map ([N, C, H, W] or NHWC at
-    the native size), in network order: the layers a dream can amplify."""
+    """The layers of ``model`` (a file) whose output is a feature map ([N, C, H, W] or NHWC,
+    larger than 1x1, at the native size), in network order: the layers a dream can amplify."""
     from onnxdream.exporters.graph.contract import LOGITS
     from onnxdream.exporters.graph.layers import list_layers
 
+    def spatial(shape) -> bool:  # 4-D with a height and width (not a pooled 1x1 vector)
+        return len(shape) == 4 and sum(d != 1 for d in shape[1:]) >= 2
+
     return [i.name for i in list_layers(model)
-            if i.name != LOGITS and i.shape is not None and len(i.shape) == 4]
+            if i.name != LOGITS and i.shape is not None and spatial(i.shape)]
 
 
 def atlas_layers(model: str | os.PathLike, layers: Sequence[str] | None = None, *,

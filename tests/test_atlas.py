@@ -90,6 +90,22 @@ def test_atlas_channels(model_home, tmp_path):
     assert "--channels blocks.9 --count 3" in meta["onnxdream:command"]
 
 
+def test_atlas_all_layers_of_a_model_file_from_noise(model_home, tmp_path):
+    import onnx
+
+    from onnxdream.imageio import read_metadata
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), model)  # no metadata: every node output is a layer
+    out = tmp_path / "all.png"
+    _cli("atlas", "--model", str(model), "--all", "--init", "noise", "--cell", "64",
+         "--steps", "2", "--octaves", "1", "-o", str(out), "-q")
+    meta = read_metadata(out)
+    assert json.loads(meta["onnxdream:layers"]) == ["conv", "act"]  # feature maps, no logits
+    assert meta["onnxdream:init"] == "noise" and "--init noise" in meta["onnxdream:command"]
+    assert Image.open(out).size[0] == 2 * (64 + GAP) + GAP
+
+
 def test_atlas_user_errors_are_one_line(model_home, tmp_path):
     from onnxdream.cli import app
 
