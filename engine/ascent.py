@@ -51,12 +51,14 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
     Reads ``tile_size``, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
-    values; a DreamSettings' own values are taken as they are). One gradient buffer is reused
-    across steps; jitter rolls the network's view, not the image. ``params``: the objective
-    parameters to feed (default ``gm.params``; see :meth:`GradientModel.params_for`). A
-    non-finite objective or gradient stops the ascent with :class:`NonFiniteError`.
+    values; a DreamSettings is resolved here for img's size and ``gm``'s model). One gradient
+    buffer is reused across steps; jitter rolls the network's view, not the image. ``params``: the
+    objective parameters to feed (default ``gm.params``; see :meth:`GradientModel.params_for`).
+    A non-finite objective or gradient stops the ascent with :class:`NonFiniteError`.
     """
     _, h, w = img.shape
+    if isinstance(settings, DreamSettings):  # e.g. its step size may be the model's
+        settings = resolve(settings, h, w, getattr(gm, "info", None))
     fits = settings.tile_size <= 0 or (h <= settings.tile_size and w <= settings.tile_size)
     if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs":
         # keep the image on the GPU: the whole step runs as one graph with IO binding

@@ -36,10 +36,10 @@ from onnxdream.cli_common import (
     warn,
     with_dream_options,
 )
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import")
+COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_atlas")
 
 
 # -- dream ------------------------------------------------------------------------------------
@@ -136,6 +136,9 @@ def models(as_json: JsonOpt = False):
             rows.append({"name": e.name, "default": e.name == DEFAULT_MODEL,
                          "installed": e.installed, "cached": cached,
                          "input_size": e.input_size, "layers": list(e.default_layers),
+                         "recommended_layers": list(e.recommended_layers or e.default_layers),
+                         "step_size": e.step_size if e.step_size is not None
+                         else DEFAULT_STEP_SIZE,
                          "license": e.license, "description": e.description,
                          "install": None if e.installed else e.pip_hint})
         if as_json:
@@ -146,7 +149,8 @@ def models(as_json: JsonOpt = False):
                                                   f"not installed: {r['install']}")
             mark = " (default)" if r["default"] else ""
             typer.echo(f"{r['name']}{mark}  {r['input_size']}px  layer {', '.join(r['layers'])}"
-                       f"  [{state}]\n    {r['description']}")
+                       f"  step {r['step_size']:g}  [{state}]\n    {r['description']}\n"
+                       f"    recommended layers: {', '.join(r['recommended_layers'])}")
         typer.echo(f"\nmodel home: {model_home()}  (set ONNXDREAM_HOME to move it)")
 
 

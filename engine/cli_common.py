@@ -41,7 +41,7 @@ import typer
 
 from onnxdream import __version__
 from onnxdream.errors import OnnxDreamError, SettingsError
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 if TYPE_CHECKING:
     from onnxdream.schedule import Schedule
@@ -181,6 +181,11 @@ def _default(value: Any) -> str:
     return f"  \\[default: {value}]"
 
 
+# how --help states a default that the model decides (the settings hold None for it)
+_DEFAULT_TEXT = {"step_size": "the model's recommendation (`onnxdream models` shows it), else "
+                              f"{DEFAULT_STEP_SIZE}"}
+
+
 # Keyframes for the options a command lets change over a clip (video, zoom): how --help says it.
 SCHEDULE_HELP = {
     "layer": " In a clip, keyframes: `0:blocks.5,120:blocks.9` cuts to blocks.9 at frame 120 "
@@ -206,7 +211,8 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
             **kw: Any) -> Any:
         if name in scheduled:
             kind, help = str, help + "." + SCHEDULE_HELP[name]
-        help += _default(d[name]) if default else ""
+        help += _default(_DEFAULT_TEXT.get(name, d[name]) if d[name] is None else d[name]) \
+            if default else ""
         return Annotated[kind | None, typer.Option(*flags, help=help, show_default=False,
                                                    **kw)]
 

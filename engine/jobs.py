@@ -233,7 +233,7 @@ class ModelCache:
         raise ModelError(f"unknown model '{name[:100]}': this server offers "
                          f"{', '.join(names)}{did_you_mean(name[:100], names)}", field="model")
 
-    def info(self, name: str):
+    def _read(self, name: str) -> tuple[Any, dict[str, str]]:
         """(ModelInfo, its layer and tensor names) of model ``name``, read once."""
         with self._lock:
             if name in self._infos:
@@ -247,14 +247,18 @@ class ModelCache:
             info = ModelInfo.load(proto)
             result = (info, layer_names(proto, info.layers))
         with self._lock:
-            self._infos[name] = result
-        return result
+            return self._infos.setdefault(name, result)
+
+    def info(self, name: str):
+        """The contract's :class:`~onnxdream.exporters.graph.contract.ModelInfo` of model
+        ``name`` (read once)."""
+        return self._read(name)[0]
 
     def objective(self, settings: DreamSettings):
         """The dream's Objective (layer names checked against the model, weights in range)."""
         from onnxdream.gradient import objective_for
 
-        info, known = self.info(settings.model)
+        info, known = self._read(settings.model)
         return objective_for(info, known, list(settings.layers),
                              settings.objective).check_weights()
 
@@ -263,9 +267,11 @@ class ModelCache:
         return (settings.model, tuple(map(tuple, objective.structure())),
                 bool(settings.pre_relu), int(settings.border))
 
-    def get(self, settings: DreamSettings) -> Loaded:
+    def get(self, settings: DreamSettings, *, keep: bool = True) -> Loaded:
         """The shared GradientModel for ``settings`` (built, and cached, on first use) and the
-        parameters of this dream's weighting."""
+        parameters of this dream's weighting. ``keep=False`` builds one without caching it
+        (atlas thumbnails: used once, they must not push the dreams' sessions out), unless it
+        is cached already."""
         objective = self.objective(settings)
         key = self.key(settings, objective)
         with self._lock:
@@ -278,6 +284,8 @@ class ModelCache:
                 gm = self._models.get(key)
             if gm is None:
                 gm = self._build(key, objective)
+                if not keep:
+                    return Loaded(gm, objective, gm.params_for(objective))
             with self._lock:
                 self._models[key] = gm
                 self._models.move_to_end(key)
@@ -301,7 +309,7 @@ class ModelCache:
 
     def layers(self, name: str) -> tuple[list[str], list[str]]:
         """(all layer names, default layers) of model ``name``."""
-        info, _ = self.info(name)
+        info = self.info(name)
         return list(info.layers), list(info.default_layers)
 
     def loaded(self) -> list[dict[str, Any]]:
@@ -342,6 +350,11 @@ class DreamRequest:
     size: tuple[int, int]  # (width, height)
     data: bytes | None = None  # the encoded image, when not decoded yet
     max_pixels: int | None = None  # the decoder's limit for ``data``
+
+    def run(self, models: ModelCache, job: Job | None = None) -> bytes:
+        """What a worker does with this request (:func:`run_request`); other kinds of work
+        (the server's atlas thumbnails) have a ``run`` of their own."""
+        return run_request(self, models, job)
 
     @classmethod
     def from_loaded(cls, settings: DreamSettings, fmt: str, loaded) -> DreamRequest:
@@ -714,7 +727,7 @@ class JobManager:
                 self._active.add(job)
                 job.state, job.started = RUNNING, self._clock()
             try:
-                data = run_request(job.request, self.models, job)
+                data = job.request.run(self.models, job)
             except JobCancelled:
                 outcome = dict(state=CANCELLED, error=SHUTDOWN if job.shutdown else "cancelled")
             except OnnxDreamError as exc:

@@ -1,9 +1,11 @@
 """Provenance: the metadata every image onnxdream writes carries, built in one place.
 
 A dream's PNG (or the XMP packet of a JPEG/WebP) records the onnxdream version, the model, the
-objective as compiled, the layers, the provider, every setting, the values the resolver chose,
+objective as compiled, the layers, the provider, every setting (the step size as used: the
+model's recommendation when none was given), the values the resolver chose,
 and the command line that makes the same image again. The CLI, the server (and batch/video)
-call :func:`dream_metadata`; ``visualize`` calls :func:`visualize_metadata`. Keys are
+call :func:`dream_metadata`; ``visualize`` calls :func:`visualize_metadata`, ``atlas``
+:func:`atlas_metadata` or :func:`channel_atlas_metadata`. Keys are
 ``onnxdream:<name>``; :func:`onnxdream.imageio.read_metadata` reads them back.
 """
 
@@ -19,7 +21,8 @@ from onnxdream import __version__
 from onnxdream.resolve import ResolvedSettings
 from onnxdream.settings import ASCENT_FIELDS, VisualizeSettings, describe
 
-__all__ = ["PREFIX", "command", "dream_metadata", "visualize_metadata"]
+__all__ = ["PREFIX", "atlas_metadata", "channel_atlas_metadata", "command", "dream_metadata",
+           "visualize_metadata"]
 
 PREFIX = "onnxdream:"
 
@@ -43,7 +46,8 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
     as for an upload).
     """
     settings = resolved.settings
-    concrete = replace(settings, layers=tuple(f"{t.layer}:{t.weight:g}" for t in objective.terms))
+    concrete = replace(settings, layers=tuple(f"{t.layer}:{t.weight:g}" for t in objective.terms),
+                       step_size=resolved.step_size)
     meta = _keys({
         "version": __version__,
         "model": settings.model,
@@ -55,7 +59,7 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
         "provider": provider,
         "command": command(concrete.to_argv(image, output)),
     })
-    meta.update(_keys(describe(settings, (*ASCENT_FIELDS, "seed"))))
+    meta.update(_keys(describe(concrete, (*ASCENT_FIELDS, "seed"))))
     meta.update(resolved.to_metadata())
     return meta
 
@@ -76,4 +80,60 @@ def visualize_metadata(settings: VisualizeSettings, *, model: str, provider: str
     })
     meta.update(_keys(describe(settings)))
     meta[f"{PREFIX}targets"] = json.dumps([t.describe() for t in shown])
+    return meta
+
+
+def atlas_metadata(resolved: ResolvedSettings, *, layers: Sequence[str], cell: int, init: str,
+                   provider: str, image: str | None = None, output: str | None = None,
+                   columns: int | None = None) -> dict[str, str]:
+    """The metadata of a layer atlas: every cell dreamed with ``resolved`` (the settings of its
+    first cell; the cells differ only by layer) at ``layers``. ``image`` None: the bundled
+    example (or noise, by ``init``)."""
+    settings = resolved.settings
+    dream_argv = replace(settings, layers=(), step_size=resolved.step_size).to_argv("IMAGE")
+    argv = ["atlas"] + ([image] if image is not None else [])
+    argv += ["-o", output] if output is not None else []
+    argv += dream_argv[2:] + ["--layers", ",".join(layers), "--cell", str(cell)]
+    argv += ["--init", init] if init != "photo" else []
+    argv += ["--columns", str(columns)] if columns else []
+    meta = _keys({
+        "version": __version__,
+        "kind": "atlas",
+        "model": settings.model,
+        "layers": json.dumps(list(layers)),
+        "cell": str(cell),
+        "init": init,
+        "image": image if image is not None else ("" if init == "noise" else "bundled example"),
+        "objective": settings.objective,
+        "pre_relu": str(settings.pre_relu),
+        "border": str(settings.border),
+        "preset": settings.preset or "",
+        "provider": provider,
+        "command": command(argv),
+    })
+    meta.update(_keys(describe(replace(settings, step_size=resolved.step_size),
+                               (*ASCENT_FIELDS, "seed"))))
+    meta.update(resolved.to_metadata())
+    return meta
+
+
+def channel_atlas_metadata(settings: VisualizeSettings, *, model: str, layer: str,
+                           channels: Sequence[int], provider: str, output: str | None = None,
+                           columns: int | None = None) -> dict[str, str]:
+    """The metadata of ``atlas --channels``: ``channels`` of ``layer`` rendered with
+    ``settings`` (whose ``size`` is the cell)."""
+    argv = ["atlas"] + (["-o", output] if output is not None else [])
+    argv += ["--model", model, "--channels", layer, "--count", str(len(channels)),
+             "--cell", str(settings.size), "--steps", str(settings.steps),
+             "--seed", str(settings.seed)]
+    argv += ["--columns", str(columns)] if columns else []
+    meta = _keys({
+        "version": __version__,
+        "kind": "channel-atlas",
+        "model": model,
+        "provider": provider,
+        "command": command(argv),
+    })
+    meta.update(_keys(describe(settings)))
+    meta[f"{PREFIX}targets"] = json.dumps([f"channel:{layer}:{k}" for k in channels])
     return meta

@@ -20,9 +20,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from onnxdream.settings import DreamSettings, octave_sizes
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings, octave_sizes
 
-__all__ = ["ModelGeometry", "ResolvedSettings", "resolve"]
+__all__ = ["ModelGeometry", "ResolvedSettings", "resolve", "step_size_for"]
 
 
 class ModelGeometry(Protocol):
@@ -30,6 +30,7 @@ class ModelGeometry(Protocol):
 
     native_size: tuple[int, int]  # (height, width) the model was trained at
     dynamic_hw: bool  # whether its input accepts any height and width
+    # (optional) step_size: float | None, the model's recommended step size
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,15 @@ class ResolvedSettings:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def step_size_for(settings: DreamSettings, model: ModelGeometry | None = None) -> float:
+    """The step size a dream runs with: the settings', else the model's recommendation
+    (``onnxdream.step_size`` in its metadata, see the contract), else ``DEFAULT_STEP_SIZE``."""
+    if settings.step_size is not None:
+        return float(settings.step_size)
+    recommended = getattr(model, "step_size", None)
+    return float(recommended) if recommended is not None else DEFAULT_STEP_SIZE
+
+
 def resolve(settings: DreamSettings, height: int, width: int,
             model: ModelGeometry | None = None) -> ResolvedSettings:
     """The concrete values for dreaming an image of ``height`` x ``width`` with ``model``.
@@ -107,4 +117,4 @@ def resolve(settings: DreamSettings, height: int, width: int,
     sizes = octave_sizes(int(height), int(width), settings.octaves, settings.octave_scale)
     return ResolvedSettings(settings=settings, height=int(height), width=int(width),
                             octave_sizes=tuple(sizes), tile_size=settings.tile_size,
-                            jitter=settings.jitter, step_size=settings.step_size)
+                            jitter=settings.jitter, step_size=step_size_for(settings, model))

@@ -13,7 +13,15 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 - ``GET  /openapi.json``        the API's schema (``/docs``, the Swagger UI, only with ``--docs``:
                                 it loads its script from a CDN).
 - ``GET  /models``              the models this server may use (zoo + operator-allowed files).
-- ``GET  /models/{name}/layers``  that model's layer names and its default layer(s).
+- ``GET  /models/{name}/layers``  that model's layer names, its default and recommended layers
+                                and its recommended step size.
+- ``GET  /models/{name}/atlas``   thumbnails of what each recommended layer dreams:
+                                ``{"state", "progress", "cell", "layers": [{"layer", "url"}]}``,
+                                200 when all are there, else 202 (computing in the background
+                                through the job queue; ``url`` is null until a layer's is done).
+- ``GET  /models/{name}/atlas/{layer}.png``  one thumbnail (cached on disk, see
+                                :mod:`onnxdream.atlas_cache`).
+- ``GET  /static/...``          the page's scripts and styles.
 - ``POST /dream``               multipart: an ``image`` file plus form fields named like the CLI
                                 options → the dreamed image (PNG unless ``format`` says otherwise).
 - ``POST /jobs``                the same form → ``202 {"id", "state", "url", "result_url"}``.
@@ -84,6 +92,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream import __version__
+from onnxdream.atlas_cache import AtlasStore, ThumbnailMissing
 from onnxdream.errors import (
     DependencyError,
     ImageTooLargeError,
@@ -118,12 +127,13 @@ from onnxdream.jobs import (
     ShuttingDown,
     UnknownJob,
 )
+from onnxdream.resolve import step_size_for
 from onnxdream.settings import ASCENT_FIELDS, DreamSettings
 
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
@@ -451,7 +461,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     app = _App(title="onnxdream", version=__version__, lifespan=lifespan,
                docs_url="/docs" if config.docs else None, redoc_url=None)
+    atlas = AtlasStore(models, jobs)
     app.state.config, app.state.models, app.state.jobs = config, models, jobs
+    app.state.atlas = atlas
     app.state.csp_by_path = {"/docs": content_security_policy(DOCS_CSP)} if config.docs else {}
     app.add_middleware(BodyLimit, max_body=config.max_body)
     if config.trusted_hosts:
@@ -565,11 +577,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
         rows = [{"name": e.name, "default": e.name == DEFAULT_MODEL, "source": "zoo",
                  "installed": e.installed, "input_size": e.input_size,
-                 "default_layers": list(e.default_layers), "description": e.description,
-                 "license": e.license} for e in list_zoo()]
+                 "default_layers": list(e.default_layers),
+                 "recommended_layers": list(e.recommended_layers), "step_size": e.step_size,
+                 "description": e.description, "license": e.license} for e in list_zoo()]
         rows += [{"name": name, "default": False, "source": "file", "installed": True,
-                  "input_size": None, "default_layers": None, "description": f"{path.name}",
-                  "license": None} for name, path in config.model_paths.items()]
+                  "input_size": None, "default_layers": None, "recommended_layers": None,
+                  "step_size": None, "description": f"{path.name}", "license": None}
+                 for name, path in config.model_paths.items()]
         return {"models": rows, "default": DEFAULT_MODEL}
 
     @app.get("/models/{name}/layers", responses=_errors(400, 404))
@@ -578,8 +592,38 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             models.source(name)
         except ModelError as exc:
             raise ApiError(404, str(exc)) from None
-        names, defaults = await run_in_threadpool(models.layers, name)
-        return {"model": name, "layers": names, "default_layers": defaults}
+        info = await run_in_threadpool(models.info, name)
+        return {"model": name, "layers": list(info.layers),
+                "default_layers": list(info.default_layers),
+                "recommended_layers": list(info.recommended_layers),
+                "step_size": step_size_for(DreamSettings(), info)}
+
+    @app.get("/models/{name}/atlas", responses=_errors(
+        404, 500, 503, _202={"description": "Some thumbnails are still being made (see "
+                                            "Retry-After); the ones so far are listed"}))
+    async def model_atlas(name: str):
+        try:
+            models.source(name)
+        except ModelError as exc:
+            raise ApiError(404, str(exc)) from None
+        status, body, headers = await run_in_threadpool(atlas.status, name)
+        return JSONResponse(body, status_code=status,
+                            headers={"Cache-Control": "no-store", **headers})
+
+    @app.get("/models/{name}/atlas/{file}", response_class=Response, responses=_errors(
+        404, 500, _200={"description": "The thumbnail", "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}}}}))
+    async def atlas_thumbnail(name: str, file: str):
+        try:
+            models.source(name)
+            if not file.endswith(".png"):
+                raise ThumbnailMissing(f"no thumbnail '{file[:80]}': thumbnails end in .png")
+            path = await run_in_threadpool(atlas.thumbnail, name, file[:-len(".png")])
+        except (ModelError, ThumbnailMissing) as exc:
+            raise ApiError(404, str(exc)) from None
+        # the URL carries the model's digest (?v=), so a thumbnail may be kept a long time
+        return FileResponse(path, media_type="image/png",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
     @app.post("/dream", openapi_extra=_form_schema(), response_class=Response,
               responses=_errors(*_DREAM_ERRORS, _200={"description": "The dreamed image",

@@ -27,12 +27,16 @@ import numpy as np
 from onnxdream.errors import SettingsError
 from onnxdream.models.registry import DEFAULT_MODEL
 
-__all__ = ["ASCENT_FIELDS", "DreamSettings", "MIN_OCTAVE_SIDE", "OBJECTIVE_FIELDS",
-           "VISUALIZE_NORMALIZERS", "VisualizeSettings", "describe", "octave_sizes",
-           "random_seed", "require"]
+__all__ = ["ASCENT_FIELDS", "DEFAULT_STEP_SIZE", "DreamSettings", "MIN_OCTAVE_SIDE",
+           "OBJECTIVE_FIELDS", "VISUALIZE_NORMALIZERS", "VisualizeSettings", "describe",
+           "octave_sizes", "random_seed", "require"]
 
 #: The smallest side an octave may have, in pixels (smaller octaves are dropped).
 MIN_OCTAVE_SIDE = 32
+
+#: The step size of a dream whose settings and model name none (``DreamSettings.step_size`` is
+#: None: the model's recommended step size, else this; see ``resolve.step_size_for``).
+DEFAULT_STEP_SIZE = 0.006
 
 #: DreamSettings fields that say what to amplify (a model's gradient graph depends on these).
 OBJECTIVE_FIELDS = ("model", "layers", "objective", "pre_relu", "border", "preset")
@@ -93,7 +97,9 @@ class DreamSettings:
     """One dream, fully described. Defaults here are THE defaults (CLI, server, presets, API).
 
     ``layers`` are ``NAME`` or ``NAME:WEIGHT`` specs; empty means the model's recommended
-    layer(s). ``preset`` records the recipe the values came from (see :meth:`from_options`).
+    layer(s). ``step_size`` None means the model's recommended step size, else
+    :data:`DEFAULT_STEP_SIZE` (decided by :func:`onnxdream.resolve.resolve`). ``preset``
+    records the recipe the values came from (see :meth:`from_options`).
     """
 
     # what to amplify
@@ -107,7 +113,7 @@ class DreamSettings:
     octaves: int = 4
     octave_scale: float = 1.4
     steps: int = 10
-    step_size: float = 0.006
+    step_size: float | None = None  # None: the model's recommendation, else 0.006
     jitter: int = 32
     tile_size: int = 512
     seed: int | None = None
@@ -139,7 +145,8 @@ class DreamSettings:
              "must be > 1 and <= 4"),
             (_is_int(self.steps) and 1 <= self.steps <= 10_000, "steps",
              "must be between 1 and 10000"),
-            (_is_number(self.step_size) and 0.0 < self.step_size <= 10.0, "step_size",
+            (self.step_size is None or (_is_number(self.step_size)
+                                        and 0.0 < self.step_size <= 10.0), "step_size",
              "must be > 0 and <= 10"),
             (_is_int(self.jitter) and 0 <= self.jitter <= 4096, "jitter",
              "must be between 0 and 4096 pixels"),
@@ -171,16 +178,17 @@ class DreamSettings:
         """The ``onnxdream dream`` command line (without ``onnxdream``) that makes this dream.
 
         Every value is spelled out (no preset), so the command reproduces the dream even when
-        defaults change. Give concrete ``layers`` (not the model's default) for a command that
-        does not depend on the model's metadata either.
+        defaults change. Give concrete ``layers`` and ``step_size`` (not the model's
+        recommendations) for a command that does not depend on the model's metadata either.
         """
         argv = ["dream", str(image)] + (["-o", str(output)] if output is not None else [])
         argv += ["--model", self.model]
         argv += [a for spec in self.layers for a in ("--layer", spec)]
         argv += ["--objective", self.objective, "--octaves", str(self.octaves),
-                 "--octave-scale", str(self.octave_scale), "--steps", str(self.steps),
-                 "--step-size", str(self.step_size), "--jitter", str(self.jitter),
-                 "--tile-size", str(self.tile_size), "--normalize", self.normalize]
+                 "--octave-scale", str(self.octave_scale), "--steps", str(self.steps)]
+        argv += ["--step-size", str(self.step_size)] if self.step_size is not None else []
+        argv += ["--jitter", str(self.jitter), "--tile-size", str(self.tile_size),
+                 "--normalize", self.normalize]
         argv += ["--seed", str(self.seed)] if self.seed is not None else []
         argv += ["--pre-relu"] if self.pre_relu else []
         argv += ["--border", str(self.border)] if self.border else []
