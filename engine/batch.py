@@ -1,0 +1,834 @@
+"""Batches: many dreams (images × layers × seeds, and videos) on worker processes or a Ray cluster.
+
+:func:`run` is the whole thing in one call::
+
+    from onnxdream import batch
+    from onnxdream.settings import DreamSettings
+
+    rows = batch.run(["photos/"], DreamSettings(steps=10), output_dir="dreams",
+                     layers=["blocks.5", "blocks.9"], seeds=[1, 2], workers=2)
+
+Steps, each public so that front ends can show them:
+
+- :func:`find_inputs`: files, folders (recursive), glob patterns and text files of paths →
+  :class:`Source`\\ s, each with the place its outputs take under the output folder (input
+  sub-folders are mirrored).
+- :func:`plan`: the cross product sources × layers × seeds → :class:`BatchItem`\\ s with
+  deterministic outputs, ``OUT/<sub-folders>/<stem>--<layer>--s<seed>.png`` (``.mp4`` for a
+  video).
+- Resume: an item whose output exists and carries the same *settings hash* (:func:`image_hash`:
+  the resolver's digest + the model file + the input file; embedded in the PNG's provenance as
+  ``onnxdream:batch_hash``) is skipped, not dreamed again.
+- The backends dream the rest: ``local`` (this module: worker processes, each holding its
+  loaded models, one item at a time each) or ``ray`` (:mod:`onnxdream.batch_ray`: a Ray Data
+  pipeline over an actor pool, on a private local instance or a cluster). Both run
+  :class:`Dreamer`, so both write the same files as ``onnxdream dream`` does.
+- The manifest (JSON lines, :class:`ManifestRow`) gets one line per finished item as it
+  finishes, and is compacted to the latest line per output when the batch ends.
+
+A failed item (a corrupt image, a model that cannot run at its size, a worker that crashed) is
+a ``failed`` row with a one-line error; the batch goes on. Problems with the batch itself (no
+inputs, a bad layer, an unreachable cluster) raise :class:`BatchError` (or the settings/model
+error) before any item runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnxdream.errors import OnnxDreamError, first_line
+from onnxdream.settings import DreamSettings
+
+__all__ = ["BACKENDS", "BatchError", "BatchItem", "Dreamer", "HASH_KEY", "IMAGE_SUFFIXES",
+           "MANIFEST_NAME", "Manifest", "ManifestRow", "Source", "VIDEO_SUFFIXES",
+           "default_workers", "find_inputs", "image_hash", "local_rows", "parse_layers",
+           "parse_seeds", "plan", "run", "video_hash", "videos_available"]
+
+BACKENDS = ("local", "ray")
+MANIFEST_NAME = "manifest.jsonl"
+#: The PNG provenance key that holds an output's settings hash (what resume compares).
+HASH_KEY = "onnxdream:batch_hash"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".avif", ".bmp", ".dib", ".gif",
+                            ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"})
+#: A file input with one of these suffixes is a list of inputs, one per line.
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+#: Memory one local worker may need (model, session arenas, a large image's octaves).
+WORKER_MEMORY = 1536 * 1024 * 1024
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+DIED = "worker process died (a crash or out of memory)"
+
+
+class BatchError(OnnxDreamError):
+    """The batch as a whole cannot run (bad inputs, options, or backend); ``field`` names the
+    option (``inputs``, ``layers``, ``seeds``, ``workers``, ``address``, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: ``rel`` is where its outputs go under the output folder (the input's
+    sub-folder and stem), ``kind`` is ``image`` or ``video``."""
+
+    path: Path
+    rel: Path
+    kind: str
+
+
+def videos_available() -> bool:
+    """Whether the ``[video]`` extra (PyAV and OpenCV) is installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("av", "cv2"))
+
+
+def _kind(path: Path) -> str:
+    return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+
+
+def _scan(folder: Path, exclude: Path | None) -> Iterator[Path]:
+    """Image and video files under ``folder``, recursively, skipping hidden entries and
+    ``exclude`` (the output folder)."""
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        r = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or not _same(r / d, exclude)))
+        for f in sorted(files):
+            p = r / f
+            if not f.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                yield p
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _inside(p: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        p.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder part of a glob pattern before its first wildcard."""
+    parts = Path(pattern).parts
+    base: list[str] = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return Path(*base) if base else Path(".")
+
+
+def find_inputs(inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None,
+                allow_videos: bool | None = None) -> list[Source]:
+    """The input files of a batch, in a stable order, each once.
+
+    Each input is a file (its outputs go to the top of the output folder), a folder (searched
+    recursively for images and videos; sub-folders are mirrored), a glob pattern (``'*.jpg'``,
+    ``'photos/**/*.png'``; mirrored below the pattern's fixed part), or a text file of inputs
+    (``.txt``/``.lst``: one per line, ``#`` comments; relative ones are relative to the list's
+    folder). ``exclude``: a folder never searched (the output folder). Videos are refused with a
+    :class:`BatchError` without the ``[video]`` extra (``allow_videos`` overrides the check).
+    """
+    excl = Path(exclude) if exclude is not None else None
+    found: dict[Path, Source] = {}
+
+    def add(p: Path, rel: Path) -> None:
+        key = p.resolve()
+        if key not in found:
+            found[key] = Source(p, rel, _kind(p))
+
+    def visit(text: str, base: Path | None, depth: int) -> None:
+        p = Path(text).expanduser()
+        if base is not None and not p.is_absolute():
+            p = base / p
+        if p.is_dir():
+            for f in _scan(p, excl):
+                add(f, f.relative_to(p).with_suffix(""))
+        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES and depth == 0:
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise BatchError(f"cannot read the list of inputs {p}: {first_line(exc)}",
+                                 field="inputs") from None
+            for line in lines:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    visit(line, p.parent, depth + 1)
+        elif p.is_file():
+            add(p, Path(p.stem))
+        elif glob.has_magic(str(p)):
+            matches = sorted(glob.glob(str(p), recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file() and not _inside(Path(m), excl)
+                     and Path(m).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
+            if not files:
+                raise BatchError(f"no image or video matches {text}", field="inputs")
+            root = _glob_base(str(p))
+            for f in files:
+                try:
+                    rel = f.relative_to(root).with_suffix("")
+                except ValueError:
+                    rel = Path(f.stem)
+                add(f, rel)
+        else:
+            where = f" (listed in a file under {base})" if base is not None else ""
+            raise BatchError(f"input {text} does not exist{where}", field="inputs")
+
+    for item in inputs:
+        visit(os.fspath(item), None, 0)
+    sources = list(found.values())
+    if not sources:
+        raise BatchError("no images or videos found in the inputs", field="inputs")
+    videos = [s for s in sources if s.kind == "video"]
+    if videos and not (videos_available() if allow_videos is None else allow_videos):
+        more = f" and {len(videos) - 1} more" if len(videos) > 1 else ""
+        raise BatchError(f"{videos[0].path}{more}: videos need the [video] extra "
+                         "(pip install 'onnxdream[video]')", field="inputs")
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Items
+
+
+def parse_layers(text: str | Sequence[str] | None) -> list[str]:
+    """``"A,B:2,C+D"`` → ``["A", "B:2", "C+D"]``: one output per entry; ``+`` mixes layers in
+    one dream (``C+D``: both, as ``--layer C --layer D`` would)."""
+    if text is None:
+        return []
+    parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    out = [p.strip() for p in parts]
+    if not out or any(not p or any(not s.strip() for s in p.split("+")) for p in out):
+        raise BatchError("layers must be a comma-separated list of layer names (A,B,C); "
+                         "A+B mixes two layers in one dream", field="layers")
+    return out
+
+
+def parse_seeds(text: str | Sequence[int] | None) -> list[int]:
+    """``"1,2,3"`` or ``"1-4"`` (inclusive) → seeds, each in [0, 2^32)."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        seeds = [int(s) for s in text]
+    else:
+        seeds = []
+        try:
+            for part in text.split(","):
+                a, sep, b = part.strip().partition("-")
+                seeds += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+        except ValueError:
+            raise BatchError("seeds must be integers: 1,2,3 or a range 1-8",
+                             field="seeds") from None
+    if not seeds or any(not 0 <= s < 2**32 for s in seeds) or len(seeds) > 100_000:
+        raise BatchError("seeds must be integers between 0 and 2^32-1 (1,2,3 or 1-8)",
+                         field="seeds")
+    return list(dict.fromkeys(seeds))
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One dream of a batch: ``settings`` has this item's layers and seed; ``layer`` is the
+    label used in the output name and the manifest; ``model_id`` fingerprints the model file."""
+
+    input: str
+    output: str
+    kind: str
+    layer: str
+    settings: DreamSettings
+    model_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> BatchItem:
+        d = json.loads(text)
+        s = d.pop("settings")
+        s["layers"] = tuple(s["layers"])
+        return cls(settings=DreamSettings(**s), **d)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+def safe_label(label: str) -> str:
+    """A layer label made safe for a file name (``model/block_1/Relu6:0`` →
+    ``model_block_1_Relu6_0``)."""
+    return _UNSAFE.sub("_", label).strip("._") or "layer"
+
+
+def plan(sources: Sequence[Source], output_dir: str | os.PathLike, settings: DreamSettings, *,
+         layers: Sequence[str] = (), seeds: Sequence[int] = (), default_label: str = "default",
+         model_id: str = "") -> list[BatchItem]:
+    """The batch's items: every layer (``A`` or ``A+B``) × seed × source, in that order.
+
+    Without ``layers`` each item dreams ``settings.layers`` (labelled by them, else by
+    ``default_label``: the model's default layers); without ``seeds``, ``settings.seed``, else 0
+    (a batch is reproducible, so resumable, by default). Two sources that would write the same
+    output are a BatchError.
+    """
+    out = Path(output_dir)
+    specs: list[tuple[tuple[str, ...], str]] = (
+        [(tuple(s.strip() for s in spec.split("+")), spec) for spec in layers] if layers else
+        [(tuple(settings.layers), "+".join(settings.layers) or default_label)])
+    seed_list = list(seeds) or [settings.seed if settings.seed is not None else 0]
+    items: list[BatchItem] = []
+    owner: dict[Path, Source] = {}
+    for names, label in specs:
+        for seed in seed_list:
+            s = dataclasses.replace(settings, layers=names, seed=int(seed))
+            for src in sources:
+                ext = ".mp4" if src.kind == "video" else ".png"
+                target = out / src.rel.parent / f"{src.rel.name}--{safe_label(label)}--s{seed}{ext}"
+                other = owner.setdefault(target, src)
+                if other is not src:
+                    raise BatchError(f"{other.path} and {src.path} would both write {target}; "
+                                     "rename one or give them separate folders", field="inputs")
+                items.append(BatchItem(str(src.path), str(target), src.kind, label, s, model_id))
+    return items
+
+
+def _fingerprint(path: str | os.PathLike) -> str:
+    """A cheap content fingerprint of a file (size, first and last MiB)."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def image_hash(resolved, model_id: str, input_id: str) -> str:
+    """The settings hash of an image item: the resolver's digest (settings, seed, size, resolved
+    values), the model file and the input file."""
+    return _hash("image", resolved.digest(), model_id, input_id)
+
+
+def video_hash(item: BatchItem, input_id: str) -> str:
+    """The settings hash of a video item (the settings, the model file and the input file)."""
+    settings = dataclasses.asdict(item.settings)
+    settings["layers"] = list(settings["layers"])
+    return _hash("video", settings, item.model_id, input_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of the manifest: an item's outcome (``ok``, ``failed`` or ``skipped``: its
+    output was already there with the same settings hash)."""
+
+    input: str
+    output: str
+    layer: str
+    seed: int
+    settings_hash: str
+    status: str
+    seconds: float
+    error: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ManifestRow:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def for_item(cls, item: BatchItem, status: str, *, settings_hash: str = "",
+                 seconds: float = 0.0, error: str = "") -> ManifestRow:
+        return cls(item.input, item.output, item.layer, int(item.settings.seed or 0),
+                   settings_hash, status, round(float(seconds), 3), error)
+
+
+class Manifest:
+    """The JSON-lines manifest: rows appended (and flushed) as items finish; :meth:`compact`
+    rewrites it with the latest row per output when the batch ends."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.previous = self._read()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise BatchError(f"cannot write the manifest {self.path}: "
+                             f"{exc.strerror or exc}", field="manifest") from None
+        self.rows: list[ManifestRow] = []
+
+    def _read(self) -> dict[str, ManifestRow]:
+        rows: dict[str, ManifestRow] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return rows
+        for line in lines:
+            try:
+                row = ManifestRow.from_dict(json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a line cut short by a kill, or not ours
+            if row.status != SKIPPED or row.output not in rows:
+                rows[row.output] = row
+        return rows
+
+    def write(self, row: ManifestRow) -> None:
+        self._fh.write(row.to_json() + "\n")
+        self._fh.flush()
+        self.rows.append(row)
+
+    def compact(self) -> None:
+        """Rewrite the manifest atomically: the latest row per output (a ``skipped`` row keeps
+        the earlier row that made the output, if there is one)."""
+        from onnxdream.atomic import write_atomic
+
+        latest = dict(self.previous)
+        for row in self.rows:
+            if row.status != SKIPPED or row.output not in latest:
+                latest[row.output] = row
+        self._fh.close()
+        text = "".join(r.to_json() + "\n" for r in latest.values())
+        with contextlib.suppress(OSError):
+            write_atomic(self.path, text.encode("utf-8"))
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The dreamer: what every worker runs
+
+
+class Dreamer:
+    """Dreams items with loaded models: one GradientModel (one onnxruntime session) per
+    objective, the last ``max_models`` kept. :meth:`process` never raises for an item's own
+    problem: it returns a ``failed`` row."""
+
+    def __init__(self, device: str = "auto", threads: int | None = None, max_models: int = 4):
+        self.device, self.threads, self.max_models = device, threads, max_models
+        self._models: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+
+    def model(self, settings: DreamSettings):
+        from onnxdream.gradient import GradientModel
+
+        key = settings.gradient_key()
+        gm = self._models.get(key)
+        if gm is None:
+            gm = GradientModel.from_settings(settings, device=self.device, threads=self.threads)
+            self._models[key] = gm
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return gm
+
+    def process(self, item: BatchItem) -> ManifestRow:
+        t0 = time.perf_counter()
+        digest = ""
+        try:
+            if item.kind == "video":
+                digest = self._video(item)
+            else:
+                digest = self._image(item)
+        except OnnxDreamError as exc:
+            return ManifestRow.for_item(item, FAILED, settings_hash=digest,
+                                        seconds=time.perf_counter() - t0,
+                                        error=first_line(exc, 300))
+        except Exception as exc:  # noqa: BLE001 - one item's bug must not stop the batch
+            return ManifestRow.for_item(item, FAILED, settings_hash=digest,
+                                        seconds=time.perf_counter() - t0,
+                                        error=f"{type(exc).__name__}: {first_line(exc, 300)}")
+        return ManifestRow.for_item(item, OK, settings_hash=digest,
+                                    seconds=time.perf_counter() - t0)
+
+    def _image(self, item: BatchItem) -> str:
+        from onnxdream.ascent import dream
+        from onnxdream.imageio import load_image, save_image
+        from onnxdream.provenance import dream_metadata
+        from onnxdream.resolve import resolve
+
+        loaded = load_image(item.input)
+        gm = self.model(item.settings)
+        h, w = loaded.rgb.shape[:2]
+        resolved = resolve(item.settings, h, w, gm.info)
+        digest = image_hash(resolved, item.model_id, _fingerprint(item.input))
+        result = dream(gm, loaded.rgb, resolved)
+        meta = dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
+                              image=item.input, output=item.output)
+        meta[HASH_KEY] = digest
+        Path(item.output).parent.mkdir(parents=True, exist_ok=True)
+        save_image(item.output, result, alpha=loaded.alpha, metadata=meta)
+        return digest
+
+    def _video(self, item: BatchItem) -> str:
+        from onnxdream.ascent import dream
+        from onnxdream.video import dream_video, frame_settings
+
+        gm = self.model(item.settings)
+        digest = video_hash(item, _fingerprint(item.input))
+
+        def dream_frame(rgb, params):
+            return dream(gm, rgb, frame_settings(item.settings, params))
+
+        Path(item.output).parent.mkdir(parents=True, exist_ok=True)
+        dream_video(item.input, item.output, dream_frame,
+                    dream_key={"batch": digest, "settings": item.settings})
+        return digest
+
+
+def expected_hash(item: BatchItem, model_info) -> str | None:
+    """The settings hash ``item``'s output would have (None: the input cannot be read)."""
+    try:
+        if item.kind == "video":
+            return video_hash(item, _fingerprint(item.input))
+        from onnxdream.imageio import load_image
+        from onnxdream.resolve import resolve
+
+        loaded = load_image(item.input)
+        h, w = loaded.rgb.shape[:2]
+        return image_hash(resolve(item.settings, h, w, model_info), item.model_id,
+                          _fingerprint(item.input))
+    except (OnnxDreamError, OSError):
+        return None
+
+
+def already_done(item: BatchItem, model_info, previous: dict[str, ManifestRow]) -> str | None:
+    """The settings hash when ``item``'s output exists with the hash it would get now (a PNG
+    by its embedded hash, a video by the manifest's row), else None."""
+    out = Path(item.output)
+    if not out.is_file():
+        return None
+    if item.kind == "video":
+        row = previous.get(item.output)
+        have = row.settings_hash if row is not None and row.status == OK else None
+    else:
+        from onnxdream.imageio import read_metadata
+
+        try:
+            have = read_metadata(out).get(HASH_KEY)
+        except OnnxDreamError:
+            have = None
+    if not have:
+        return None
+    want = expected_hash(item, model_info)
+    return want if want == have else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The local backend: worker processes, one item in flight each
+
+
+def default_workers(device: str = "auto", items: int | None = None) -> int:
+    """Local workers that fit: one per physical core, as many as memory allows (about 1.5 GB
+    each), one on a GPU (the GPU is the bottleneck), never more than the items."""
+    from onnxdream.session import available_devices, cpu_cores
+
+    if device == "cuda" or (device == "auto" and "cuda" in available_devices()):
+        n = 1
+    else:
+        n = cpu_cores()
+        avail = _available_memory()
+        if avail is not None:
+            n = min(n, max(1, avail // WORKER_MEMORY))
+    return max(1, min(n, items if items else n))
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def worker_threads(workers: int, cpus: float | None = None) -> int:
+    """onnxruntime threads per worker: ``$ONNXDREAM_THREADS`` if set, else the cores shared
+    out (``cpus`` each when given)."""
+    from onnxdream.session import cpu_cores, env_threads
+
+    env = env_threads()
+    if env is not None:
+        return env
+    if cpus is not None:
+        return max(1, int(cpus))
+    return max(1, cpu_cores() // max(1, workers))
+
+
+def _worker_main(conn, device: str, threads: int) -> None:
+    """A local worker: items in, rows out, over its pipe, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops us; Ctrl-C is its business
+    dreamer = Dreamer(device, threads)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        row = dreamer.process(BatchItem.from_json(msg))
+        try:
+            conn.send(row.to_json())
+        except (BrokenPipeError, OSError):
+            return
+
+
+def local_rows(items: Sequence[BatchItem], *, workers: int, device: str = "auto",
+               threads: int | None = None) -> Iterator[ManifestRow]:
+    """Dream ``items`` on ``workers`` processes; yields rows as items finish.
+
+    Each worker holds its models for the whole batch and gets one item at a time. A worker that
+    dies (a crash, the out-of-memory killer) fails its item and is replaced, so a poison item
+    cannot stop the batch; the workers are stopped when the generator is closed.
+    """
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    if not items:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    threads = threads if threads is not None else worker_threads(workers)
+    queue = collections.deque(items)
+    procs: dict[int, tuple[Any, Any]] = {}  # slot -> (process, connection)
+    busy: dict[int, BatchItem] = {}
+    restarts = 0
+
+    def start(slot: int) -> None:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_worker_main, args=(child, device, threads), daemon=True,
+                        name=f"onnxdream-batch-{slot}")
+        p.start()
+        child.close()
+        procs[slot] = (p, parent)
+
+    def feed(slot: int) -> None:
+        if queue and slot not in busy:
+            item = queue.popleft()
+            busy[slot] = item
+            procs[slot][1].send(item.to_json())
+
+    try:
+        for slot in range(min(workers, len(items))):
+            start(slot)
+            feed(slot)
+        while busy:
+            waitables = {}
+            for slot in busy:
+                p, conn = procs[slot]
+                waitables[conn] = slot
+                waitables[p.sentinel] = slot
+            for ready in wait(list(waitables)):
+                slot = waitables[ready]
+                if slot not in busy:
+                    continue  # its pipe and sentinel were both ready
+                p, conn = procs[slot]
+                row = None
+                if ready is conn or conn.poll():
+                    with contextlib.suppress(EOFError, OSError):
+                        row = ManifestRow.from_dict(json.loads(conn.recv()))
+                if row is not None:
+                    busy.pop(slot)
+                    yield row
+                    feed(slot)
+                    continue
+                # the pipe closed or the process ended without an answer: it died on this item
+                item = busy.pop(slot)
+                p.join(1)
+                code = p.exitcode
+                conn.close()
+                yield ManifestRow.for_item(item, FAILED, error=f"{DIED}, exit code {code}")
+                restarts += 1
+                if queue and restarts <= len(items):
+                    start(slot)
+                    feed(slot)
+    finally:
+        for _p, conn in procs.values():
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+        deadline = time.monotonic() + 2.0
+        for p, conn in procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole batch
+
+
+ProgressFn = Callable[[ManifestRow, int, int], None]
+
+
+def _model_file(settings: DreamSettings) -> tuple[DreamSettings, Path]:
+    """The settings with a model file's path made absolute (workers may start elsewhere), and
+    the model file."""
+    from onnxdream.gradient import resolve_model_path
+
+    path = resolve_model_path(settings.model)
+    p = Path(settings.model).expanduser()
+    if p.suffix.lower() == ".onnx" or p.is_file():
+        settings = dataclasses.replace(settings, model=str(path.resolve()))
+    return settings, path
+
+
+def _check_objectives(items: Sequence[BatchItem]):
+    """Build each distinct objective's gradient graph once here (layer names checked, the
+    compiled-graph cache warmed for the workers); returns the model's ModelInfo."""
+    from onnxdream.gradient import GradientModel
+
+    seen: dict[tuple, Any] = {}
+    for item in items:
+        key = item.settings.gradient_key()
+        if key not in seen:
+            seen[key] = GradientModel.from_settings(item.settings, device="cpu", threads=1).info
+    return next(iter(seen.values()))
+
+
+def _default_label(settings: DreamSettings, info) -> str:
+    if settings.layers:
+        return "+".join(settings.layers)
+    if settings.objective.startswith("class"):
+        return settings.objective.replace(":", "")
+    return "+".join(info.default_layers) or "default"
+
+
+def run(inputs: Iterable[str | os.PathLike], settings: DreamSettings | None = None,
+        backend: str = "local", *, output_dir: str | os.PathLike,
+        layers: Sequence[str] | str | None = None, seeds: Sequence[int] | str | None = None,
+        manifest: str | os.PathLike | None = None, workers: int | None = None,
+        device: str = "auto", address: str | None = None, gpus_per_worker: float = 0.0,
+        cpus_per_worker: float | None = None, progress: ProgressFn | None = None,
+        on_start: Callable[[int, int], None] | None = None) -> list[ManifestRow]:
+    """Dream every input × layer × seed into ``output_dir``; returns this run's manifest rows
+    (one per item, in plan order).
+
+    Args:
+        inputs: files, folders, glob patterns, text files of paths (see :func:`find_inputs`).
+        settings: the dream (default: DreamSettings()); its ``layers``/``seed`` apply when
+            ``layers``/``seeds`` are not given.
+        backend: ``local`` (worker processes here) or ``ray`` (a Ray Data pipeline; needs
+            ``onnxdream[ray]``).
+        layers, seeds: the cross product, as lists or ``"A,B"`` / ``"1,2"`` text.
+        manifest: the JSON-lines manifest (default ``output_dir/manifest.jsonl``).
+        workers: worker processes (local) or actors (ray); default :func:`default_workers`,
+            or on Ray the cluster's CPUs (GPUs) over ``cpus_per_worker`` (``gpus_per_worker``).
+        device: local workers' device (auto, cpu, cuda); Ray actors use CUDA exactly when they
+            were given GPUs (``gpus_per_worker``).
+        address: Ray only: None (a private local instance), ``auto`` (the running cluster) or
+            ``HOST:PORT``.
+        progress: called ``(row, done, total)`` after each item.
+        on_start: called ``(to_dream, skipped)`` once the plan is made, before any dreaming.
+    """
+    if backend not in BACKENDS:
+        raise BatchError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}",
+                         field="backend")
+    if workers is not None and not 1 <= workers <= 1024:
+        raise BatchError("workers must be between 1 and 1024", field="workers")
+    if not gpus_per_worker >= 0 or (backend == "local" and gpus_per_worker):
+        raise BatchError("gpus_per_worker must be >= 0, and is for the ray backend (local "
+                         "workers use --device)", field="gpus_per_worker")
+    if backend == "local" and address is not None:
+        raise BatchError("address is for the ray backend", field="address")
+    settings = (settings or DreamSettings()).validate()
+    layer_list, seed_list = parse_layers(layers), parse_seeds(seeds)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"the output {out} is a file, not a folder", field="output_dir")
+    sources = find_inputs(inputs, exclude=out)
+    if backend == "ray":
+        from onnxdream.batch_ray import check_address, check_ray
+
+        check_ray()  # the extra is installed and the address is usable, before any work
+        check_address(address)
+    else:
+        from onnxdream.session import resolve_providers
+
+        resolve_providers(device)  # an unknown device, or cuda without CUDA: before any work
+    settings, model_path = _model_file(settings)
+    model_id = _fingerprint(model_path)
+    from onnxdream.exporters.graph.contract import ModelInfo
+
+    label = _default_label(settings, ModelInfo.load(model_path))
+    items = plan(sources, out, settings, layers=layer_list, seeds=seed_list,
+                 default_label=label, model_id=model_id)
+    info = _check_objectives(items)
+    out.mkdir(parents=True, exist_ok=True)
+    book = Manifest(manifest if manifest is not None else out / MANIFEST_NAME)
+    results: dict[str, ManifestRow] = {}
+    done = 0
+
+    def record(row: ManifestRow) -> None:
+        nonlocal done
+        book.write(row)
+        results[row.output] = row
+        done += 1
+        if progress is not None:
+            progress(row, done, len(items))
+
+    try:
+        todo, skipped = [], []
+        for item in items:
+            have = already_done(item, info, book.previous)
+            (skipped if have else todo).append((item, have))
+        if on_start is not None:
+            on_start(len(todo), len(skipped))
+        for item, have in skipped:
+            record(ManifestRow.for_item(item, SKIPPED, settings_hash=have or ""))
+        pending = [item for item, _ in todo]
+        if backend == "local":
+            n = workers or default_workers(device, len(pending))
+            rows: Iterator[ManifestRow] = local_rows(pending, workers=n, device=device,
+                                                     threads=worker_threads(n))
+        else:
+            from onnxdream.batch_ray import ray_rows
+
+            rows = ray_rows(pending, address=address, workers=workers,
+                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                            device=device)
+        with contextlib.closing(rows):
+            for row in rows:
+                record(row)
+        book.compact()
+    finally:
+        book.close()
+    return [results[item.output] for item in items if item.output in results]
