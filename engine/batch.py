@@ -28,8 +28,9 @@ Steps, each public so that front ends can show them:
 
 A failed item (a corrupt image, a model that cannot run at its size, a worker that crashed) is
 a ``failed`` row with a one-line error; the batch goes on. Problems with the batch itself (no
-inputs, a bad layer, an unreachable cluster) raise :class:`BatchError` (or the settings/model
-error) before any item runs.
+inputs, an unreachable cluster) raise :class:`BatchError`; a bad option raises
+:class:`~onnxdream.errors.SettingsError` naming it (``layers``, ``seeds``, ``workers``, ...), a bad
+layer or model its own error; all of them before any item runs.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import OnnxDreamError, first_line
-from onnxdream.settings import DreamSettings
+from onnxdream.errors import OnnxDreamError, SettingsError, first_line
+from onnxdream.settings import DreamSettings, require
 
 __all__ = ["BACKENDS", "BatchError", "BatchItem", "Dreamer", "HASH_KEY", "IMAGE_SUFFIXES",
            "MANIFEST_NAME", "Manifest", "ManifestRow", "Source", "VIDEO_SUFFIXES",
@@ -217,19 +218,19 @@ def find_inputs(inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLi
 def parse_layers(text: str | Sequence[str] | None) -> list[str]:
     """``"A,B:2,C+D"`` → ``["A", "B:2", "C+D"]``: one output per entry; ``+`` mixes layers in
     one dream (``C+D``: both, as ``--layer C --layer D`` would)."""
-    if text is None:
+    if text is None or (not isinstance(text, str) and not text):
         return []
     parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
     out = [p.strip() for p in parts]
     if not out or any(not p or any(not s.strip() for s in p.split("+")) for p in out):
-        raise BatchError("layers must be a comma-separated list of layer names (A,B,C); "
-                         "A+B mixes two layers in one dream", field="layers")
+        raise SettingsError("layers", "must be a comma-separated list of layer names (A,B,C); "
+                            "A+B mixes two layers in one dream")
     return out
 
 
 def parse_seeds(text: str | Sequence[int] | None) -> list[int]:
     """``"1,2,3"`` or ``"1-4"`` (inclusive) → seeds, each in [0, 2^32)."""
-    if text is None:
+    if text is None or (not isinstance(text, str) and not text):
         return []
     if not isinstance(text, str):
         seeds = [int(s) for s in text]
@@ -240,11 +241,10 @@ def parse_seeds(text: str | Sequence[int] | None) -> list[int]:
                 a, sep, b = part.strip().partition("-")
                 seeds += list(range(int(a), int(b) + 1)) if sep else [int(a)]
         except ValueError:
-            raise BatchError("seeds must be integers: 1,2,3 or a range 1-8",
-                             field="seeds") from None
+            seeds = [-1]
     if not seeds or any(not 0 <= s < 2**32 for s in seeds) or len(seeds) > 100_000:
-        raise BatchError("seeds must be integers between 0 and 2^32-1 (1,2,3 or 1-8)",
-                         field="seeds")
+        raise SettingsError("seeds", "must be integers between 0 and 2^32-1: 1,2,3 or a "
+                            "range 1-8")
     return list(dict.fromkeys(seeds))
 
 
@@ -635,11 +635,35 @@ def local_rows(items: Sequence[BatchItem], *, workers: int, device: str = "auto"
         child.close()
         procs[slot] = (p, parent)
 
+    def retire(slot: int) -> int | None:
+        p, conn = procs.pop(slot)
+        with contextlib.suppress(OSError):
+            conn.close()
+        p.join(1)
+        if p.is_alive():
+            p.kill()
+            p.join(1)
+        return p.exitcode
+
+    def replace(slot: int) -> bool:
+        """A new worker in ``slot``, unless workers keep dying (then the slot stays empty)."""
+        nonlocal restarts
+        restarts += 1
+        if restarts > len(items):
+            return False
+        start(slot)
+        return True
+
     def feed(slot: int) -> None:
-        if queue and slot not in busy:
+        while queue and slot in procs and slot not in busy:
             item = queue.popleft()
-            busy[slot] = item
-            procs[slot][1].send(item.to_json())
+            try:
+                procs[slot][1].send(item.to_json())
+                busy[slot] = item
+            except (OSError, ValueError):  # it died between items: the item goes back
+                queue.appendleft(item)
+                retire(slot)
+                replace(slot)
 
     try:
         for slot in range(min(workers, len(items))):
@@ -655,26 +679,20 @@ def local_rows(items: Sequence[BatchItem], *, workers: int, device: str = "auto"
                 slot = waitables[ready]
                 if slot not in busy:
                     continue  # its pipe and sentinel were both ready
-                p, conn = procs[slot]
+                conn = procs[slot][1]
                 row = None
-                if ready is conn or conn.poll():
-                    with contextlib.suppress(EOFError, OSError):
+                with contextlib.suppress(EOFError, OSError):
+                    if conn.poll():
                         row = ManifestRow.from_dict(json.loads(conn.recv()))
-                if row is not None:
-                    busy.pop(slot)
-                    yield row
-                    feed(slot)
-                    continue
-                # the pipe closed or the process ended without an answer: it died on this item
                 item = busy.pop(slot)
-                p.join(1)
-                code = p.exitcode
-                conn.close()
-                yield ManifestRow.for_item(item, FAILED, error=f"{DIED}, exit code {code}")
-                restarts += 1
-                if queue and restarts <= len(items):
-                    start(slot)
-                    feed(slot)
+                if row is None:  # the process ended without an answer: it died on this item
+                    code = retire(slot)
+                    row = ManifestRow.for_item(item, FAILED, error=f"{DIED}, exit code {code}")
+                    replace(slot)
+                yield row
+                feed(slot)
+        for item in queue:  # only when workers kept dying
+            yield ManifestRow.for_item(item, FAILED, error=f"not dreamed: {DIED} again and again")
     finally:
         for _p, conn in procs.values():
             with contextlib.suppress(OSError, ValueError):
@@ -759,16 +777,16 @@ def run(inputs: Iterable[str | os.PathLike], settings: DreamSettings | None = No
         progress: called ``(row, done, total)`` after each item.
         on_start: called ``(to_dream, skipped)`` once the plan is made, before any dreaming.
     """
-    if backend not in BACKENDS:
-        raise BatchError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}",
-                         field="backend")
-    if workers is not None and not 1 <= workers <= 1024:
-        raise BatchError("workers must be between 1 and 1024", field="workers")
-    if not gpus_per_worker >= 0 or (backend == "local" and gpus_per_worker):
-        raise BatchError("gpus_per_worker must be >= 0, and is for the ray backend (local "
-                         "workers use --device)", field="gpus_per_worker")
-    if backend == "local" and address is not None:
-        raise BatchError("address is for the ray backend", field="address")
+    require([
+        (backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
+        (workers is None or 1 <= workers <= 1024, "workers", "must be between 1 and 1024"),
+        (gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0"),
+        (backend == "ray" or not gpus_per_worker, "gpus_per_worker",
+         "is for the ray backend (local workers use the device setting)"),
+        (backend == "ray" or address is None, "address", "is for the ray backend"),
+        (backend == "ray" or cpus_per_worker is None, "cpus_per_worker",
+         "is for the ray backend"),
+    ])
     settings = (settings or DreamSettings()).validate()
     layer_list, seed_list = parse_layers(layers), parse_seeds(seeds)
     out = Path(output_dir)
@@ -776,10 +794,10 @@ def run(inputs: Iterable[str | os.PathLike], settings: DreamSettings | None = No
         raise BatchError(f"the output {out} is a file, not a folder", field="output_dir")
     sources = find_inputs(inputs, exclude=out)
     if backend == "ray":
-        from onnxdream.batch_ray import check_address, check_ray
+        from onnxdream.batch_ray import check
 
-        check_ray()  # the extra is installed and the address is usable, before any work
-        check_address(address)
+        check(address, device=device, gpus_per_worker=gpus_per_worker,
+              cpus_per_worker=cpus_per_worker)  # the extra, the options, the address: first
     else:
         from onnxdream.session import resolve_providers
 

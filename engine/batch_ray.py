@@ -41,9 +41,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from onnxdream.batch import DIED, FAILED, BatchError, BatchItem, Dreamer, ManifestRow
-from onnxdream.errors import DependencyError, first_line
+from onnxdream.errors import DependencyError, SettingsError, first_line
+from onnxdream.settings import require
 
-__all__ = ["RayDreamer", "check_address", "check_ray", "ray_rows"]
+__all__ = ["RayDreamer", "check", "check_address", "check_ray", "ray_rows"]
 
 #: Object store of a private instance: rows and items are small (paths, not pixels).
 PRIVATE_OBJECT_STORE = 200 * 1024 * 1024
@@ -66,8 +67,8 @@ def check_ray() -> None:
 def _split(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BatchError(f"address must be auto or HOST:PORT (the head's `ray start --head "
-                         f"--port`), got {address!r}", field="address")
+        raise SettingsError("address", "must be auto or HOST:PORT (the head's `ray start "
+                            f"--head --port`), not {address[:100]!r}")
     return host.strip("[]"), int(port)
 
 
@@ -129,6 +130,24 @@ def _quiet_ray_logging() -> None:
     for h in logging.getLogger("ray.data").handlers:
         if type(h).__name__ != "SessionFileHandler":
             h.setLevel(logging.CRITICAL)
+
+
+def check(address: str | None, *, device: str = "auto", gpus_per_worker: float = 0.0,
+          cpus_per_worker: float | None = None) -> float:
+    """What can be checked before a Ray run starts: the extra, the options, and that a
+    ``HOST:PORT`` answers. Returns the CPUs each actor reserves."""
+    check_ray()
+    cpus = cpus_per_worker if cpus_per_worker is not None else DEFAULT_CPUS
+    require([
+        (not (gpus_per_worker and device == "cpu"), "gpus_per_worker",
+         "asks for GPUs, and the device setting says cpu: drop one"),
+        (device != "cuda" or gpus_per_worker > 0, "gpus_per_worker",
+         "must be > 0 for CUDA on the ray backend (actors use CUDA when Ray gives them a GPU; "
+         "1: a GPU each, 0.5: two per GPU)"),
+        (cpus > 0, "cpus_per_worker", "must be > 0"),
+    ])
+    check_address(address)
+    return cpus
 
 
 class RayDreamer:
@@ -204,18 +223,8 @@ def ray_rows(items: Sequence[BatchItem], *, address: str | None = None,
 
     if not items:
         return
-    check_ray()
-    if gpus_per_worker and device == "cpu":
-        raise BatchError("device cpu and gpus_per_worker contradict each other: drop one",
-                         field="gpus_per_worker")
-    if device == "cuda" and not gpus_per_worker:
-        raise BatchError("on the ray backend, actors use CUDA when they get GPUs: give "
-                         "--gpus-per-worker (1: a GPU each, 0.5: two actors per GPU)",
-                         field="gpus_per_worker")
-    cpus = cpus_per_worker if cpus_per_worker is not None else DEFAULT_CPUS
-    if not cpus > 0:
-        raise BatchError("cpus_per_worker must be > 0", field="cpus_per_worker")
-    check_address(address)
+    cpus = check(address, device=device, gpus_per_worker=gpus_per_worker,
+                 cpus_per_worker=cpus_per_worker)
     threads = threads if threads is not None else worker_threads(1, cpus)
     temp_dir = tempfile.mkdtemp(prefix="odr", dir="/tmp") if address is None else None
     with _environment(address):
