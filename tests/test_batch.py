@@ -169,9 +169,10 @@ def test_ray_private_instance(reference, tiny_model, photos, tmp_path):
         model=str(tiny_model), octaves=2, steps=3, jitter=4), "ray", output_dir=out,
         layers=["conv"], workers=1, cpus_per_worker=0.5)
     assert [r.status for r in rows] == ["ok"] * 3
-    for rel in ("a", "sub/e", "sub/deeper/f"):
-        name = f"{rel}--conv--s0.png"
-        assert np.array_equal(np.asarray(Image.open(out / name)), reference[name])
+    # a folder's sub-folders are mirrored below the output folder, relative to that folder
+    for got, want in [("a", "a"), ("e", "sub/e"), ("deeper/f", "sub/deeper/f")]:
+        assert np.array_equal(np.asarray(Image.open(out / f"{got}--conv--s0.png")),
+                              reference[f"{want}--conv--s0.png"])
     leftovers = {d for d in set(os.listdir("/tmp")) - before if d.startswith("odr")}
     assert not leftovers
     assert "RAY_AUTH_TOKEN" not in os.environ
