@@ -513,15 +513,30 @@ def expected_hash(item: BatchItem, model_info) -> str | None:
     try:
         if item.kind == "video":
             return video_hash(item, _fingerprint(item.input))
-        from onnxdream.imageio import load_image
         from onnxdream.resolve import resolve
 
-        loaded = load_image(item.input)
-        h, w = loaded.rgb.shape[:2]
+        h, w = _image_size(item.input)
         return image_hash(resolve(item.settings, h, w, model_info), item.model_id,
                           _fingerprint(item.input))
     except (OnnxDreamError, OSError):
         return None
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) as :func:`~onnxdream.imageio.load_image` gives them (EXIF orientation
+    applied), from the header where possible: a resume checks thousands of these. A header
+    that disagrees with the decoded image only costs a redo (the hash would differ)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # Orientation: rotated 90°
+        return (w, h) if turned else (h, w)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        from onnxdream.imageio import load_image
+
+        return load_image(path).rgb.shape[:2]
 
 
 def already_done(item: BatchItem, model_info, previous: dict[str, ManifestRow]) -> str | None:
@@ -677,8 +692,8 @@ def local_rows(items: Sequence[BatchItem], *, workers: int, device: str = "auto"
                 waitables[p.sentinel] = slot
             for ready in wait(list(waitables)):
                 slot = waitables[ready]
-                if slot not in busy:
-                    continue  # its pipe and sentinel were both ready
+                if slot not in busy or ready not in (procs[slot][1], procs[slot][0].sentinel):
+                    continue  # handled with its pair already (and maybe replaced) this round
                 conn = procs[slot][1]
                 row = None
                 with contextlib.suppress(EOFError, OSError):

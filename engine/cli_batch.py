@@ -134,7 +134,8 @@ def batch(
         def on_start(todo: int, skipped: int) -> None:
             bar = state["bar"]
             if bar is not None:
-                state["task"] = bar.add_task("dreaming", total=todo + skipped, info="")
+                state["task"] = bar.add_task("dreaming", total=todo + skipped,
+                                             info="starting the workers" if todo else "")
 
         def progress(row: lib.ManifestRow, done: int, total: int) -> None:
             counts[row.status] += 1

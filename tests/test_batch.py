@@ -355,3 +355,18 @@ def test_video_in_a_batch(model_home, threads_1, tiny_model, tmp_path):
     assert info.frames == 5 and info.size == videoclip.SIZE
     again = batch.run([clip], settings, output_dir=tmp_path / "out", workers=1)
     assert [r.status for r in again] == ["skipped"]
+
+
+def test_resume_reads_sizes_from_headers(tmp_path):
+    """The resume check takes (h, w) from the header, EXIF rotation included, as load_image
+    gives them after decoding."""
+    from onnxdream.imageio import load_image
+
+    im = Image.fromarray(np.zeros((40, 70, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotated 90°
+    im.save(tmp_path / "r.jpg", exif=exif)
+    im.save(tmp_path / "p.png")
+    for name in ("r.jpg", "p.png"):
+        p = str(tmp_path / name)
+        assert batch._image_size(p) == load_image(p).rgb.shape[:2]
