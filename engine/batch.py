@@ -10,19 +10,20 @@
 
 Steps, each public so that front ends can show them:
 
-- :func:`find_inputs`: files, folders (recursive), glob patterns and text files of paths →
-  :class:`Source`\\ s, each with the place its outputs take under the output folder (input
-  sub-folders are mirrored).
+- :func:`find_inputs` (in :mod:`onnxdream.batch_inputs`): files, folders (recursive), glob
+  patterns and text files of paths → :class:`Source`\\ s, each with the place its outputs
+  take under the output folder (input sub-folders are mirrored).
 - :func:`plan`: the cross product sources × layers × seeds → :class:`BatchItem`\\ s with
   deterministic outputs, ``OUT/<sub-folders>/<stem>--<layer>--s<seed>.png`` (``.mp4`` for a
   video).
 - Resume: an item whose output exists and carries the same *settings hash* (:func:`image_hash`:
   the resolver's digest + the model file + the input file; embedded in the PNG's provenance as
   ``onnxdream:batch_hash``) is skipped, not dreamed again.
-- The backends dream the rest: ``local`` (this module: worker processes, each holding its
-  loaded models, one item at a time each) or ``ray`` (:mod:`onnxdream.batch_ray`: a Ray Data
-  pipeline over an actor pool, on a private local instance or a cluster). Both run
-  :class:`Dreamer`, so both write the same files as ``onnxdream dream`` does.
+- The backends dream the rest: ``local`` (:mod:`onnxdream.batch_local`: worker processes,
+  each holding its loaded models, one item at a time each) or ``ray``
+  (:mod:`onnxdream.batch_ray`: a Ray Data pipeline over an actor pool, on a private local
+  instance or a cluster). Both run :class:`Dreamer`, so both write the same files as
+  ``onnxdream dream`` does.
 - The manifest (JSON lines, :class:`ManifestRow`) gets one line per finished item as it
   finishes, and is compacted to the latest line per output when the batch ends.
 
@@ -38,177 +39,37 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import glob
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import OnnxDreamError, SettingsError, first_line
+from onnxdream.batch_inputs import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    Source,
+    find_inputs,
+    videos_available,
+)
+from onnxdream.errors import BatchError, OnnxDreamError, SettingsError, first_line
 from onnxdream.settings import DreamSettings, require
 
 __all__ = ["BACKENDS", "BatchError", "BatchItem", "Dreamer", "HASH_KEY", "IMAGE_SUFFIXES",
            "MANIFEST_NAME", "Manifest", "ManifestRow", "Source", "VIDEO_SUFFIXES",
-           "default_workers", "find_inputs", "image_hash", "local_rows", "parse_layers",
-           "parse_seeds", "plan", "run", "video_hash", "videos_available"]
+           "find_inputs", "image_hash", "parse_layers", "parse_seeds", "plan", "run",
+           "video_hash", "videos_available"]
 
 BACKENDS = ("local", "ray")
 MANIFEST_NAME = "manifest.jsonl"
 #: The PNG provenance key that holds an output's settings hash (what resume compares).
 HASH_KEY = "onnxdream:batch_hash"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".avif", ".bmp", ".dib", ".gif",
-                            ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"})
-#: A file input with one of these suffixes is a list of inputs, one per line.
-LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
-#: Memory one local worker may need (model, session arenas, a large image's octaves).
-WORKER_MEMORY = 1536 * 1024 * 1024
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 DIED = "worker process died (a crash or out of memory)"
-
-
-class BatchError(OnnxDreamError):
-    """The batch as a whole cannot run (bad inputs, options, or backend); ``field`` names the
-    option (``inputs``, ``layers``, ``seeds``, ``workers``, ``address``, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file: ``rel`` is where its outputs go under the output folder (the input's
-    sub-folder and stem), ``kind`` is ``image`` or ``video``."""
-
-    path: Path
-    rel: Path
-    kind: str
-
-
-def videos_available() -> bool:
-    """Whether the ``[video]`` extra (PyAV and OpenCV) is installed."""
-    return all(importlib.util.find_spec(m) is not None for m in ("av", "cv2"))
-
-
-def _kind(path: Path) -> str:
-    return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
-
-
-def _scan(folder: Path, exclude: Path | None) -> Iterator[Path]:
-    """Image and video files under ``folder``, recursively, skipping hidden entries and
-    ``exclude`` (the output folder)."""
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        r = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (exclude is None or not _same(r / d, exclude)))
-        for f in sorted(files):
-            p = r / f
-            if not f.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                yield p
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def _inside(p: Path, folder: Path | None) -> bool:
-    if folder is None:
-        return False
-    try:
-        p.resolve().relative_to(folder.resolve())
-        return True
-    except (ValueError, OSError):
-        return False
-
-
-def _glob_base(pattern: str) -> Path:
-    """The folder part of a glob pattern before its first wildcard."""
-    parts = Path(pattern).parts
-    base: list[str] = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        base.append(part)
-    return Path(*base) if base else Path(".")
-
-
-def find_inputs(inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None,
-                allow_videos: bool | None = None) -> list[Source]:
-    """The input files of a batch, in a stable order, each once.
-
-    Each input is a file (its outputs go to the top of the output folder), a folder (searched
-    recursively for images and videos; sub-folders are mirrored), a glob pattern (``'*.jpg'``,
-    ``'photos/**/*.png'``; mirrored below the pattern's fixed part), or a text file of inputs
-    (``.txt``/``.lst``: one per line, ``#`` comments; relative ones are relative to the list's
-    folder). ``exclude``: a folder never searched (the output folder). Videos are refused with a
-    :class:`BatchError` without the ``[video]`` extra (``allow_videos`` overrides the check).
-    """
-    excl = Path(exclude) if exclude is not None else None
-    found: dict[Path, Source] = {}
-
-    def add(p: Path, rel: Path) -> None:
-        key = p.resolve()
-        if key not in found:
-            found[key] = Source(p, rel, _kind(p))
-
-    def visit(text: str, base: Path | None, depth: int) -> None:
-        p = Path(text).expanduser()
-        if base is not None and not p.is_absolute():
-            p = base / p
-        if p.is_dir():
-            for f in _scan(p, excl):
-                add(f, f.relative_to(p).with_suffix(""))
-        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES and depth == 0:
-            try:
-                lines = p.read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise BatchError(f"cannot read the list of inputs {p}: {first_line(exc)}",
-                                 field="inputs") from None
-            for line in lines:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    visit(line, p.parent, depth + 1)
-        elif p.is_file():
-            add(p, Path(p.stem))
-        elif glob.has_magic(str(p)):
-            matches = sorted(glob.glob(str(p), recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file() and not _inside(Path(m), excl)
-                     and Path(m).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
-            if not files:
-                raise BatchError(f"no image or video matches {text}", field="inputs")
-            root = _glob_base(str(p))
-            for f in files:
-                try:
-                    rel = f.relative_to(root).with_suffix("")
-                except ValueError:
-                    rel = Path(f.stem)
-                add(f, rel)
-        else:
-            where = f" (listed in a file under {base})" if base is not None else ""
-            raise BatchError(f"input {text} does not exist{where}", field="inputs")
-
-    for item in inputs:
-        visit(os.fspath(item), None, 0)
-    sources = list(found.values())
-    if not sources:
-        raise BatchError("no images or videos found in the inputs", field="inputs")
-    videos = [s for s in sources if s.kind == "video"]
-    if videos and not (videos_available() if allow_videos is None else allow_videos):
-        more = f" and {len(videos) - 1} more" if len(videos) > 1 else ""
-        raise BatchError(f"{videos[0].path}{more}: videos need the [video] extra "
-                         "(pip install 'onnxdream[video]')", field="inputs")
-    return sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,170 +423,6 @@ def already_done(item: BatchItem, model_info, previous: dict[str, ManifestRow]) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The local backend: worker processes, one item in flight each
-
-
-def default_workers(device: str = "auto", items: int | None = None) -> int:
-    """Local workers that fit: one per physical core, as many as memory allows (about 1.5 GB
-    each), one on a GPU (the GPU is the bottleneck), never more than the items."""
-    from onnxdream.session import available_devices, cpu_cores
-
-    if device == "cuda" or (device == "auto" and "cuda" in available_devices()):
-        n = 1
-    else:
-        n = cpu_cores()
-        avail = _available_memory()
-        if avail is not None:
-            n = min(n, max(1, avail // WORKER_MEMORY))
-    return max(1, min(n, items if items else n))
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def worker_threads(workers: int, cpus: float | None = None) -> int:
-    """onnxruntime threads per worker: ``$ONNXDREAM_THREADS`` if set, else the cores shared
-    out (``cpus`` each when given)."""
-    from onnxdream.session import cpu_cores, env_threads
-
-    env = env_threads()
-    if env is not None:
-        return env
-    if cpus is not None:
-        return max(1, int(cpus))
-    return max(1, cpu_cores() // max(1, workers))
-
-
-def _worker_main(conn, device: str, threads: int) -> None:
-    """A local worker: items in, rows out, over its pipe, until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops us; Ctrl-C is its business
-    dreamer = Dreamer(device, threads)
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        row = dreamer.process(BatchItem.from_json(msg))
-        try:
-            conn.send(row.to_json())
-        except (BrokenPipeError, OSError):
-            return
-
-
-def local_rows(items: Sequence[BatchItem], *, workers: int, device: str = "auto",
-               threads: int | None = None) -> Iterator[ManifestRow]:
-    """Dream ``items`` on ``workers`` processes; yields rows as items finish.
-
-    Each worker holds its models for the whole batch and gets one item at a time. A worker that
-    dies (a crash, the out-of-memory killer) fails its item and is replaced, so a poison item
-    cannot stop the batch; the workers are stopped when the generator is closed.
-    """
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    if not items:
-        return
-    ctx = multiprocessing.get_context("spawn")
-    threads = threads if threads is not None else worker_threads(workers)
-    queue = collections.deque(items)
-    procs: dict[int, tuple[Any, Any]] = {}  # slot -> (process, connection)
-    busy: dict[int, BatchItem] = {}
-    restarts = 0
-
-    def start(slot: int) -> None:
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker_main, args=(child, device, threads), daemon=True,
-                        name=f"onnxdream-batch-{slot}")
-        p.start()
-        child.close()
-        procs[slot] = (p, parent)
-
-    def retire(slot: int) -> int | None:
-        p, conn = procs.pop(slot)
-        with contextlib.suppress(OSError):
-            conn.close()
-        p.join(1)
-        if p.is_alive():
-            p.kill()
-            p.join(1)
-        return p.exitcode
-
-    def replace(slot: int) -> bool:
-        """A new worker in ``slot``, unless workers keep dying (then the slot stays empty)."""
-        nonlocal restarts
-        restarts += 1
-        if restarts > len(items):
-            return False
-        start(slot)
-        return True
-
-    def feed(slot: int) -> None:
-        while queue and slot in procs and slot not in busy:
-            item = queue.popleft()
-            try:
-                procs[slot][1].send(item.to_json())
-                busy[slot] = item
-            except (OSError, ValueError):  # it died between items: the item goes back
-                queue.appendleft(item)
-                retire(slot)
-                replace(slot)
-
-    try:
-        for slot in range(min(workers, len(items))):
-            start(slot)
-            feed(slot)
-        while busy:
-            waitables = {}
-            for slot in busy:
-                p, conn = procs[slot]
-                waitables[conn] = slot
-                waitables[p.sentinel] = slot
-            for ready in wait(list(waitables)):
-                slot = waitables[ready]
-                if slot not in busy or ready not in (procs[slot][1], procs[slot][0].sentinel):
-                    continue  # handled with its pair already (and maybe replaced) this round
-                conn = procs[slot][1]
-                row = None
-                with contextlib.suppress(EOFError, OSError):
-                    if conn.poll():
-                        row = ManifestRow.from_dict(json.loads(conn.recv()))
-                item = busy.pop(slot)
-                if row is None:  # the process ended without an answer: it died on this item
-                    code = retire(slot)
-                    row = ManifestRow.for_item(item, FAILED, error=f"{DIED}, exit code {code}")
-                    replace(slot)
-                yield row
-                feed(slot)
-        for item in queue:  # only when workers kept dying
-            yield ManifestRow.for_item(item, FAILED, error=f"not dreamed: {DIED} again and again")
-    finally:
-        for _p, conn in procs.values():
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(None)
-        deadline = time.monotonic() + 2.0
-        for p, conn in procs.values():
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.terminate()
-                p.join(2)
-            if p.is_alive():
-                p.kill()
-                p.join(1)
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole batch
 
 
@@ -849,6 +546,8 @@ def run(inputs: Iterable[str | os.PathLike], settings: DreamSettings | None = No
             record(ManifestRow.for_item(item, SKIPPED, settings_hash=have or ""))
         pending = [item for item, _ in todo]
         if backend == "local":
+            from onnxdream.batch_local import default_workers, local_rows, worker_threads
+
             n = workers or default_workers(device, len(pending))
             rows: Iterator[ManifestRow] = local_rows(pending, workers=n, device=device,
                                                      threads=worker_threads(n))

@@ -40,8 +40,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from onnxdream.batch import DIED, FAILED, BatchError, BatchItem, Dreamer, ManifestRow
-from onnxdream.errors import DependencyError, SettingsError, first_line
+from onnxdream.batch import DIED, FAILED, BatchItem, Dreamer, ManifestRow
+from onnxdream.errors import BatchError, DependencyError, SettingsError, first_line
 from onnxdream.settings import require
 
 __all__ = ["RayDreamer", "check", "check_address", "check_ray", "ray_rows"]
@@ -219,7 +219,7 @@ def ray_rows(items: Sequence[BatchItem], *, address: str | None = None,
     ``threads``: onnxruntime threads per actor (default ``$ONNXDREAM_THREADS``, else the CPUs
     it reserves, at least 1).
     """
-    from onnxdream.batch import worker_threads
+    from onnxdream.batch_local import worker_threads
 
     if not items:
         return

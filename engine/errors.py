@@ -78,6 +78,11 @@ class ImageTooLargeError(ImageError):
         return f"{self.subject} {what}, more than the limit of {self.limit:,}"
 
 
+class BatchError(OnnxDreamError):
+    """A batch as a whole cannot run: no inputs, two inputs for one output, an unreachable
+    cluster (``field`` names the option: ``inputs``, ``address``, ...)."""
+
+
 class DeviceError(OnnxDreamError):
     """The requested execution device (e.g. CUDA) is not available."""
 

@@ -5,6 +5,7 @@ the batch going on, and the input/plan rules."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -101,6 +102,17 @@ def run_batch(*args: str, env: dict[str, str] | None = None, timeout: float = 12
     return proc
 
 
+def needs_ray() -> None:
+    """Skip without Ray Data, WITHOUT importing it here: Ray reads its environment once, when
+    imported, and the private-instance test needs its own token set before that."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not any((Path(d) / "data").is_dir()
+                               for d in spec.submodule_search_locations or []):
+        pytest.skip("ray[data] is not installed (the [ray] extra)")
+
+
 def manifest(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -142,7 +154,7 @@ def test_local_batch_equals_dream(reference, tiny_model, photos, tmp_path):
 @pytest.mark.timeout(150)
 def test_ray_cluster_batch_equals_dream(reference, tiny_model, photos, tmp_path):
     """A real cluster on 127.0.0.1 (`ray start --head`), joined with --address."""
-    pytest.importorskip("ray.data")
+    needs_ray()
     from raycluster import ray_cluster
 
     out = tmp_path / "out"
@@ -162,9 +174,11 @@ def test_ray_cluster_batch_equals_dream(reference, tiny_model, photos, tmp_path)
 @pytest.mark.timeout(120)
 def test_ray_private_instance(reference, tiny_model, photos, tmp_path):
     """Without --address: a private Ray instance, gone afterwards."""
-    pytest.importorskip("ray.data")
+    needs_ray()
     out = tmp_path / "out"
     before = set(os.listdir("/tmp"))
+    token_file = Path.home() / ".ray" / "auth_token"
+    had_token = token_file.exists()
     rows = batch.run([photos / "a.png", photos / "sub"], DreamSettings(
         model=str(tiny_model), octaves=2, steps=3, jitter=4), "ray", output_dir=out,
         layers=["conv"], workers=1, cpus_per_worker=0.5)
@@ -176,6 +190,7 @@ def test_ray_private_instance(reference, tiny_model, photos, tmp_path):
     leftovers = {d for d in set(os.listdir("/tmp")) - before if d.startswith("odr")}
     assert not leftovers
     assert "RAY_AUTH_TOKEN" not in os.environ
+    assert token_file.exists() == had_token  # its own token: nothing written to ~/.ray
 
 
 @pytest.mark.timeout(120)
@@ -231,7 +246,9 @@ def test_a_dead_worker_fails_its_item_only(model_home, threads_1, tiny_model, tm
                                      DreamSettings(model=str(tiny_model), layers=("conv",),
                                                    steps=60, octaves=1, seed=0)))
     rows, killed = [], False
-    gen = batch.local_rows(items, workers=2, threads=1)
+    from onnxdream.batch_local import local_rows
+
+    gen = local_rows(items, workers=2, threads=1)
     with contextlib.closing(gen):
         for row in gen:
             rows.append(row)
@@ -307,7 +324,7 @@ def test_options_are_checked_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(SettingsError) as e:
             batch.run([tmp_path], s, output_dir=tmp_path / "out", **kwargs)
         assert e.value.field == field, kwargs
-    if batch.importlib.util.find_spec("ray") is not None:
+    if importlib.util.find_spec("ray") is not None:
         from raycluster import free_port
 
         t0 = time.monotonic()
@@ -315,8 +332,8 @@ def test_options_are_checked_before_any_work(tmp_path, monkeypatch):
             batch.run([tmp_path], s, "ray", output_dir=tmp_path / "out",
                       address=f"127.0.0.1:{free_port()}")
         assert time.monotonic() - t0 < 10
-    real = batch.importlib.util.find_spec
-    monkeypatch.setattr(batch.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(DependencyError, match=r"pip install 'onnxdream\[ray\]'"):
         batch.run([tmp_path], s, "ray", output_dir=tmp_path / "out")
@@ -348,7 +365,7 @@ def test_video_in_a_batch(model_home, threads_1, tiny_model, tmp_path):
     clip = videoclip.make_clip(tmp_path / "clip.mp4", seconds=0.5)
     settings = DreamSettings(model=str(tiny_model), octaves=1, steps=2)
     rows = batch.run([clip], settings, output_dir=tmp_path / "out", workers=1)
-    assert [(r.status, Path(r.output).name) for r in rows] == [("ok", "clip--act--s0.mp4")]
+    assert [(r.status, Path(r.output).name) for r in rows] == [("ok", "clip--act--s0.mp4")], rows
     from onnxdream.videoio import probe
 
     info = probe(tmp_path / "out" / "clip--act--s0.mp4")
