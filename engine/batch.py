@@ -242,13 +242,24 @@ class Manifest:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.previous = self._read()
-        try:
+        self._created = not self.path.exists()
+        try:  # opened now, so an unwritable manifest fails before any work
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            if not self._created and not self._ends_with_newline():
+                self._fh.write("\n")  # after a line cut short by a kill
         except OSError as exc:
             raise BatchError(f"cannot write the manifest {self.path}: "
                              f"{exc.strerror or exc}", field="manifest") from None
         self.rows: list[ManifestRow] = []
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return True
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
 
     def _read(self) -> dict[str, ManifestRow]:
         rows: dict[str, ManifestRow] = {}
@@ -287,6 +298,8 @@ class Manifest:
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+        if self._created and not self.rows:  # nothing ran: leave no empty manifest behind
+            self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

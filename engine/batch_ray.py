@@ -185,7 +185,8 @@ def _init(address: str | None, temp_dir: str | None) -> None:
         else:
             ray.init(address=address, **common)
     except ConnectionError as exc:
-        raise BatchError(f"cannot join the Ray cluster ({address}): {first_line(exc)}; start "
+        raise BatchError(f"cannot join the Ray cluster ({address}): "
+                         f"{first_line(exc).rstrip('.')}; start "
                          "one with `ray start --head`, or leave out --address for a private "
                          "one", field="address") from None
     except Exception as exc:  # noqa: BLE001 - Ray raises many types (auth, version mismatch)
