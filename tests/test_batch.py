@@ -387,3 +387,20 @@ def test_resume_reads_sizes_from_headers(tmp_path):
     for name in ("r.jpg", "p.png"):
         p = str(tmp_path / name)
         assert batch._image_size(p) == load_image(p).rgb.shape[:2]
+
+
+def test_manifest_keeps_the_latest_row_per_output(tmp_path):
+    path = tmp_path / "m.jsonl"
+    first = batch.ManifestRow("in/a.png", "out/a.png", "conv", 0, "h1", "ok", 1.0)
+    path.write_text(first.to_json() + "\n" + '{"input": "in/b.png", "outp')  # cut by a kill
+    m = batch.Manifest(path)
+    assert list(m.previous) == ["out/a.png"]
+    m.write(batch.ManifestRow("in/a.png", "out/a.png", "conv", 0, "h1", "skipped", 0.0))
+    m.write(batch.ManifestRow("in/b.png", "out/b.png", "conv", 0, "h2", "failed", 0.5, "boom"))
+    m.compact()
+    rows = manifest(path)
+    assert [(r["output"], r["status"]) for r in rows] == [("out/a.png", "ok"),
+                                                         ("out/b.png", "failed")]
+    empty = batch.Manifest(tmp_path / "new.jsonl")
+    empty.close()
+    assert not (tmp_path / "new.jsonl").exists()
