@@ -501,6 +501,9 @@ def run(inputs: Iterable[str | os.PathLike], settings: DreamSettings | None = No
             ``HOST:PORT``.
         progress: called ``(row, done, total)`` after each item.
         on_start: called ``(to_dream, skipped)`` once the plan is made, before any dreaming.
+
+    The local backend starts its workers with ``multiprocessing``'s *spawn*: a script that calls
+    this needs the usual ``if __name__ == "__main__":`` guard.
     """
     require([
         (backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
