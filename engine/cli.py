@@ -39,7 +39,7 @@ from onnxdream.cli_common import (
 from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_atlas")
+COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_atlas", "cli_batch")
 
 
 # -- dream ------------------------------------------------------------------------------------

@@ -94,16 +94,29 @@ def warn(message: str) -> None:
 
 def flag_for(field: str) -> str:
     """The running command's option for a settings field (``step_size`` → ``--step-size``)."""
-    import click
-
     name = _FIELD_PARAMS.get(field, field)
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     if ctx is not None:
         for p in ctx.command.params:
             if p.name == name and getattr(p, "opts", None):
                 longs = [o for o in p.opts if o.startswith("--")]
                 return longs[0] if longs else p.opts[0]
     return "--" + name.replace("_", "-")
+
+
+def _current_context():
+    """The running command's click context: Typer >= 0.22 runs commands on a vendored copy of
+    click (``typer._click``) whose context stack ``click.get_current_context`` cannot see."""
+    import importlib
+
+    for module in ("typer._click.globals", "click"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None:
+            return ctx
+    return None
 
 
 @contextlib.contextmanager
@@ -125,8 +138,9 @@ def user_errors():
 # -- progress ---------------------------------------------------------------------------------
 
 
-def progress_bar():
-    """A rich progress bar on stderr: description, bar, done/total, info, elapsed, ETA."""
+def progress_bar(file=None):
+    """A rich progress bar on stderr (or the text file ``file``): description, bar, done/total,
+    info, elapsed, ETA."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -140,7 +154,7 @@ def progress_bar():
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), transient=False,
-                    console=Console(stderr=True))
+                    console=Console(stderr=True) if file is None else Console(file=file))
 
 
 @contextlib.contextmanager

@@ -103,6 +103,11 @@ class NonFiniteError(OnnxDreamError):
     overflow: huge layer weights, or a model whose activations overflow); nothing is written."""
 
 
+class BatchError(OnnxDreamError):
+    """A batch as a whole cannot run: no inputs, two inputs for one output, an unreachable
+    cluster (``field`` names the option: ``inputs``, ``address``, ...)."""
+
+
 class DeviceError(OnnxDreamError):
     """The requested execution device (e.g. CUDA) is not available."""
 
