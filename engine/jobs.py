@@ -238,12 +238,14 @@ class ModelCache:
         with self._lock:
             if name in self._infos:
                 return self._infos[name]
-        from onnxdream.exporters.graph.contract import ModelInfo, load_model
+        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
         from onnxdream.exporters.graph.layers import layer_names
         from onnxdream.gradient import resolve_model_path
 
         with self._build_lock:
-            proto = load_model(resolve_model_path(self.source(name)))
+            path = resolve_model_path(self.source(name))
+            proto = load_model(path)
+            require_dreamable(proto, path.name)  # a raw ONNX file: say how to import it
             info = ModelInfo.load(proto)
             result = (info, layer_names(proto, info.layers))
         with self._lock:
