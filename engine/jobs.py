@@ -395,7 +395,9 @@ class DreamRequest:
         self.image = self.alpha = self.data = None
 
     def release(self) -> None:
-        """Nothing to give back: an image job's result lives in its Job."""
+        """Give back what the request holds outside its Job (a video's folder); called when
+        the job fails, is cancelled, deleted or expires, maybe more than once. An image job's
+        result lives in its Job: nothing to do."""
 
     def pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(float32 HxWx3 in [0,1], uint8 HxW alpha or None), decoding ``data`` if needed."""

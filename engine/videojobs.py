@@ -44,10 +44,12 @@ from typing import Any, BinaryIO, ClassVar
 
 from onnxdream.errors import (
     DependencyError,
+    LayerError,
     OnnxDreamError,
     SettingsError,
     VideoError,
     VideoTooLargeError,
+    did_you_mean,
 )
 from onnxdream.jobs import MB, JobCancelled, JobError, ServerConfig
 from onnxdream.settings import DreamSettings
@@ -361,6 +363,8 @@ def check_video(path: Path, options: VideoOptions, config: ServerConfig) -> Sele
     w, h = size
     if w * h > config.max_pixels:
         fit = max(2, int(math.sqrt(config.max_pixels * w / h)) // 2 * 2)
+        while fit > 2 and math.prod(even_size(w, h, fit)) > config.max_pixels:
+            fit -= 2  # the height is rounded to even too
         raise VideoTooLargeError(
             f"{UPLOAD_NAME} has {w}x{h} frames ({w * h:,} pixels), more than this server's "
             f"limit of {config.max_pixels:,}; send a smaller video, or a width of at most {fit}")
@@ -552,9 +556,14 @@ def prepare_video(space: JobSpace, upload: Path, options: VideoOptions, values: 
     selection = check_video(upload, options, config)
     for schedule in [*schedules.values(), *([blend] if blend is not None else [])]:
         schedule.frames(selection.fps)  # keys that land on one frame: refused now
-    if "layers" in schedules:
+    if "layers" in schedules:  # every key's layers exist (its model compiles when it comes)
+        info, known = models.info(settings.model)
         for key in schedules["layers"].keys:
-            models.objective(frame_settings(settings, {"layers": key.value}))
+            for term in models.objective(frame_settings(settings, {"layers": key.value})).terms:
+                if term.layer not in known:
+                    raise LayerError(f"unknown layer '{term.layer[:100]}' in the layer "
+                                     f"keyframes{did_you_mean(term.layer[:100], info.layers)}",
+                                     field="layers")
     models.get(settings)  # the first frame's model: compiled now, within the admission
     space.resize(disk_estimate(upload.stat().st_size, selection.size, selection.frames,
                                options.fmt))
