@@ -9,6 +9,11 @@ threads over a bounded FIFO, with progress, cancellation and expiry. A front end
 in the queue (:meth:`JobManager.admit`) before it reads, decodes or compiles anything; queued
 requests hold the encoded image, which the worker decodes when the dream starts.
 
+Requests have a ``kind``: ``"image"`` (:class:`DreamRequest`, its result the encoded image in
+``Job.result``) or ``"video"`` (:class:`onnxdream.videojobs.VideoRequest`: it runs itself, its
+result is a file, ``Job.result_path``, and its ``release()`` removes its folder, which the
+manager calls when the job fails, is cancelled, deleted or expires, and when it stops).
+
 Errors: a job's failure is kept as the exception itself (``Job.exception``); front ends map its
 *type* to what they show (an HTTP status, an exit code). The queue's own refusals are
 :class:`JobError`\\ s: :class:`QueueFull`, :class:`ShuttingDown`, :class:`UnknownJob`.

@@ -16,18 +16,31 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 - ``GET  /models/{name}/layers``  that model's layer names and its default layer(s).
 - ``POST /dream``               multipart: an ``image`` file plus form fields named like the CLI
                                 options → the dreamed image (PNG unless ``format`` says otherwise).
-- ``POST /jobs``                the same form → ``202 {"id", "state", "url", "result_url"}``.
+- ``POST /jobs``                the same form → ``202 {"id", "state", "url", "result_url"}``;
+                                or a ``video`` file instead of the image: a video job
+                                (:mod:`onnxdream.videojobs`).
 - ``GET  /jobs/{id}``           ``{"state": queued|running|done|failed, "progress": 0..1,
-                                "eta_s", ...}``.
-- ``GET  /jobs/{id}/result``    the image once done (409 while queued/running).
-- ``DELETE /jobs/{id}``         cancel (cooperatively, at the next step) and forget the job.
+                                "eta_s", ...}``; a video job also ``"kind": "video",
+                                "frames_done", "frames_total", "fps"`` (frames dreamed per
+                                second), ``"stage"`` (dream, encode) and ``"frame_rate"``.
+- ``GET  /jobs/{id}/result``    the image once done (409 while queued/running); a video job's
+                                file, streamed (range requests work).
+- ``DELETE /jobs/{id}``         cancel (cooperatively, at the next step) and forget the job (a
+                                video job's folder is removed).
 
 Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``objective``,
 ``pre_relu``, ``octaves``, ``octave_scale``, ``steps``, ``step_size``, ``jitter``, ``tile_size``,
 ``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings are
-accepted too, unknown fields are refused. Empty values mean "the default" (the defaults are
-:class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the same provenance
-as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in JPEG/WebP).
+accepted too, unknown fields are refused. A video job takes ``format`` mp4 (default), webm or
+gif, the ``video`` command's ``flow``, ``blend``, ``width``, ``start``, ``duration``, ``every``,
+and keyframes in ``layer``, ``steps``, ``step_size`` and ``blend`` (``0:blocks.5,5s:blocks.9``,
+through :func:`onnxdream.framedream.keyframed_settings`, so a bad key is a 400 naming its
+field). ``POST /dream`` refuses a video (before reading it) with a sentence pointing to
+``/jobs``; without the ``[video]`` extra ``POST /jobs`` answers a video with 501 and the pip
+command, and ``/health``'s ``"video"`` says whether videos are available, and their limits.
+Empty values mean "the default" (the defaults are :class:`onnxdream.settings.DreamSettings`'s, as
+for the CLI). The image carries the same provenance as the CLI's (:mod:`onnxdream.provenance`:
+PNG text chunks, or an XMP packet in JPEG/WebP).
 
 Nothing from a request becomes a filesystem path: ``model`` must be a zoo name or the file stem of
 a model the operator allowed at start-up (``--model-path FILE``).
@@ -41,8 +54,14 @@ kinds, pre_relu, border), shared by all requests whatever their layer weights, i
 cache; compiled graphs on disk within ``ONNXDREAM_CACHE_MB``; a fixed pool of worker threads; at
 most ``workers + max_queue`` dreams accepted at a time, a place being taken *before* the request
 is read, decoded or compiled (beyond that: 503 with a ``Retry-After`` from the work waiting and
-the recent speed); request bodies capped (413); images capped in pixels from their header, and
-decoded only when their dream starts; finished jobs expire after a TTL.
+the recent speed); request bodies capped (413; a body with a video by its own, larger limit);
+images capped in pixels from their header, and decoded only when their dream starts; finished
+jobs expire after a TTL. Videos: the upload is streamed into its job's folder as it arrives
+(:class:`~onnxdream.formstream.FormReader`, never held in memory), probed and checked (413: longer
+than ``max_video_seconds`` or frames over ``max_pixels``, unless ``width`` downscales them; 400:
+not a video, audio only, no frames) before it is queued, and the disk all video jobs hold is
+capped (413 for a job that could never fit, 503 with Retry-After when full); a job's folder goes
+when it fails, is cancelled, deleted or expires, and with the server.
 
 Every response carries the security headers of :mod:`onnxdream.http_security` (a CSP that runs
 only the page's own files, ``nosniff``, no framing, no referrer); ``--trusted-host`` limits the
@@ -71,6 +90,13 @@ Environment variables (command-line options override them):
                             address accepts only localhost names unless told otherwise).
 - ``ONNXDREAM_MODEL_PATHS`` extra dreamable .onnx files, separated by ``os.pathsep``; each is
                             offered under its file stem (like ``--model-path``).
+- ``ONNXDREAM_MAX_VIDEO_SECONDS`` longest clip (the part dreamed) a video job takes (default
+                            60; 0 turns video jobs off).
+- ``ONNXDREAM_MAX_VIDEO_MB`` largest request body carrying a video, in MB (default 256).
+- ``ONNXDREAM_MAX_VIDEO_DISK_MB`` disk all video jobs together may hold: uploads, dreamed
+                            frames, results (default 4096).
+- ``ONNXDREAM_JOBS_DIR``    where video jobs keep their files (default ``$ONNXDREAM_HOME/jobs``);
+                            folders of servers that stopped are removed at start.
 """
 
 from __future__ import annotations
