@@ -166,6 +166,7 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise DependencyError(
         "the server needs the [serve] extra: pip install 'onnxdream[serve]'"
@@ -658,14 +659,14 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         upload: dict[str, Any] = {}  # the video's space, path and open file, once it arrives
 
         def on_file(reader: FormReader, part: FilePart):
+            if upload:  # after a video nothing more may come (its limit is the video's)
+                raise ApiError(400, "send one file per request: an 'image' or a 'video'")
             if part.name.replace("-", "_").lower() != "video":
                 return None  # a photo: in memory, within max_body
             if not videos:
                 raise ApiError(400, VIDEO_TO_JOBS)
             if video_unavailable is not None:
                 raise ApiError(501, video_unavailable)
-            if upload:
-                raise ApiError(400, "send one file per request: an 'image' or a 'video'")
             try:
                 length = int(request.headers.get("content-length", ""))
             except ValueError:
@@ -679,7 +680,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         try:
             try:
                 reader = FormReader(ctype, limit=config.max_body, on_file=on_file)
-                form = parse_fields(await reader.read(request.stream()))
+                try:
+                    items = await reader.read(request.stream())
+                except ClientDisconnect:
+                    raise ApiError(400, "the upload was cut off (the client went away)") from None
+                form = parse_fields(items)
             finally:
                 if "file" in upload:
                     upload["file"].close()

@@ -97,6 +97,10 @@ class WorkSpaceFull(JobError):
         self.retry_after = retry_after
 
 
+class _Full(Exception):
+    """No room now (raised under the area's lock; becomes WorkSpaceFull outside it)."""
+
+
 def _mb(nbytes: float) -> str:
     return f"{nbytes / MB:,.1f} MB" if nbytes < 1024 * MB else f"{nbytes / 1024 / MB:,.2f} GB"
 
@@ -205,14 +209,24 @@ class WorkArea:
     def new_space(self, reserve: int) -> JobSpace:
         """A new job folder with ``reserve`` bytes reserved (see :meth:`JobSpace.resize`)."""
         session = self.open()
-        with self._lock:
-            self._check(reserve, 0)
-            path = session / uuid.uuid4().hex
-            path.mkdir()
-            space = JobSpace(self, path, reserve)
-            self._used += reserve
-            self._spaces.add(space)
+        with self._full():
+            with self._lock:
+                self._check(reserve, 0)
+                path = session / uuid.uuid4().hex
+                path.mkdir()
+                space = JobSpace(self, path, reserve)
+                self._used += reserve
+                self._spaces.add(space)
         return space
+
+    @contextlib.contextmanager
+    def _full(self):
+        """_Full → WorkSpaceFull with a Retry-After, asked for outside our lock (the job
+        manager releases spaces while it holds its own)."""
+        try:
+            yield
+        except _Full as exc:
+            raise WorkSpaceFull(str(exc), self._retry_after()) from None
 
     def _check(self, new: int, old: int) -> None:
         """Raise unless a reservation may change from ``old`` to ``new`` bytes (lock held)."""
@@ -225,19 +239,17 @@ class WorkArea:
         if grow <= 0:
             return
         if self._used + grow > self.budget:
-            raise WorkSpaceFull(
-                f"the server's space for video jobs is full ({_mb(self._used)} of "
-                f"{_mb(self.budget)} in use); retry in a while", self._retry_after())
+            raise _Full(f"the server's space for video jobs is full ({_mb(self._used)} of "
+                        f"{_mb(self.budget)} in use); retry in a while")
         try:
             free = shutil.disk_usage(self.root).free
         except OSError:
             free = None
         if free is not None and free < grow + 64 * MB:
-            raise WorkSpaceFull("the server is short of disk space; retry in a while",
-                                self._retry_after())
+            raise _Full("the server is short of disk space; retry in a while")
 
     def _resize(self, space: JobSpace, nbytes: int) -> None:
-        with self._lock:
+        with self._full(), self._lock:
             if space not in self._spaces:
                 raise VideoError("the job's files are gone")
             self._check(nbytes, space.reserved)

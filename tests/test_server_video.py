@@ -352,3 +352,53 @@ def test_a_jobs_files_go_when_it_fails_is_cancelled_deleted_or_expires(tmp_path)
         assert ok.released >= 1 and fail.released >= 1  # release() is idempotent
     finally:
         manager.stop()
+
+
+def test_an_upload_cut_off_or_followed_by_another_file_leaves_nothing(model_home, clips,
+                                                                       tmp_path):
+    """The job's folder goes when the client goes away mid-upload or sends a second file."""
+    import json
+
+    from onnxdream.server import ServerConfig, create_app
+
+    app = create_app(ServerConfig(workers=1, jobs_dir=tmp_path / "jobs"))
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"c.mp4\"\r\n"
+            b"Content-Type: video/mp4\r\n\r\n")
+    data = clips["clip"].read_bytes()
+    second = (b"\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.png\""
+              b"\r\n\r\n" + b"\0" * 1000 + b"\r\n--b--\r\n")
+
+    def post(chunks: list[bytes], disconnect: bool) -> tuple[int, dict]:
+        messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+        messages.append({"type": "http.disconnect"} if disconnect else
+                        {"type": "http.request", "body": b"", "more_body": False})
+        sent: list[dict] = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/jobs", "raw_path": b"/jobs",
+                 "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=b"),
+                             (b"content-length", b"%d" % (len(head) + len(data) + 2000))]}
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], json.loads(body)
+
+    try:
+        status, body = post([head, data[:30000]], disconnect=True)
+        assert status == 400 and "cut off" in body["error"], body
+        status, body = post([head, data, second], disconnect=False)
+        assert status == 400 and "one file per request" in body["error"], body
+        _gone(tmp_path / "jobs")
+    finally:
+        app.state.jobs.stop()
+        app.state.video_area.close()
