@@ -196,9 +196,8 @@ class FormReader:
         try:
             async for chunk in stream:
                 self.received += len(chunk)
-                self._check_size()
                 parser.write(chunk)
-                self._check_size()  # on_file may have lowered it (it never does today)
+                self._check_size()  # after the chunk's part headers: on_file may raise it
                 if self._writes:
                     writes, self._writes = self._writes, []
                     await to_thread.run_sync(_write_all, writes)

@@ -5,7 +5,8 @@ checks every response: no 5xx, status codes, content types, headers and bodies a
 Bounded and reproducible: a fixed number of examples per operation and mode (valid data, then
 data that breaks the schema), derandomized (Hypothesis derives the examples from the test, so
 every run sends the same requests), no example database; against a real `onnxdream serve`
-process, stopped in `finally`. About 10-20 s.
+process, stopped in `finally`; a real dream, job and (with PyAV) video job pass the same checks.
+About 15-25 s.
 """
 
 from __future__ import annotations

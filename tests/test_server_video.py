@@ -402,3 +402,53 @@ def test_an_upload_cut_off_or_followed_by_another_file_leaves_nothing(model_home
     finally:
         app.state.jobs.stop()
         app.state.video_area.close()
+
+
+def test_the_form_reader_streams_files_where_it_is_told_and_holds_its_limits(tmp_path):
+    from onnxdream.formstream import FormError, FormReader
+
+    def body(*parts: tuple[str, str | None, bytes], end: bool = True) -> bytes:
+        out = b""
+        for name, filename, data in parts:
+            disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+            out += f"--b\r\nContent-Disposition: {disp}\r\n\r\n".encode() + data + b"\r\n"
+        return out + (b"--b--\r\n" if end else b"")
+
+    async def chunks(data: bytes, size: int = 1000):
+        for i in range(0, len(data), size):
+            yield data[i:i + size]
+
+    def read(data: bytes, limit: int = 4000, on_file=None, **kw):
+        reader = FormReader("multipart/form-data; boundary=b", limit=limit, on_file=on_file,
+                            **kw)
+        return asyncio.run(reader.read(chunks(data)))
+
+    video = tmp_path / "v.bin"
+
+    def to_disk(reader, part):
+        if part.name != "video":
+            return None
+        reader.limit = 100_000
+        return open(video, "wb")  # noqa: SIM115 - closed below
+
+    items = read(body(("steps", None, b"3"), ("video", "c.mp4", b"x" * 50_000),
+                      ("seed", None, b"1")), on_file=to_disk)
+    names = [(n, v if isinstance(v, str) else (v.filename, v.size, v.data)) for n, v in items]
+    assert names == [("steps", "3"), ("video", ("c.mp4", 50_000, None)), ("seed", "1")]
+    items[1][1].file.close()
+    assert video.read_bytes() == b"x" * 50_000  # on disk, never in memory
+    image = read(body(("image", "p.png", b"y" * 3000)))[0][1]
+    assert image.read() == b"y" * 3000 and image.file is None
+    for data, kw, status, needle in [
+        (body(("image", "p.png", b"y" * 5000)), {}, 413, "limit of"),  # in memory: max_body
+        (body(("steps", None, b"9" * 2000)), {"max_field_bytes": 1024}, 400, "longer than"),
+        (body(*[("a", "f", b"")] * 3), {"max_files": 2}, 400, "too many files"),
+        (body(("a", None, b"1"), end=False), {}, 400, "ended early"),
+        (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n", {}, 400, "no name"),
+    ]:
+        with pytest.raises(FormError, match=needle) as info:
+            read(data, **kw)
+        assert info.value.status == status
+    with pytest.raises(FormError) as info:
+        FormReader("application/json", limit=10)
+    assert info.value.status == 415
