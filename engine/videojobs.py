@@ -576,7 +576,7 @@ def prepare_video(space: JobSpace, upload: Path, options: VideoOptions, values: 
                     raise LayerError(f"unknown layer '{term.layer[:100]}' in the layer "
                                      f"keyframes{did_you_mean(term.layer[:100], info.layers)}",
                                      field="layers")
-    models.get(settings)  # the first frame's model: compiled now, within the admission
     space.resize(disk_estimate(upload.stat().st_size, selection.size, selection.frames,
-                               options.fmt))
+                               options.fmt))  # before the compile: a refusal costs nothing
+    models.get(settings)  # the first frame's model: compiled now, within the admission
     return VideoRequest(settings, schedules, options, blend, space, upload, selection)
