@@ -310,12 +310,23 @@ def serve(
         "--docs", help="Serve the interactive API docs at /docs (Swagger UI, whose script "
         "comes from the jsDelivr CDN; that page's CSP allows it). /openapi.json is always "
         "served.")] = False,
+    max_video_seconds: Annotated[float | None, typer.Option(
+        help="Longest video a job may dream, in seconds; 0 turns video jobs off (default 60) "
+        "\\[env ONNXDREAM_MAX_VIDEO_SECONDS].", min=0)] = None,
+    max_video_mb: Annotated[float | None, typer.Option(
+        help="Largest request body carrying a video, in MB (default 256) "
+        "\\[env ONNXDREAM_MAX_VIDEO_MB].", min=0.001)] = None,
+    max_video_disk_mb: Annotated[float | None, typer.Option(
+        help="Disk all video jobs together may use, in MB: uploads, dreamed frames and "
+        "results (default 4096) \\[env ONNXDREAM_MAX_VIDEO_DISK_MB; the folder: "
+        "ONNXDREAM_JOBS_DIR, default $ONNXDREAM_HOME/jobs].", min=1)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):
     r"""Serve dreams over HTTP, with a web page at / (needs onnxdream\[serve]).
 
     POST /dream (multipart: image + fields named like dream's options) returns the image;
-    POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID for long dreams.
+    POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID for long dreams, and for
+    videos (a 'video' file instead of the image; needs onnxdream\[video] on the server).
     """
     with user_errors():
         import importlib.util
@@ -338,7 +349,10 @@ def serve(
                                        max_pixels=max_pixels, max_body_mb=max_body,
                                        max_steps=max_steps, device=device,
                                        model_paths=model_path, cache_mb=cache_mb,
-                                       trusted_hosts=hosts, docs=docs)
+                                       trusted_hosts=hosts, docs=docs,
+                                       max_video_seconds=max_video_seconds,
+                                       max_video_mb=max_video_mb,
+                                       max_video_disk_mb=max_video_disk_mb)
         typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
                    f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
                    f"{config.max_queue}, device {config.device})", err=True)

@@ -9,6 +9,11 @@ threads over a bounded FIFO, with progress, cancellation and expiry. A front end
 in the queue (:meth:`JobManager.admit`) before it reads, decodes or compiles anything; queued
 requests hold the encoded image, which the worker decodes when the dream starts.
 
+Requests have a ``kind``: ``"image"`` (:class:`DreamRequest`, its result the encoded image in
+``Job.result``) or ``"video"`` (:class:`onnxdream.videojobs.VideoRequest`: it runs itself, its
+result is a file, ``Job.result_path``, and its ``release()`` removes its folder, which the
+manager calls when the job fails, is cancelled, deleted or expires, and when it stops).
+
 Errors: a job's failure is kept as the exception itself (``Job.exception``); front ends map its
 *type* to what they show (an HTTP status, an exit code). The queue's own refusals are
 :class:`JobError`\\ s: :class:`QueueFull`, :class:`ShuttingDown`, :class:`UnknownJob`.
@@ -28,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -100,6 +105,11 @@ class ServerConfig:
     trusted_hosts: tuple[str, ...] = ()  # Host headers accepted ("*.example.com"); () = any
     docs: bool = False  # serve the Swagger UI at /docs (it loads scripts from a CDN)
     health_ttl: float = 10.0  # seconds a /health self-check result is reused
+    # video jobs (onnxdream.videojobs): 0 seconds turns them off
+    max_video_seconds: float = 60.0  # longest clip (the selected part) a job may dream
+    max_video_body: int = 256 * MB  # largest request body carrying a video
+    max_video_disk: int = 4096 * MB  # disk all video jobs together may hold
+    jobs_dir: Path | None = None  # where video jobs keep their files (default: <home>/jobs)
 
     @classmethod
     def from_env(cls, *, workers: int | None = None, max_queue: int | None = None,
@@ -109,7 +119,9 @@ class ServerConfig:
                  device: str | None = None,
                  model_paths: list[str | os.PathLike] | None = None,
                  trusted_hosts: list[str] | None = None,
-                 docs: bool = False) -> ServerConfig:
+                 docs: bool = False, max_video_seconds: float | None = None,
+                 max_video_mb: float | None = None, max_video_disk_mb: float | None = None,
+                 jobs_dir: str | os.PathLike | None = None) -> ServerConfig:
         """Explicit arguments first, then ``ONNXDREAM_*`` environment variables, then defaults."""
         from onnxdream.graph_cache import budget_from_env
 
@@ -125,6 +137,14 @@ class ServerConfig:
             raise SettingsError("job_ttl", "must be a finite number of seconds")
         hosts = trusted_hosts or [h.strip() for h in os.environ.get(
             "ONNXDREAM_TRUSTED_HOSTS", "").split(",") if h.strip()]
+        video_s = _first(max_video_seconds, _env_int("ONNXDREAM_MAX_VIDEO_SECONDS", 60, 0))
+        video_mb = _first(max_video_mb, _env_int("ONNXDREAM_MAX_VIDEO_MB", 256))
+        disk_mb = _first(max_video_disk_mb, _env_int("ONNXDREAM_MAX_VIDEO_DISK_MB", 4096))
+        for name, value in (("max_video_seconds", video_s), ("max_video_body", video_mb),
+                            ("max_video_disk", disk_mb)):
+            if not math.isfinite(value) or value < 0:
+                raise SettingsError(name, f"must be a finite number >= 0, got {value}")
+        jobs_dir = jobs_dir or os.environ.get("ONNXDREAM_JOBS_DIR", "").strip() or None
         cfg = cls(
             device=device,
             workers=workers or _env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
@@ -139,6 +159,10 @@ class ServerConfig:
             model_paths=_allowed_models(list(model_paths or []) + env_paths),
             trusted_hosts=tuple(hosts),
             docs=bool(docs),
+            max_video_seconds=float(video_s),
+            max_video_body=int(float(video_mb) * MB),
+            max_video_disk=int(float(disk_mb) * MB),
+            jobs_dir=Path(jobs_dir).expanduser() if jobs_dir else None,
         )
         return cfg.validate()
 
@@ -155,8 +179,15 @@ class ServerConfig:
             (all(h and " " not in h and "/" not in h for h in self.trusted_hosts),
              "trusted_hosts", "must be host names like example.com or *.example.com"),
             (self.health_ttl >= 0, "health_ttl", "must be >= 0 seconds"),
+            (self.max_video_seconds >= 0, "max_video_seconds", "must be >= 0 (0: no videos)"),
+            (self.max_video_body >= 1024, "max_video_body", "must be at least 1 KB"),
+            (self.max_video_disk >= MB, "max_video_disk", "must be at least 1 MB"),
         ])
         return self
+
+
+def _first(value, default):
+    return value if value is not None else default
 
 
 def _allowed_models(paths: list[str | os.PathLike]) -> dict[str, Path]:
@@ -345,6 +376,7 @@ class DreamRequest:
     both are dropped once the job finishes.
     """
 
+    kind: ClassVar[str] = "image"
     settings: DreamSettings  # validated, seed fixed
     fmt: str  # output format: png, jpeg (jpg) or webp
     image: np.ndarray | None  # uint8 HxWx3
@@ -377,6 +409,15 @@ class DreamRequest:
         size = image_size(data, max_pixels=max_pixels)
         return cls(settings=settings, fmt=fmt, image=None, alpha=None, size=size, data=data,
                    max_pixels=max_pixels)
+
+    def forget_input(self) -> None:
+        """Drop the pixels (the job finished: only its result is kept)."""
+        self.image = self.alpha = self.data = None
+
+    def release(self) -> None:
+        """Give back what the request holds outside its Job (a video's folder); called when
+        the job fails, is cancelled, deleted or expires, maybe more than once. An image job's
+        result lives in its Job: nothing to do."""
 
     def pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(float32 HxWx3 in [0,1], uint8 HxW alpha or None), decoding ``data`` if needed."""
@@ -421,8 +462,12 @@ class Job:
     objective: float | None = None
     error: str | None = None  # one sentence, when failed or cancelled
     exception: BaseException | None = None  # what failed it (front ends map its type)
-    result: bytes | None = None
+    result: bytes | None = None  # an image job's image
+    result_path: Path | None = None  # a video job's file (its request owns the folder)
     provider: str | None = None
+    stage: str | None = None  # a video job's: "dream", then "encode"
+    rate: float | None = None  # a video job's frames dreamed per second
+    eta: float | None = None  # a video job's seconds left (its own estimate)
     work: float = 0.0  # pixel-steps (DreamRequest.work), for wait estimates
     cancel: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False  # cancelled because the server stops, not by its client
@@ -430,9 +475,14 @@ class Job:
 
     def view(self, position: int | None = None) -> dict[str, Any]:
         now = time.monotonic()
+        video = self.request.kind == "video"
         progress = 1.0 if self.state == DONE else (self.done / self.total if self.total else 0.0)
+        if video and self.state != DONE:
+            progress = min(progress, 0.99)  # the encode comes after the last frame
         eta = None
-        if self.state == RUNNING and self.started is not None and self.done:
+        if self.state == RUNNING and video:
+            eta = None if self.eta is None else round(self.eta, 1)
+        elif self.state == RUNNING and self.started is not None and self.done:
             eta = round((now - self.started) / self.done * (self.total - self.done), 1)
         elif self.state == DONE:
             eta = 0.0
@@ -446,6 +496,14 @@ class Job:
             "width": self.request.size[0], "height": self.request.size[1],
             "format": self.request.fmt,
         }
+        if video:
+            for key in ("steps_done", "steps_total", "octave", "objective"):
+                del out[key]
+            out.update(kind="video", frames_done=self.done,
+                       frames_total=self.total or self.request.frames,
+                       fps=round(self.rate or 0.0, 3),
+                       stage=self.stage if self.state == RUNNING else None,
+                       frame_rate=round(float(self.request.fps), 3))
         if position is not None:
             out["queue_position"] = position
         if self.error:
@@ -481,12 +539,15 @@ class UnknownJob(JobError):
                          "after it finished)")
 
 
-def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -> bytes:
-    """Dream ``req`` with a model from ``models`` → the encoded image with its provenance.
+def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -> bytes | Path:
+    """Dream ``req`` with a model from ``models`` → the encoded image with its provenance (a
+    video request: the path of the dreamed video, inside the request's own folder).
 
     With a ``job``, progress goes into it and a set ``job.cancel`` stops the dream at the next
     step (:class:`JobCancelled`).
     """
+    if req.kind != "image":  # a video (onnxdream.videojobs.VideoRequest): a file comes back
+        return req.run(models, job)
     from onnxdream.ascent import dream
     from onnxdream.imageio import encode_image
     from onnxdream.provenance import dream_metadata
@@ -579,6 +640,9 @@ class JobManager:
             for job in self._active:
                 job.shutdown = True
                 job.cancel.set()
+            for job in self._jobs.values():
+                if job.finished is not None:
+                    job.request.release()  # results on disk go with the server
             self._cond.notify_all()
             threads = list(self._threads)
         for t in threads:
@@ -641,13 +705,16 @@ class JobManager:
             return job, position
 
     def cancel(self, job: Job) -> None:
-        """Stop ``job`` at its next step (or before it starts) and forget it."""
+        """Stop ``job`` at its next step (or before it starts) and forget it; a finished job's
+        files (a video's folder) are removed now, a running one's when it stops."""
         with self._cond:
             job.cancel.set()
             self._jobs.pop(job.id, None)
             if job.state == QUEUED and job in self._queue:
                 self._queue.remove(job)
                 self._finish(job, CANCELLED, error="cancelled")
+            elif job.finished is not None:
+                job.request.release()
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -675,10 +742,12 @@ class JobManager:
         for j in finished:
             if now - j.finished > self.config.job_ttl:
                 del self._jobs[j.id]
+                j.request.release()
         finished = sorted((j for j in self._jobs.values() if j.finished is not None),
                           key=lambda j: j.finished)
         for j in finished[:max(0, len(finished) - self.config.max_results)]:
             del self._jobs[j.id]
+            j.request.release()
 
     def _rate(self) -> float | None:
         """Pixel-steps per second of one worker: recent finished dreams, else the progress of
@@ -709,10 +778,17 @@ class JobManager:
         return int(min(3600, max(1, math.ceil(seconds / self.config.workers))))
 
     def _finish(self, job: Job, state: str, *, error: str | None = None,
-                exception: BaseException | None = None, result: bytes | None = None) -> None:
-        job.state, job.error, job.exception, job.result = state, error, exception, result
+                exception: BaseException | None = None,
+                result: bytes | Path | None = None) -> None:
+        job.state, job.error, job.exception = state, error, exception
+        if isinstance(result, Path):
+            job.result_path = result
+        else:
+            job.result = result
         job.finished = self._clock()
-        job.request.image = job.request.alpha = job.request.data = None  # only the result now
+        job.request.forget_input()  # only the result now
+        if state != DONE or (job.id not in self._jobs and job.result_path is not None):
+            job.request.release()  # failed, cancelled or forgotten: its files go now
         if not job.future.done():
             job.future.set_result(job)
 
