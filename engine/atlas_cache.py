@@ -41,6 +41,7 @@ from onnxdream.jobs import (
     JobManager,
     ModelCache,
     QueueFull,
+    Work,
 )
 from onnxdream.settings import DreamSettings
 
@@ -99,11 +100,8 @@ class _Entry:
 
 
 @dataclass(eq=False)
-class AtlasRequest:
-    """A job computing a model's missing thumbnails (run by the JobManager's workers).
-
-    Has what :class:`~onnxdream.jobs.Job` reads of a request (settings, fmt, image, alpha,
-    size) and :meth:`run`, which the worker calls."""
+class AtlasRequest(Work):
+    """A job computing a model's missing thumbnails (run by the JobManager's workers)."""
 
     settings: DreamSettings  # model = the server's name for it; seed fixed
     layers: list[str]  # the missing ones

@@ -287,6 +287,11 @@ class ModelCache:
         ``name`` (read once)."""
         return self._read(name)[0]
 
+    def layer_names(self, name: str) -> dict[str, str]:
+        """Every name a layer of model ``name`` may be given by (the layer table's and the
+        tensors') → its tensor, for parsing ``layer`` fields (read once)."""
+        return self._read(name)[1]
+
     def objective(self, settings: DreamSettings):
         """The dream's Objective (layer names checked against the model, weights in range)."""
         from onnxdream.gradient import objective_for
@@ -367,8 +372,33 @@ class ModelCache:
 # Requests and jobs
 
 
+class Work:
+    """What a job runs: a dream (:class:`DreamRequest`), a video
+    (:class:`~onnxdream.videojobs.VideoRequest`) or a model's atlas thumbnails
+    (:class:`~onnxdream.atlas_cache.AtlasRequest`). A :class:`Job` reads ``kind``, ``settings``,
+    ``fmt``, ``size`` and ``work`` of it; the worker calls :meth:`run`, then
+    :meth:`forget_input` once the job has finished and :meth:`release` when its files may go."""
+
+    kind: ClassVar[str] = "work"
+
+    @property
+    def work(self) -> float:
+        """The cost in pixel-steps, for queue wait estimates (0: unknown)."""
+        return 0.0
+
+    def run(self, models: ModelCache, job: Job | None = None) -> bytes | Path:
+        raise NotImplementedError
+
+    def forget_input(self) -> None:
+        """Drop what the request holds in memory (the job finished: only its result is kept)."""
+
+    def release(self) -> None:
+        """Give back what the request holds outside its Job (files); called when the job
+        fails, is cancelled, deleted or expires, maybe more than once."""
+
+
 @dataclass(eq=False)
-class DreamRequest:
+class DreamRequest(Work):
     """A validated dream: what to run and on which pixels.
 
     Either the encoded upload (``data``, decoded by the worker when the dream starts, so that
@@ -414,11 +444,6 @@ class DreamRequest:
         """Drop the pixels (the job finished: only its result is kept)."""
         self.image = self.alpha = self.data = None
 
-    def release(self) -> None:
-        """Give back what the request holds outside its Job (a video's folder); called when
-        the job fails, is cancelled, deleted or expires, maybe more than once. An image job's
-        result lives in its Job: nothing to do."""
-
     def pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(float32 HxWx3 in [0,1], uint8 HxW alpha or None), decoding ``data`` if needed."""
         from onnxdream.imageio import load_image_bytes, to_uint8
@@ -450,7 +475,7 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 
 @dataclass(eq=False)
 class Job:
-    request: DreamRequest
+    request: Work
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: str = QUEUED
     created: float = field(default_factory=time.monotonic)
@@ -786,9 +811,12 @@ class JobManager:
         else:
             job.result = result
         job.finished = self._clock()
-        job.request.forget_input()  # only the result now
-        if state != DONE or (job.id not in self._jobs and job.result_path is not None):
-            job.request.release()  # failed, cancelled or forgotten: its files go now
+        try:
+            job.request.forget_input()  # only the result now
+            if state != DONE or (job.id not in self._jobs and job.result_path is not None):
+                job.request.release()  # failed, cancelled or forgotten: its files go now
+        except Exception:  # noqa: BLE001 - a bug here must not kill the worker nor the waiter
+            log.exception("job %s: releasing its input failed", job.id)
         if not job.future.done():
             job.future.set_result(job)
 

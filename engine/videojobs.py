@@ -51,7 +51,7 @@ from onnxdream.errors import (
     VideoTooLargeError,
     did_you_mean,
 )
-from onnxdream.jobs import MB, JobCancelled, JobError, ServerConfig
+from onnxdream.jobs import MB, JobCancelled, JobError, ServerConfig, Work
 from onnxdream.settings import DreamSettings
 
 __all__ = ["UPLOAD_NAME", "VIDEO_FORMATS", "JobSpace", "VideoOptions", "VideoRequest",
@@ -413,7 +413,7 @@ def video_settings(values: Mapping[str, Any], layers: list[str], keyed: Mapping[
 
 
 @dataclass(eq=False)
-class VideoRequest:
+class VideoRequest(Work):
     """A checked video job: what to dream, on which file, with which disk."""
 
     kind: ClassVar[str] = "video"
@@ -569,7 +569,7 @@ def prepare_video(space: JobSpace, upload: Path, options: VideoOptions, values: 
     for schedule in [*schedules.values(), *([blend] if blend is not None else [])]:
         schedule.frames(selection.fps)  # keys that land on one frame: refused now
     if "layers" in schedules:  # every key's layers exist (its model compiles when it comes)
-        info, known = models.info(settings.model)
+        info, known = models.info(settings.model), models.layer_names(settings.model)
         for key in schedules["layers"].keys:
             for term in models.objective(frame_settings(settings, {"layers": key.value})).terms:
                 if term.layer not in known:
