@@ -28,8 +28,10 @@ def test_step_graph_is_standard_onnx(gm):
     step = step_graph(proto)
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
-    # the step's own inputs, then the gradient graph's objective parameters, passed through
-    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "weights"]
+    # the step's own inputs, the gradient graph's objective parameters (passed through), then
+    # the step's per-pixel scale
+    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "weights", "mask",
+                                                  "step_mask"]
     assert [o.name for o in step.graph.output] == ["objective", "image_out"]
 
 
@@ -119,7 +121,8 @@ def test_static_step_graph_is_standard_onnx_with_a_fixed_shape(gm):
     step = static_step_graph(_proto(gm), (1, 3, 97, 131))
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
-    assert [i.name for i in step.graph.input] == list(STATIC_INPUTS) + ["weights"]
+    assert [i.name for i in step.graph.input] == list(STATIC_INPUTS) + ["weights", "mask",
+                                                                      "step_mask"]
     dims = [d.dim_value for d in step.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 97, 131]
     assert not any(n.op_type == "Slice" and n.output[0].startswith("step/")
