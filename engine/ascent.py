@@ -9,12 +9,13 @@ enlarge and re-inject the detail that shrinking lost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from onnxdream.errors import OnnxDreamError
+from onnxdream.exporters.graph.contract import STEP_MASK, is_spatial
 from onnxdream.gradient import GradientModel
 from onnxdream.imageio import resize
 from onnxdream.normalize import normalize
@@ -37,24 +38,60 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def _resize_chw(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize_chw(x: np.ndarray, size: tuple[int, int], wrap: bool = False,
+                resample: str = "bicubic") -> np.ndarray:
+    """[C,H,W] resized to ``size``; ``wrap``: as a tile of a periodic plane (the filter reads
+    the wrapped-around pixels at the edges, so a seamless image stays seamless)."""
     if x.shape[1:] == tuple(size):
         return x
-    return np.ascontiguousarray(resize(np.moveaxis(x, 0, -1), size).transpose(2, 0, 1))
+    if not wrap:
+        return np.ascontiguousarray(resize(np.moveaxis(x, 0, -1), size, resample=resample)
+                                    .transpose(2, 0, 1))
+    (h, w), (nh, nw) = x.shape[1:], size
+    py, px = -(-4 * h // nh), -(-4 * w // nw)  # the filter's reach, in source pixels
+    padded = np.moveaxis(np.pad(x, ((0, 0), (py, py), (px, px)), mode="wrap"), 0, -1)
+    out = resize(padded, size, resample=resample, box=(px, py, px + w, py + h))
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def params_at(params: Mapping[str, np.ndarray], size: tuple[int, int], wrap: bool = False
+              ) -> dict[str, np.ndarray]:
+    """The objective parameters for an octave of ``size``: spatial ones given at another
+    resolution (region masks, the step mask) resized to it (bilinear, antialiased when
+    shrinking); broadcast ones (``[..., 1, 1]``) and the rest as they are."""
+    out = {}
+    for k, v in params.items():
+        if is_spatial(k) and v.shape[-2:] != (1, 1) and v.shape[-2:] != tuple(size):
+            planes = v.reshape(-1, *v.shape[-2:])
+            v = np.clip(_resize_chw(planes, size, wrap, "bilinear"), 0.0, 1.0).reshape(
+                *v.shape[:-2], *size)
+        out[k] = v
+    return out
+
+
+def _dream_settings(settings: ResolvedSettings | DreamSettings) -> DreamSettings:
+    return settings.settings if isinstance(settings, ResolvedSettings) else settings
 
 
 def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | DreamSettings,
            rng: np.random.Generator, steps: int,
-           on_step: Callable[[int, float], bool | None] | None = None) -> np.ndarray:
+           on_step: Callable[[int, float], bool | None] | None = None,
+           params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
     Reads ``tile_size``, ``jitter``, ``step_size`` and ``normalize`` from ``settings`` (resolved
-    values; a DreamSettings' own values are taken as they are). One gradient buffer is reused
-    across steps; jitter rolls the network's view, not the image.
+    values; a DreamSettings' own values are taken as they are), and ``seamless`` (the image is
+    a tile of a periodic plane: see ``GradientModel.gradient``'s ``wrap``). One gradient buffer
+    is reused across steps; jitter rolls the network's view, not the image. ``params``: the
+    objective parameters at img's size (default ``gm.params``), and ``step_mask``
+    ([1, 1, H, W], the per-pixel scale of each step: 0 keeps a pixel).
     """
     _, h, w = img.shape
+    params = dict(gm.params if params is None else params)
+    step_mask = params.pop(STEP_MASK, None)
+    wrap = bool(_dream_settings(settings).seamless)
     fits = settings.tile_size <= 0 or (h <= settings.tile_size and w <= settings.tile_size)
-    if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs":
+    if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs" and not wrap:
         # keep the image on the GPU: the whole step runs as one graph with IO binding
         def shifts():
             while True:
@@ -64,7 +101,10 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
                 else:
                     yield 0, 0
 
-        img[...] = gm.device_ascent().run(img, steps, settings.step_size, shifts(), on_step)
+        if step_mask is not None:
+            params[STEP_MASK] = step_mask
+        img[...] = gm.device_ascent().run(img, steps, settings.step_size, shifts(), on_step,
+                                          params=params)
         return img
     grad = np.empty_like(img)
     for i in range(steps):
@@ -72,11 +112,15 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
             oy, ox = (int(v) for v in rng.integers(-settings.jitter, settings.jitter + 1, 2))
         else:
             oy = ox = 0
-        obj, g = gm.gradient(img, settings.tile_size, (oy, ox), out=grad)
+        obj, g = gm.gradient(img, settings.tile_size, (oy, ox), out=grad, params=params,
+                             wrap=wrap)
         if settings.normalize == "mean-abs":
-            g *= settings.step_size / (mean_abs(g) + 1e-8)
+            scale = mean_abs(g) if step_mask is None else masked_mean_abs(g, step_mask[0])
+            g *= settings.step_size / (scale + 1e-8)
         else:
             g = normalize(g, settings.normalize) * settings.step_size
+        if step_mask is not None:
+            g *= step_mask[0]
         img += g
         np.clip(img, 0.0, 1.0, out=img)
         if on_step is not None and on_step(i, obj):
@@ -93,9 +137,17 @@ def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
     return total / max(flat.size, 1)
 
 
+def masked_mean_abs(a: np.ndarray, mask: np.ndarray) -> float:
+    """mean(|a| * mask) / mean(mask): the mean |a| where the mask dreams, so a masked region
+    takes steps as long as an unmasked dream's (the step graph computes the same)."""
+    weight = float(np.mean(mask, dtype=np.float64))  # broadcast over channels: the same mean
+    return float((np.abs(a) * mask).mean(dtype=np.float64)) / max(weight, 1e-12)
+
+
 def dream(gm: GradientModel, rgb: np.ndarray,
           settings: DreamSettings | ResolvedSettings = DreamSettings(),
-          progress: ProgressFn | None = None) -> np.ndarray:
+          progress: ProgressFn | None = None,
+          params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """DeepDream ``rgb`` (float32 HxWx3 in [0,1]); returns the dreamed image, same size.
 
     ``settings``: a DreamSettings (resolved here for this image and ``gm``'s model), or the
@@ -105,6 +157,12 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     needed).
 
     Pass a settings with a seed for a reproducible result (``settings.with_seed()``).
+
+    ``params``: the objective parameters of this dream (default ``gm.params``) at the image's
+    resolution, e.g. from :func:`onnxdream.controls.dream_params` (a guide's features, region
+    masks, the ``step_mask``); spatial ones are resized for each octave. Where the step mask is
+    0 the result keeps the photo's pixels exactly. The settings' ``keep_colors`` puts the
+    photo's chroma back at the end, ``seamless`` makes the dream tile (its patterns wrap).
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")
@@ -121,6 +179,8 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     if base is rgb or np.shares_memory(base, rgb):
         base = base.copy()
     sizes = list(resolved.octave_sizes)
+    given = gm.params if params is None else params
+    wrap = bool(resolved.settings.seamless)
     steps = resolved.steps
     total = resolved.steps_total
     done = 0
@@ -129,12 +189,18 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     img = base
     for octave, size in enumerate(reversed(sizes), start=1):
         last = octave == len(sizes)
-        octave_base = _resize_chw(base, size)
+        octave_base = _resize_chw(base, size, wrap)
+        octave_params = params_at(given, size, wrap)
+        keep = octave_params.get(STEP_MASK)
         if detail is None:
             # the last (full-size) octave may work on base itself: nothing needs it afterwards
-            img = octave_base if last else octave_base.copy()
+            img = octave_base if last and not resolved.settings.keep_colors else \
+                octave_base.copy()
         else:
-            img = octave_base + _resize_chw(detail, size)
+            img = _resize_chw(detail, size, wrap)
+            if keep is not None:  # the enlarged detail must not bleed into kept pixels
+                img *= keep[0] > 0
+            img += octave_base
             np.clip(img, 0.0, 1.0, out=img)
             detail = None
 
@@ -148,9 +214,13 @@ def dream(gm: GradientModel, rgb: np.ndarray,
             return stop
 
         if not stop:
-            img = ascend(gm, img, resolved, rng, steps, on_step)
+            img = ascend(gm, img, resolved, rng, steps, on_step, octave_params)
         if not last:
             detail = img - octave_base
+    if resolved.settings.keep_colors:
+        from onnxdream.controls import keep_colors
+
+        img = keep_colors(img, base)
     return img.transpose(1, 2, 0)  # a view: HxWx3, no full-size copy
 
 

@@ -81,7 +81,7 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
     calls = []
 
     class Fake:
-        def run(self, img, steps, step_size, shifts, on_step):
+        def run(self, img, steps, step_size, shifts, on_step, params=None):
             calls.append((img.shape, steps, step_size, next(shifts)))
             return img + 1
 

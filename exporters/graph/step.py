@@ -5,7 +5,8 @@ the device between steps::
 
     rolled = roll(x, shift)                         (the jitter)
     g      = unroll(grad(rolled), shift)
-    x_out  = clip(x + step_mask * step_size * g / (mean|g| + 1e-8), 0, 1)
+    x_out  = clip(x + step_mask * step_size * g / (mean(|g| step_mask) / mean(step_mask)
+                                                   + 1e-8), 0, 1)
 
 :func:`step_graph` serves every image size: the roll is ``Slice`` + ``Concat`` by the ``shift``
 input. :func:`static_step_graph` is for one fixed shape: the roll is a ``Gather`` by index vectors
@@ -73,9 +74,14 @@ class _Wrap:
         """Nodes: ``before``, the gradient graph's, then the builder's since; the step's tail."""
         b, g = self.b, self.graph
         eps, lo, hi = b.scalar(1e-8), b.scalar(0.0), b.scalar(1.0)
-        denom = b.op("Add", [b.op("ReduceMean", [b.op("Abs", [self.g])], keepdims=0), eps])
+        # mean |g| where the step mask dreams: mean(|g| m) / mean(m) (m in x's frame: never
+        # rolled; the default ones make it mean |g|)
+        weighted = b.op("ReduceMean", [b.op("Mul", [b.op("Abs", [self.g]), STEP_MASK])],
+                        keepdims=0)
+        area = b.op("Max", [b.op("ReduceMean", [STEP_MASK], keepdims=0), b.scalar(1e-12)])
+        denom = b.op("Add", [b.op("Div", [weighted, area]), eps])
         delta = b.op("Mul", [self.g, b.op("Div", ["step_size", denom])])
-        delta = b.op("Mul", [delta, STEP_MASK])  # in x's frame: never rolled
+        delta = b.op("Mul", [delta, STEP_MASK])
         b.op("Clip", [b.op("Add", ["x", delta]), lo, hi], out=OUTPUT)
         after = b.nodes[len(before):]
         nodes = list(g.node)
