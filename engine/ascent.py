@@ -137,6 +137,14 @@ def mean_abs(a: np.ndarray, chunk: int = 1 << 20) -> float:
     return total / max(flat.size, 1)
 
 
+def seamless_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """``size`` rounded to multiples of the layer's ``stride``: a periodic image of that size
+    meets the strided network's sampling grid the same way at its wrap-around edges as
+    everywhere else (else the grid skips a phase there and a faint seam shows; see
+    benchmarks/seamless.py)."""
+    return tuple(max(stride, round(v / stride) * stride) for v in size)
+
+
 def masked_mean_abs(a: np.ndarray, mask: np.ndarray) -> float:
     """mean(|a| * mask) / mean(mask): the mean |a| where the mask dreams, so a masked region
     takes steps as long as an unmasked dream's (the step graph computes the same)."""
@@ -181,6 +189,8 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     sizes = list(resolved.octave_sizes)
     given = gm.params if params is None else params
     wrap = bool(resolved.settings.seamless)
+    if wrap:  # smaller octaves on the layer's grid, so that the network's sampling grid wraps
+        sizes[1:] = [seamless_size(size, gm.tile_info.stride) for size in sizes[1:]]
     steps = resolved.steps
     total = resolved.steps_total
     done = 0
