@@ -12,8 +12,8 @@
 The seam: tile the result 2x2 and compare the mean |difference| across the wrap-around column
 (last -> first) with the mean |difference| between interior neighbouring columns (and rows) at
 the same phase of the layer's stride (16 px): ``ratio`` = seam / median of those, ``z`` =
-(seam - mean) / std over them. A seamless texture has ratio ~1 and |z| < ~2. Dreams from ``--init grey`` (the
-photo's own edges would dominate), EfficientNet-Lite0 -> blocks.5.
+(seam - mean) / std over them. A seamless texture has ratio ~1 and |z| < ~2. Dreams from
+``--init grey`` (the photo's own edges would dominate), EfficientNet-Lite0 -> blocks.5.
 
     .venv/bin/python benchmarks/seamless.py --sizes 256 250 --seeds 3
 """
@@ -40,15 +40,17 @@ def circular(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every Conv/pool's zero padding replaced by wrap-around padding."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    taken = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.initializer}
+    taken = {o for n in out.graph.node for o in n.output}
+    taken |= {i.name for i in out.graph.initializer}
     b = GraphBuilder(prefix="wrap", taken=taken)
     nodes = []
     for n in out.graph.node:
         pads = node_attr(n, "pads")
         if n.op_type in ("Conv", "MaxPool", "AveragePool") and pads and any(pads):
-            t, l, bo, r = pads
+            top, left, bottom, right = pads
             start = len(b.nodes)
-            x = b.op("Pad", [n.input[0], b.ints([0, 0, t, l, 0, 0, bo, r])], mode="wrap")
+            x = b.op("Pad", [n.input[0], b.ints([0, 0, top, left, 0, 0, bottom, right])],
+                     mode="wrap")
             nodes.extend(b.nodes[start:])
             n.input[0] = x
             for a in n.attribute:
@@ -93,6 +95,8 @@ def main() -> None:
                   "circular": GradientModel(wrapped, [args.layer], cache=False)}
         own = models["circular"].gradient
         models["circular"].gradient = lambda *a, wrap=False, **kw: own(*a, **kw)
+        # the same network geometry (the receptive-field walk does not read through Pad)
+        models["circular"].tile_info = models["halo"].tile_info
         rows = []
         for size in args.sizes:
             for name, gm in models.items():

@@ -59,33 +59,37 @@ def dream(
         "(.png, .jpg, .webp). Default: IMAGE-dream.png in the current directory.")] = None,
     options: DreamOptions = None,
     guide: Annotated[str | None, typer.Option(
-        rich_help_panel=CREATIVE, help="Dream toward this image: at each position the layer takes on the "
-        "features of the guide's best-matching position (the Caffe notebook's guided dream; "
-        "the objective becomes guide).", show_default=False)] = None,
+        rich_help_panel=CREATIVE, show_default=False,
+        help="Dream toward this image: at each position the layer takes on the features of the "
+        "guide's best-matching position (the Caffe notebook's guided dream; the objective "
+        "becomes guide).")] = None,
     mask: Annotated[str | None, typer.Option(
-        rich_help_panel=CREATIVE, help="Where to dream: an image (the photo's size) white where the dream "
-        "goes, black where the photo stays exactly as it is, grey for part of the dream.",
-        show_default=False)] = None,
+        rich_help_panel=CREATIVE, show_default=False,
+        help="Where to dream: an image (the photo's size) white where the dream goes, black "
+        "where the photo stays exactly as it is, grey for part of the dream.")] = None,
     mask_layers: Annotated[list[str] | None, typer.Option(
-        "--mask-layers", rich_help_panel=CREATIVE, help="Which layer dreams where: one mask per --layer, in "
-        "order (repeat the option), or one mask for two layers (white: the first, black: the "
-        "second).", show_default=False)] = None,
+        "--mask-layers", rich_help_panel=CREATIVE, show_default=False,
+        help="Which layer dreams where: one mask per --layer, in order (repeat the option), or "
+        "one mask for two layers (white: the first, black: the second).")] = None,
     feather: Annotated[int | None, typer.Option(
-        rich_help_panel=CREATIVE, help=f"Fade the dream out over this many pixels before the --mask's black "
-        f"parts (0: a hard edge)  \\[default: {DreamSettings.feather}]", min=0,
-        show_default=False)] = None,
+        rich_help_panel=CREATIVE, show_default=False, min=0,
+        help="Fade the dream out over this many pixels before the --mask's black parts (0: a "
+        f"hard edge)  \\[default: {DreamSettings.feather}]")] = None,
     keep_colors: Annotated[bool, typer.Option(
-        "--keep-colors", rich_help_panel=CREATIVE, help="Keep the photo's colours: the dream changes "
-        "luminance only.")] = False,
+        "--keep-colors", rich_help_panel=CREATIVE,
+        help="Keep the photo's colours: the dream changes luminance only.")] = False,
     init: Annotated[str | None, typer.Option(
-        rich_help_panel=CREATIVE, help="Dream without a photo, from noise or grey (with --size; no IMAGE).",
-        show_default=False)] = None,
+        rich_help_panel=CREATIVE, show_default=False,
+        help="Dream without a photo, from noise or grey (with --size; no IMAGE).")] = None,
     size: Annotated[str | None, typer.Option(
-        rich_help_panel=CREATIVE, help=f"WIDTHxHEIGHT of a dream from --init  \\[default: "
-        f"{INIT_SIZE[0]}x{INIT_SIZE[1]}]", show_default=False)] = None,
+        rich_help_panel=CREATIVE, show_default=False,
+        help=f"WIDTHxHEIGHT of a dream from --init  \\[default: {INIT_SIZE[0]}x{INIT_SIZE[1]}]"
+        )] = None,
     seamless: Annotated[bool, typer.Option(
-        "--seamless", rich_help_panel=CREATIVE, help="A tileable result: the network sees the image as one "
-        "tile of a repeating plane (start from --init noise or grey for a texture).")] = False,
+        "--seamless", rich_help_panel=CREATIVE,
+        help="A tileable result: the network sees the image as one tile of a repeating plane "
+        "(start from --init noise or grey for a texture; sizes that are multiples of 16 tile "
+        "best).")] = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ):

@@ -179,7 +179,7 @@ class Controls:
 
     def _layer_masks(self, gm: Any, size: tuple[int, int], note: Note | None) -> np.ndarray:
         terms = len(gm.objective.terms)
-        if MASK not in gm.session.input_names:
+        if MASK not in gm.session.parameter_names:
             raise SettingsError("mask_layers", "apply to layers with spatial positions (feature "
                                 "maps) and objectives that average them; "
                                 f"{gm.objective.describe()} has none")

@@ -261,19 +261,22 @@ class DreamRequest:
     image: np.ndarray | None  # uint8 HxWx3
     alpha: np.ndarray | None  # uint8 HxW
     size: tuple[int, int]  # (width, height)
+    controls: Any = None  # onnxdream.controls.Controls: the guide's and masks' pictures
 
     @property
     def key(self) -> ModelKey:
         return self.settings.gradient_key()
 
     @classmethod
-    def from_loaded(cls, settings: DreamSettings, fmt: str, loaded) -> DreamRequest:
-        """From a decoded :class:`~onnxdream.imageio.LoadedImage` (kept as uint8 while queued)."""
+    def from_loaded(cls, settings: DreamSettings, fmt: str, loaded,
+                    controls: Any = None) -> DreamRequest:
+        """From a decoded :class:`~onnxdream.imageio.LoadedImage` (kept as uint8 while queued)
+        and the creative controls' pictures (:class:`~onnxdream.controls.Controls`), if any."""
         from onnxdream.imageio import to_uint8
 
         alpha = to_uint8(loaded.alpha) if loaded.alpha is not None else None
         return cls(settings=settings, fmt=fmt, image=to_uint8(loaded.rgb), alpha=alpha,
-                   size=(loaded.rgb.shape[1], loaded.rgb.shape[0]))
+                   size=(loaded.rgb.shape[1], loaded.rgb.shape[0]), controls=controls)
 
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -380,14 +383,17 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
             job.done, job.total, job.octave = p.done, p.total, p.octave
             job.objective = float(p.objective) if math.isfinite(p.objective) else None
 
-    out = dream(gm, rgb, resolved, progress)
+    controls = req.controls
+    params = controls.params(gm, req.settings, rgb.shape[:2]) if controls is not None else None
+    out = dream(gm, rgb, resolved, progress, params)
     if job is not None:
         if job.cancel.is_set():
             raise JobCancelled()
         job.done = job.total
     ext = "jpg" if req.fmt in ("jpeg", "jpg") else req.fmt
     meta = dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
-                          image="IMAGE", output=f"dream.{ext}")
+                          image="IMAGE", output=f"dream.{ext}",
+                          hashes=controls.hashes if controls is not None else None)
     return encode_image(out, req.alpha, req.fmt, metadata=meta)
 
 
@@ -507,7 +513,7 @@ class JobManager:
                 exception: BaseException | None = None, result: bytes | None = None) -> None:
         job.state, job.error, job.exception, job.result = state, error, exception, result
         job.finished = time.monotonic()
-        job.request.image = job.request.alpha = None  # only the result is needed now
+        job.request.image = job.request.alpha = job.request.controls = None  # only the result
         if not job.future.done():
             job.future.set_result(job)
 

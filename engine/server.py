@@ -16,8 +16,11 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 
 Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``objective``,
 ``pre_relu``, ``octaves``, ``octave_scale``, ``steps``, ``step_size``, ``jitter``, ``tile_size``,
-``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings are
-accepted too, unknown fields are refused. Empty values mean "the default" (the defaults are
+``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); the creative controls
+(:mod:`onnxdream.controls`): file uploads ``guide``, ``mask`` and ``mask_layers`` (repeatable),
+and ``feather``, ``keep_colors``, ``seamless``, ``init`` (``noise`` or ``grey``: then no
+``image``, and ``size`` ``WIDTHxHEIGHT``); ``step-size`` spellings are accepted too, unknown
+fields are refused. Empty values mean "the default" (the defaults are
 :class:`onnxdream.settings.DreamSettings`'s, as for the CLI). The image carries the same provenance
 as the CLI's (:mod:`onnxdream.provenance`: PNG text chunks, or an XMP packet in JPEG/WebP).
 
@@ -60,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream import __version__
+from onnxdream.controls import Controls
 from onnxdream.errors import (
     DependencyError,
     ImageTooLargeError,
@@ -161,7 +165,10 @@ def _respond(err: ApiError) -> JSONResponse:
 _TYPES: dict[str, type] = {"model": str, "objective": str, "pre_relu": bool, "octaves": int,
                            "octave_scale": float, "steps": int, "step_size": float,
                            "jitter": int, "tile_size": int, "normalize": str, "max_loss": float,
-                           "seed": int, "format": str}
+                           "seed": int, "format": str, "feather": int, "keep_colors": bool,
+                           "init": str, "size": str, "seamless": bool}
+#: file fields besides ``image`` (the creative controls' pictures); mask_layers repeats
+UPLOADS = ("guide", "mask", "mask_layers")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -195,9 +202,19 @@ def parse_fields(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], list[str
     fields: dict[str, Any] = {}
     layers: list[str] = []
     image = None
-    known = ["image", "layer", *_TYPES]
+    known = ["image", "layer", *_TYPES, *UPLOADS]
     for raw_name, value in items:
         name = raw_name.replace("-", "_").lower()
+        if name in UPLOADS:  # kept as uploads under their field name (mask_layers: a list)
+            if not isinstance(value, UploadFile):
+                raise ApiError(400, f"'{name}' must be a file upload (an image)")
+            if name == "mask_layers":
+                fields.setdefault(name, []).append(value)
+            elif name in fields:
+                raise ApiError(400, f"send one '{name}' file per request")
+            else:
+                fields[name] = value
+            continue
         if name == "image":
             if image is not None:
                 raise ApiError(400, "send one 'image' file per request")
@@ -223,9 +240,11 @@ def parse_fields(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], list[str
             fields[name] = _convert(name, value)
     if len(layers) > MAX_LAYERS:
         raise ApiError(400, f"at most {MAX_LAYERS} 'layer' fields per dream, got {len(layers)}")
-    if image is None:
+    if image is None and not fields.get("init"):
         raise ApiError(400, "no 'image' file in the request: send multipart/form-data with "
-                            "the photo in a field named 'image'")
+                            "the photo in a field named 'image' (or init=noise and a size)")
+    if image is not None and fields.get("init"):
+        raise ApiError(400, "init starts a dream without a photo: send no 'image' with it")
     return fields, layers, image
 
 
@@ -233,12 +252,34 @@ def parse_fields(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], list[str
 
 def build_settings(fields: dict[str, Any], layers: list[str], config: ServerConfig) -> DreamSettings:
     """Form values → a validated DreamSettings with its seed fixed (defaults from settings)."""
-    given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS)}
+    given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS,
+                                        "feather", "keep_colors", "init", "size", "seamless")}
+    if given["init"] and not given["size"]:
+        given["size"] = "512x512"
+    # the uploads by placeholder names (their content hashes go into the provenance)
+    given["guide"] = "GUIDE" if "guide" in fields else None
+    given["mask"] = "MASK" if "mask" in fields else None
+    given["mask_layers"] = [f"MASK{i + 1}" for i in range(len(fields.get("mask_layers", [])))]
     settings = DreamSettings.from_options(layers=layers or None, **given).with_seed()
     if settings.octaves * settings.steps > config.max_steps:
         raise ApiError(400, f"octaves x steps is {settings.octaves * settings.steps}, more than "
                             f"this server's limit of {config.max_steps}")
     return settings
+
+
+def start_image(data: bytes | None, settings: DreamSettings, max_pixels: int):
+    """The decoded upload, or the start of a dream from ``init`` (noise or grey) when there is
+    none."""
+    from onnxdream.controls import init_image
+    from onnxdream.imageio import LoadedImage, load_image_bytes
+
+    if data is not None:
+        return load_image_bytes(data, name="the uploaded image", max_pixels=max_pixels)
+    w, h = settings.size
+    if w * h > max_pixels:
+        raise ApiError(413, f"size {w}x{h} is more than this server's limit of {max_pixels:,} "
+                            "pixels")
+    return LoadedImage(init_image(settings.init, (h, w), settings.seed), None, "RGB", (w, h))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,23 +382,24 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return _error(500, f"internal error: {type(exc).__name__}")
 
     async def read_request(request: Request) -> DreamRequest:
-        from onnxdream.imageio import load_image_bytes
-
         ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
+        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise ApiError(415, "send multipart/form-data with the photo in a field named 'image'")
-        async with request.form(max_files=4, max_fields=64) as form:
+        async with request.form(max_files=12, max_fields=64) as form:
             fields, layers, upload = parse_fields(list(form.multi_items()))
-            data = await upload.read()
+            data = await upload.read() if upload is not None else None
+            pictures = {k: ([await f.read() for f in fields[k]] if k == "mask_layers" else
+                            await fields[k].read()) for k in UPLOADS if k in fields}
         fmt = str(fields.get("format", "png")).lower()
         if fmt not in FORMATS:
             raise ApiError(400, f"format must be png, jpeg or webp, got {fmt[:20]!r}")
         settings = build_settings(fields, layers, config)
         models.source(settings.model)  # an allowed name, or ModelError now
-        loaded = await run_in_threadpool(load_image_bytes, data, name="the uploaded image",
-                                         max_pixels=config.max_pixels)
+        loaded = await run_in_threadpool(start_image, data, settings, config.max_pixels)
+        controls = await run_in_threadpool(lambda: Controls.from_bytes(
+            max_pixels=config.max_pixels, **pictures)) if pictures else None
         await run_in_threadpool(models.get, settings.gradient_key())  # bad layer/objective: 400 now
-        return DreamRequest.from_loaded(settings, fmt, loaded)
+        return DreamRequest.from_loaded(settings, fmt, loaded, controls)
 
     def image_response(job: Job) -> Response:
         media, ext = FORMATS[job.request.fmt]
