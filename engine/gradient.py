@@ -47,8 +47,9 @@ from onnxdream.session import Session, create_session
 # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
 # masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
 # 10: term weights are the graph's `weights` input (the cache key leaves them out);
-# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms
-COMPILER_VERSION = "12"
+# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
+# 13: region masks block-averaged on the layer's stride
+COMPILER_VERSION = "13"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:

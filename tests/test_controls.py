@@ -96,6 +96,28 @@ def test_region_mask_is_resized_to_the_layer(model_home):
     assert np.abs(half[..., :64]).mean() > 0.3 * np.abs(full[..., :64]).mean()
 
 
+def test_guide_and_layer_masks_tile_like_the_image(model_home):
+    """The tiler passes the guide's features whole and cuts the region masks per tile: with
+    halos covering the receptive field, the tiled gradient is the untiled one."""
+    from onnxdream.controls import guide_params
+    from onnxdream.gradient import GradientModel
+
+    # one layer: the tiler rescales tiles by one stride's position count
+    gm = GradientModel("efficientnet-lite0", guide("blocks.5") + 0.5 * mean("blocks.5"),
+                       device="cpu", threads=1)
+    rng = np.random.default_rng(5)
+    img = rng.random((3, 400, 520), dtype=np.float32)
+    yy, xx = np.mgrid[:400, :520] / 520.0  # masks are smooth (a noise mask would alias)
+    masks = np.stack([0.5 + 0.5 * np.sin(9 * xx) * np.cos(7 * yy), xx])[None].astype(np.float32)
+    params = {**gm.params, **guide_params(gm, rng.random((90, 120, 3), dtype=np.float32)),
+              MASK: masks}
+    assert params["guide.0"].shape[1] == 80 and "guide.1" not in params
+    for shift in [(0, 0), (17, -29)]:
+        _, whole = gm.gradient(img, 0, shift, params=params)
+        _, tiled = gm.gradient(img, 384, shift, params=params)
+        np.testing.assert_allclose(tiled, whole, rtol=1e-3, atol=1e-4 * np.abs(whole).max())
+
+
 # -- the engine -----------------------------------------------------------------------------------
 
 

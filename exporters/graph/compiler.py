@@ -41,6 +41,7 @@ from onnxdream.exporters.graph.objective import (
     emit_term,
     guide_channels,
 )
+from onnxdream.exporters.graph.receptive_field import receptive_field
 
 
 def _needed_nodes(nodes: Sequence[onnx.NodeProto], targets: set[str]) -> list[onnx.NodeProto]:
@@ -133,7 +134,8 @@ def compile_gradient(
                 guide, onnx.TensorProto.FLOAT,
                 [f"guide{k}_vectors", guide_channels(t, shape, layout)]), None))
         if _masked(t, shape):
-            mask = _region_mask(fwd_builder, k, tensor, layout)
+            rf = receptive_field(proto, tensor, image.name)
+            mask = _region_mask(fwd_builder, k, tensor, layout, rf[1] if rf else None)
         value = emit_term(fwd_builder, t, tensor, shape, border if t.kind != "class" else 0,
                           layout, cw, guide, mask)
         weight = fwd_builder.op("Gather", [WEIGHTS, fwd_builder.const(k, np.int64)], axis=0,
@@ -215,12 +217,18 @@ def _masked(term, shape: tuple | None) -> bool:
     return term.kind in MASKED_KINDS and shape is not None and len(shape) == 4
 
 
-def _region_mask(b: GraphBuilder, k: int, tensor: str, layout: str) -> str:
+def _region_mask(b: GraphBuilder, k: int, tensor: str, layout: str, stride: int | None) -> str:
     """Term ``k``'s region mask at ``tensor``'s resolution: channel ``k mod T`` of the ``mask``
-    input (one mask for every term, or one per term), resized with an antialiased linear
-    filter (an area average when shrinking); ``[B, 1, h, w]``, or ``[B, h, w, 1]`` for NHWC."""
+    input (one mask for every term, or one per term); ``[B, 1, h, w]``, or ``[B, h, w, 1]`` for
+    NHWC. A layer of known ``stride`` s averages each s x s block of pixels (its position's
+    own block, whatever the tile it is cut from: tiles start on the stride), then a Resize
+    (antialiased linear; an identity where the sizes agree) makes it the layer's size."""
     index = b.op("Mod", [b.ints([k]), b.dim(MASK, 1)])
     mask = b.op("Gather", [MASK, index], axis=1, hint="term_mask")
+    if stride is not None and stride > 1:
+        mask = b.op("AveragePool", [mask], kernel_shape=[stride, stride],
+                    strides=[stride, stride], ceil_mode=1, count_include_pad=0,
+                    hint="block_mask")
     hw = [1, 3] if layout == "NHWC" else [2, 4]
     size = b.slice(b.shape(tensor), [hw[0]], [hw[1]], [0])
     mask = b.op("Resize", [mask, "", "", size], axes=[2, 3], mode="linear", antialias=1,
