@@ -60,8 +60,10 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
         "command": command(concrete.to_argv(image, output)),
     })
     meta.update(_keys(describe(settings, (*ASCENT_FIELDS, "seed"))))
-    meta.update(_keys({k: v if k != "mask_layers" else json.dumps(list(settings.mask_layers))
-                       for k, v in describe(settings, CONTROL_FIELDS).items()}))
+    controls = describe(settings, CONTROL_FIELDS)
+    controls["mask_layers"] = json.dumps(list(settings.mask_layers))
+    controls["size"] = "x".join(map(str, settings.size)) if settings.size else ""
+    meta.update(_keys(controls))
     meta.update(_keys({f"{k}_sha256": v for k, v in (hashes or {}).items()}))
     meta.update(resolved.to_metadata())
     return meta

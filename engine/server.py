@@ -383,7 +383,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     async def read_request(request: Request) -> DreamRequest:
         ctype = request.headers.get("content-type", "")
-        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if not ctype.startswith("multipart/form-data"):
             raise ApiError(415, "send multipart/form-data with the photo in a field named 'image'")
         async with request.form(max_files=12, max_fields=64) as form:
             fields, layers, upload = parse_fields(list(form.multi_items()))

@@ -284,7 +284,7 @@ def test_cli_seamless_texture_from_grey(model_home, tmp_path):
     assert all(0.75 < r < 1.3 for r in ratios[True]), ratios
     assert max(ratios[False]) > 1.3, ratios
     meta = read_png_metadata(out)
-    assert meta["onnxdream:init"] == "grey" and meta["onnxdream:size"] == "(128, 128)"
+    assert meta["onnxdream:init"] == "grey" and meta["onnxdream:size"] == "128x128"
     assert meta["onnxdream:command"].startswith("onnxdream dream -o ")
 
 
@@ -369,7 +369,9 @@ def test_server_control_fields(model_home):
                      "guide": ("g.png", guide_png, "image/png"),
                      "mask": ("m.png", mask_png, "image/png")}
             return (await c.post("/dream", files=files, data={**fast, "keep_colors": "true"}),
-                    await c.post("/dream", data={**fast, "init": "noise", "size": "64x48"}),
+                    await c.post("/dream", files={k: (None, v) for k, v in  # multipart
+                                                  {**fast, "init": "noise", "size": "64x48"}
+                                                  .items()}),
                     await c.post("/dream", files={"image": ("p.png", image, "image/png"),
                                                   "guide": ("g.txt", b"text", "text/plain")},
                                  data=fast))
