@@ -167,10 +167,11 @@ def dream(gm: GradientModel, rgb: np.ndarray,
     Pass a settings with a seed for a reproducible result (``settings.with_seed()``).
 
     ``params``: the objective parameters of this dream (default ``gm.params``) at the image's
-    resolution, e.g. from :func:`onnxdream.controls.dream_params` (a guide's features, region
+    resolution, e.g. from :meth:`onnxdream.controls.Controls.params` (a guide's features, region
     masks, the ``step_mask``); spatial ones are resized for each octave. Where the step mask is
     0 the result keeps the photo's pixels exactly. The settings' ``keep_colors`` puts the
-    photo's chroma back at the end, ``seamless`` makes the dream tile (its patterns wrap).
+    photo's chroma back at the end, ``seamless`` makes the dream tile (its patterns wrap; its
+    smaller octaves are then rounded to the layer's stride, see :func:`seamless_size`).
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise OnnxDreamError(f"expected an RGB image of shape HxWx3, got {rgb.shape}")

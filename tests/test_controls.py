@@ -258,6 +258,21 @@ def test_cli_mask_keep_colors_and_provenance(model_home, tmp_path):
     assert "--mask" in meta["onnxdream:command"] and "--keep-colors" in meta["onnxdream:command"]
 
 
+def test_cli_mask_layers(model_home, tmp_path):
+    """--mask-layers: one mask for two layers; the PNG records its hash."""
+    half = tmp_path / "half.png"
+    im = np.zeros((300, 451), np.uint8)
+    im[:, :225] = 255
+    Image.fromarray(im).save(half)
+    out = tmp_path / "ml.png"
+    run_cli("dream", str(photo("chelsea.png")), "-o", str(out), "-l", "blocks.3", "-l",
+            "blocks.5", "--mask-layers", str(half), "--octaves", "1", "--steps", "2", "-q",
+            home=model_home)
+    meta = read_png_metadata(out)
+    assert meta["onnxdream:mask_layers_sha256"] == hashlib.sha256(half.read_bytes()).hexdigest()
+    assert meta["onnxdream:mask_layers"] == f'["{half}"]'
+
+
 def _seam(x: np.ndarray, stride: int = 16) -> list[float]:
     """Wrap-around boundary difference / median of the interior boundaries at the same phase
     of the layer's stride, across columns and rows (1: no seam)."""
