@@ -297,10 +297,12 @@ class DreamOptions:
         checked as a setting (ScheduleError naming the field)."""
         return self._keyframed()[1]
 
-    def settings(self) -> DreamSettings:
+    def settings(self, **controls: Any) -> DreamSettings:
         """One validated DreamSettings: explicit options over the preset over the command's
         defaults over DreamSettings' (the model's layers are read only when a preset must
-        choose them). A keyframed option contributes its first key's value. Seed as given."""
+        choose them). A keyframed option contributes its first key's value. Seed as given.
+        ``controls``: further DreamSettings fields the command has options for (``dream``'s
+        creative controls: guide, mask, keep_colors, ...), None meaning not given."""
         options = dict(self.values)
         first, _ = self._keyframed()
         for name in self.scheduled:
@@ -308,7 +310,7 @@ class DreamOptions:
                 options[name] = first[_SCHEDULE_FIELDS[name]]
         options["layers"] = options.pop("layer", None)
         return DreamSettings.from_options(layers_of=_layers_of, defaults=self.defaults,
-                                          **options)
+                                          **options, **controls)
 
 
 def with_dream_options(func: Callable | None = None, *,

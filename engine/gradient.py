@@ -31,6 +31,7 @@ from onnxdream.errors import ModelError, ObjectiveError, OnnxDreamError, first_l
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient
 from onnxdream.exporters.graph.contract import (
     GRAD,
+    GUIDE_PREFIX,
     IMAGE,
     OBJECTIVE,
     WEIGHTS,
@@ -48,8 +49,9 @@ from onnxdream.session import Session, create_session
 # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
 # masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
 # 10: term weights are the graph's `weights` input (the cache key leaves them out);
-# 11: negative Pad pads (were mis-cropped)
-COMPILER_VERSION = "11"
+# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
+# 13: region masks block-averaged on the layer's stride
+COMPILER_VERSION = "13"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -145,7 +147,8 @@ class GradientModel:
             CompiledCache.hold(Path(graph))  # not evicted while this model lives
             weakref.finalize(self, CompiledCache.release, Path(graph))
         self._graph, self._threads, self._device_ascent = graph, threads, None
-        self.border = border
+        self._features: Session | None = None
+        self.border, self.pre_relu = border, pre_relu
         self.tile_info = self._tile_info(proto)
         self.labels = self.info.labels
 
@@ -166,6 +169,12 @@ class GradientModel:
         model, layers, objective, pre_relu, border = settings.gradient_key()
         return cls(model, list(layers), objective, pre_relu=pre_relu, border=border,
                    device=device, threads=threads, cache=cache)
+
+    @property
+    def required(self) -> list[str]:
+        """Parameters without a default, which every run must pass: guide terms' features."""
+        return [f"{GUIDE_PREFIX}{k}" for k, t in enumerate(self.objective.terms)
+                if t.kind == "guide"]
 
     @property
     def provider(self) -> str:
@@ -218,6 +227,20 @@ class GradientModel:
                                                threads=self._threads, params=self.params)
         return self._device_ascent
 
+    def features(self, x: np.ndarray) -> list[np.ndarray]:
+        """The activations of the objective's layers (in ``objective.layers`` order) for x
+        (float32 [N,3,H,W]), read as the gradient graph reads them (``pre_relu`` included): a
+        forward-only graph (:func:`~onnxdream.exporters.graph.compiler.compile_features`) in a
+        session made on first use. The guided dream reads its guide's features with it."""
+        if self._features is None:
+            from onnxdream.exporters.graph import compile_features
+
+            graph = compile_features(load_model(self.model_path), self.objective,
+                                     pre_relu=self.pre_relu)
+            self._features = create_session(graph.SerializeToString(), device=self.session.device,
+                                            threads=self._threads)
+        return self._features.run(None, {IMAGE: x})
+
     # -- evaluation ---------------------------------------------------------------------------
     def __call__(self, x: np.ndarray, params: dict[str, np.ndarray] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +250,10 @@ class GradientModel:
         to x's extent where spatial.
         """
         feeds = {IMAGE: x, **(self.params if params is None else params)}
+        missing = [name for name in self.required if name not in feeds]
+        if missing:
+            raise ObjectiveError(f"this objective needs {', '.join(missing)}: a guided dream "
+                                 "needs its guide's features (onnxdream.guide.guide_params)")
         try:
             obj, grad = self.session.run([OBJECTIVE, GRAD], feeds, _quiet_run_options())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
@@ -238,19 +265,24 @@ class GradientModel:
         return obj, grad
 
     def gradient(self, img: np.ndarray, tile_size: int = 0, shift: tuple[int, int] = (0, 0),
-                 out: np.ndarray | None = None, params: Mapping[str, np.ndarray] | None = None
-                 ) -> tuple[float, np.ndarray]:
+                 out: np.ndarray | None = None, params: Mapping[str, np.ndarray] | None = None,
+                 wrap: bool = False) -> tuple[float, np.ndarray]:
         """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than tile_size.
 
         ``shift`` evaluates the network on the image rolled by (dy, dx) pixels (the jitter) and
         returns the gradient in the unrolled frame; big images are never copied whole for it.
         ``out``, if given, receives the gradient (no new full-size array). ``params``: the
         objective parameters at image size (default :attr:`params`; see :meth:`params_for`).
+        ``wrap``: the image is one tile of a periodic plane (a seamless texture): every tile,
+        the image's edges included, sees the wrapped-around pixels as its halo (see
+        :meth:`tiled`).
         """
         base = self.params if params is None else params
         _, h, w = img.shape
         dy, dx = shift[0] % h, shift[1] % w
         tileable = all(t.kind not in ("class", "neuron") for t in self.objective.terms)
+        if wrap and tileable:
+            return self.tiled(img, tile_size, (dy, dx), out, params=base, wrap=True)
         if not tileable or tile_size <= 0 or (h <= tile_size and w <= tile_size):
             x = np.roll(img, (dy, dx), axis=(1, 2)) if (dy or dx) else img
             params = {k: np.roll(v, (dy, dx), axis=(-2, -1)) if (dy or dx) and is_spatial(k)
@@ -265,7 +297,8 @@ class GradientModel:
 
     def tiled(self, img: np.ndarray, tile_size: int, shift: tuple[int, int] = (0, 0),
               out: np.ndarray | None = None, budget: int = 512 * 512,
-              params: Mapping[str, np.ndarray] | None = None) -> tuple[float, np.ndarray]:
+              params: Mapping[str, np.ndarray] | None = None, wrap: bool = False
+              ) -> tuple[float, np.ndarray]:
         """The gradient assembled from tiles of at most tile_size pixels (core + halo).
 
         Tiles of one shape run in batches of at most ``budget`` pixels. The gradient is exact
@@ -273,22 +306,31 @@ class GradientModel:
         tile's mean, weighted by its core's share of the image), since a tile's mean also counts
         its halo. With a shift, tiles are cut from the rolled image by index arithmetic; spatial
         objective parameters (see the contract) are cut the same way.
+
+        ``wrap``: halos are never clipped at the image's edges but wrap around (the rows above
+        the first are the last ones, ...), so the gradient is that of the image repeated
+        periodically: a seamless texture. An image that fits in ``tile_size`` (or with
+        ``tile_size`` 0) is then one tile, the whole image plus a halo.
         """
         _, h, w = img.shape
         dy, dx = shift
-        halo = self.tile_info.halo(tile_size)
+        fits = tile_size <= 0 or (h <= tile_size and w <= tile_size)
+        halo = self.tile_info.halo(tile_size if tile_size > 0 else max(h, w))
         stride = self.tile_info.stride
         core = max(stride, (tile_size - 2 * halo) // stride * stride)
+        core_h, core_w = (h, w) if wrap and fits else (core, core)
         base = self.params if params is None else params
         grad = np.zeros_like(img) if out is None else out
         total = 0.0
         spatial = [k for k in base if is_spatial(k)]
         tiles: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
-        for y0 in range(0, h, core):
-            for x0 in range(0, w, core):
-                y1, x1 = min(y0 + core, h), min(x0 + core, w)
-                ty0, tx0 = max(0, y0 - halo), max(0, x0 - halo)
-                ty1, tx1 = min(h, y1 + halo), min(w, x1 + halo)
+        for y0 in range(0, h, core_h):
+            for x0 in range(0, w, core_w):
+                y1, x1 = min(y0 + core_h, h), min(x0 + core_w, w)
+                ty0, tx0 = (y0 - halo, x0 - halo) if wrap else (max(0, y0 - halo),
+                                                                 max(0, x0 - halo))
+                ty1, tx1 = (y1 + halo, x1 + halo) if wrap else (min(h, y1 + halo),
+                                                                 min(w, x1 + halo))
                 tiles.setdefault((ty1 - ty0, tx1 - tx0), []).append((y0, y1, x0, x1, ty0, tx0))
 
         def positions(a: int, b: int) -> float:  # layer positions over an a x b window

@@ -414,6 +414,7 @@ class DreamRequest(Work):
     size: tuple[int, int]  # (width, height)
     data: bytes | None = None  # the encoded image, when not decoded yet
     max_pixels: int | None = None  # the decoder's limit for ``data``
+    controls: Any = None  # onnxdream.controls.Controls: the guide's and masks' pictures
 
     def run(self, models: ModelCache, job: Job | None = None) -> bytes:
         """What a worker does with this request (:func:`run_request`); other kinds of work
@@ -421,28 +422,28 @@ class DreamRequest(Work):
         return run_request(self, models, job)
 
     @classmethod
-    def from_loaded(cls, settings: DreamSettings, fmt: str, loaded) -> DreamRequest:
-        """From a decoded :class:`~onnxdream.imageio.LoadedImage` (kept as uint8 while queued)."""
-        from onnxdream.imageio import to_uint8
-
-        alpha = to_uint8(loaded.alpha) if loaded.alpha is not None else None
-        return cls(settings=settings, fmt=fmt, image=to_uint8(loaded.rgb), alpha=alpha,
-                   size=(loaded.rgb.shape[1], loaded.rgb.shape[0]))
-
-    @classmethod
-    def from_bytes(cls, settings: DreamSettings, fmt: str, data: bytes,
-                   max_pixels: int | None) -> DreamRequest:
+    def from_bytes(cls, settings: DreamSettings, fmt: str, data: bytes | None,
+                   max_pixels: int | None, controls: Any = None) -> DreamRequest:
         """From an encoded image, checked from its header only (format, size, the pixel
-        limit: ImageError / ImageTooLargeError); decoded when the dream runs."""
+        limit: ImageError / ImageTooLargeError) and decoded when the dream runs; or, with no
+        ``data``, a dream from ``settings.init`` (noise or grey) of ``settings.size``.
+        ``controls``: the creative controls' pictures (:class:`~onnxdream.controls.Controls`)."""
+        from onnxdream.errors import ImageTooLargeError
         from onnxdream.imageio import image_size
 
-        size = image_size(data, max_pixels=max_pixels)
+        if data is None:
+            size = tuple(settings.size)
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                raise ImageTooLargeError(f"size {size[0]}x{size[1]}", size[0] * size[1],
+                                         max_pixels)
+        else:
+            size = image_size(data, max_pixels=max_pixels)
         return cls(settings=settings, fmt=fmt, image=None, alpha=None, size=size, data=data,
-                   max_pixels=max_pixels)
+                   max_pixels=max_pixels, controls=controls)
 
     def forget_input(self) -> None:
         """Drop the pixels (the job finished: only its result is kept)."""
-        self.image = self.alpha = self.data = None
+        self.image = self.alpha = self.data = self.controls = None
 
     def pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(float32 HxWx3 in [0,1], uint8 HxW alpha or None), decoding ``data`` if needed."""
@@ -452,6 +453,11 @@ class DreamRequest(Work):
             rgb = self.image.astype(np.float32)
             rgb *= np.float32(1.0 / 255.0)
             return rgb, self.alpha
+        if self.data is None:  # a dream without a photo: its start, from the seed
+            from onnxdream.controls import init_image
+
+            w, h = self.size
+            return init_image(self.settings.init, (h, w), self.settings.seed), None
         loaded = load_image_bytes(self.data, name="the uploaded image",
                                   max_pixels=self.max_pixels)
         self.data = None  # decoded: the bytes are not needed any more
@@ -594,6 +600,9 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
             job.done, job.total, job.octave = p.done, p.total, p.octave
             job.objective = float(p.objective) if math.isfinite(p.objective) else None
 
+    controls = req.controls
+    if controls is not None:
+        params = controls.params(gm, req.settings, rgb.shape[:2], base=params)
     out = dream(gm, rgb, resolved, progress, params)
     if job is not None:
         if job.cancel.is_set():
@@ -601,7 +610,8 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
         job.done = job.total
     ext = "jpg" if req.fmt in ("jpeg", "jpg") else req.fmt
     meta = dream_metadata(resolved, objective=objective, provider=gm.provider,
-                          image="IMAGE", output=f"dream.{ext}")
+                          image="IMAGE", output=f"dream.{ext}",
+                          hashes=controls.hashes if controls is not None else None)
     return encode_image(out, alpha, req.fmt, metadata=meta)
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from onnxdream import __version__
 from onnxdream.resolve import ResolvedSettings
-from onnxdream.settings import ASCENT_FIELDS, VisualizeSettings, describe
+from onnxdream.settings import ASCENT_FIELDS, CONTROL_FIELDS, VisualizeSettings, describe
 
 __all__ = ["PREFIX", "atlas_metadata", "channel_atlas_metadata", "command", "dream_metadata",
            "visualize_metadata"]
@@ -37,13 +37,17 @@ def _keys(values: dict[str, Any]) -> dict[str, str]:
 
 
 def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
-                   image: str = "IMAGE", output: str | None = None) -> dict[str, str]:
+                   image: str = "IMAGE", output: str | None = None,
+                   hashes: Mapping[str, str] | None = None) -> dict[str, str]:
     """The metadata of a dream made with ``resolved`` settings.
 
     ``objective``: the compiled :class:`~onnxdream.exporters.graph.objective.Objective`
     (``GradientModel.objective``: the model's default layers made concrete); ``image`` and
     ``output``: the paths to put in the recorded command (placeholders where there are none,
-    as for an upload).
+    as for an upload). The creative controls are recorded as set (``onnxdream:guide`` ...), and
+    the pictures they read by content: ``hashes`` (``Controls.hashes``: the SHA-256 of each
+    file's bytes) as ``onnxdream:guide_sha256``, ``onnxdream:mask_sha256`` and
+    ``onnxdream:mask_layers_sha256`` (comma-separated, in order).
     """
     settings = resolved.settings
     concrete = replace(settings, layers=tuple(f"{t.layer}:{t.weight:g}" for t in objective.terms),
@@ -60,6 +64,11 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
         "command": command(concrete.to_argv(image, output)),
     })
     meta.update(_keys(describe(concrete, (*ASCENT_FIELDS, "seed"))))
+    controls = describe(settings, CONTROL_FIELDS)
+    controls["mask_layers"] = json.dumps(list(settings.mask_layers))
+    controls["size"] = "x".join(map(str, settings.size)) if settings.size else ""
+    meta.update(_keys(controls))
+    meta.update(_keys({f"{k}_sha256": v for k, v in (hashes or {}).items()}))
     meta.update(resolved.to_metadata())
     return meta
 

@@ -38,17 +38,20 @@ Endpoints (every error is a 4xx/5xx with a JSON body ``{"error": "one sentence"}
 
 Form fields: ``model``, ``layer`` (repeatable, ``NAME`` or ``NAME:WEIGHT``), ``objective``,
 ``pre_relu``, ``octaves``, ``octave_scale``, ``steps``, ``step_size``, ``jitter``, ``tile_size``,
-``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); ``step-size`` spellings are
-accepted too, unknown fields are refused. A video job takes ``format`` mp4 (default), webm or
-gif, the ``video`` command's ``flow``, ``blend``, ``width``, ``start``, ``duration``, ``every``,
-and keyframes in ``layer``, ``steps``, ``step_size`` and ``blend`` (``0:blocks.5,5s:blocks.9``,
-through :func:`onnxdream.framedream.keyframed_settings`, so a bad key is a 400 naming its
-field). ``POST /dream`` refuses a video (before reading it) with a sentence pointing to
-``/jobs``; without the ``[video]`` extra ``POST /jobs`` answers a video with 501 and the pip
-command, and ``/health``'s ``"video"`` says whether videos are available, and their limits.
-Empty values mean "the default" (the defaults are :class:`onnxdream.settings.DreamSettings`'s, as
-for the CLI). The image carries the same provenance as the CLI's (:mod:`onnxdream.provenance`:
-PNG text chunks, or an XMP packet in JPEG/WebP).
+``normalize``, ``max_loss``, ``seed``, ``format`` (png, jpeg, webp); the creative controls
+(:mod:`onnxdream.controls`): file uploads ``guide``, ``mask`` and ``mask_layers`` (repeatable),
+and ``feather``, ``keep_colors``, ``seamless``, ``init`` (``noise`` or ``grey``: then no
+``image``, and ``size`` ``WIDTHxHEIGHT``); ``step-size`` spellings are accepted too, unknown
+fields are refused. A video job takes ``format`` mp4 (default), webm or gif, the ``video``
+command's ``flow``, ``blend``, ``width``, ``start``, ``duration``, ``every``, and keyframes in
+``layer``, ``steps``, ``step_size`` and ``blend`` (``0:blocks.5,5s:blocks.9``, through
+:func:`onnxdream.framedream.keyframed_settings`, so a bad key is a 400 naming its field).
+``POST /dream`` refuses a video (before reading it) with a sentence pointing to ``/jobs``;
+without the ``[video]`` extra ``POST /jobs`` answers a video with 501 and the pip command, and
+``/health``'s ``"video"`` says whether videos are available, and their limits. Empty values
+mean "the default" (the defaults are :class:`onnxdream.settings.DreamSettings`'s, as for the
+CLI). The image carries the same provenance as the CLI's (:mod:`onnxdream.provenance`: PNG
+text chunks, or an XMP packet in JPEG/WebP).
 
 Nothing from a request becomes a filesystem path: ``model`` must be a zoo name or the file stem of
 a model the operator allowed at start-up (``--model-path FILE``).
@@ -121,6 +124,7 @@ from typing import Any
 
 from onnxdream import __version__
 from onnxdream.atlas_cache import AtlasStore, ThumbnailMissing
+from onnxdream.controls import Controls
 from onnxdream.errors import (
     DependencyError,
     ImageTooLargeError,
@@ -249,13 +253,16 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 _TYPES: dict[str, type] = {"model": str, "objective": str, "pre_relu": bool, "octaves": int,
                            "octave_scale": float, "steps": int, "step_size": float,
                            "jitter": int, "tile_size": int, "normalize": str, "max_loss": float,
-                           "seed": int, "format": str}
+                           "seed": int, "format": str, "feather": int, "keep_colors": bool,
+                           "init": str, "size": str, "seamless": bool}
 #: A video job's own fields (onnxdream.videojobs.VideoOptions, the CLI's `video` options).
 _VIDEO_TYPES: dict[str, type] = {"flow": bool, "blend": str, "width": int, "start": float,
                                  "duration": float, "every": int}
 #: Dream fields a video may keyframe ("0:10,5s:20"): kept as text for keyframed_settings.
 _KEYFRAMED = ("steps", "step_size")
 _FILES = ("image", "video")
+#: file fields besides ``image`` (the creative controls' pictures); mask_layers repeats
+UPLOADS = ("guide", "mask", "mask_layers")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 #: What a client that sends a video to /dream is told.
 VIDEO_TO_JOBS = ("POST /dream takes photos only: send a video as the 'video' file of POST /jobs "
@@ -290,37 +297,47 @@ def _convert(name: str, text: str) -> Any:
 @dataclass
 class Form:
     """A parsed dream form: typed ``fields``, the ``layer`` values, the upload (an ``image``
-    held in memory, or a ``video`` already on disk), and for a video the keyframable fields
-    as given (``keyed``: ``steps``, ``step_size``)."""
+    held in memory, or a ``video`` already on disk; None for a dream from ``init``), the
+    creative controls' pictures (``pictures``: ``guide``, ``mask``, ``mask_layers`` bytes, in
+    memory within the body limit), and for a video the keyframable fields as given (``keyed``:
+    ``steps``, ``step_size``)."""
 
     fields: dict[str, Any]
     layers: list[str]
-    upload: FilePart
+    upload: FilePart | None
     video: bool = False
     keyed: dict[str, str] = field(default_factory=dict)
+    pictures: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_fields(items: list[tuple[str, Any]]) -> Form:
     """Multipart items (:class:`~onnxdream.formstream.FormReader`'s) → a :class:`Form`."""
-    uploads = [(n.replace("-", "_").lower(), v) for n, v in items if isinstance(v, FilePart)]
-    for name, value in uploads:
-        if name not in _FILES:
+    files = [(n.replace("-", "_").lower(), v) for n, v in items if isinstance(v, FilePart)]
+    pictures: dict[str, Any] = {}
+    uploads = []
+    for name, value in files:
+        if name in UPLOADS:  # the creative controls' pictures (mask_layers: a list)
+            if name == "mask_layers":
+                pictures.setdefault(name, []).append(value.read())
+            elif name in pictures:
+                raise ApiError(400, f"send one '{name}' file per request")
+            else:
+                pictures[name] = value.read()
+        elif name in _FILES:
+            uploads.append((name, value))
+        else:
             raise ApiError(400, f"field '{value.name[:40]}' must be a plain value, not a file")
     if len(uploads) > 1:
         raise ApiError(400, "send one file per request: an 'image' or a 'video'")
-    if not uploads:
-        raise ApiError(400, "no 'image' file in the request: send multipart/form-data with "
-                            "the photo in a field named 'image' (or a clip in 'video', to "
-                            "POST /jobs)")
-    kind, upload = uploads[0]
+    kind, upload = uploads[0] if uploads else ("image", None)
     video = kind == "video"
-    form = Form({}, [], upload, video)
-    known = [kind, "layer", *_TYPES, *(_VIDEO_TYPES if video else ())]
+    form = Form({}, [], upload, video, pictures=pictures)
+    known = [kind, "layer", *_TYPES, *UPLOADS, *(_VIDEO_TYPES if video else ())]
     for raw_name, value in items:
         if isinstance(value, FilePart):
             continue
         name = raw_name.replace("-", "_").lower()
-        if name in _FILES:
+        if name in _FILES or name in UPLOADS:
             raise ApiError(400, f"'{name}' must be a file upload (multipart/form-data)")
         if name == "layer":
             text = value.strip()
@@ -352,13 +369,29 @@ def parse_fields(items: list[tuple[str, Any]]) -> Form:
     if len(form.layers) > MAX_LAYERS:
         raise ApiError(400, f"at most {MAX_LAYERS} 'layer' fields per dream, got "
                             f"{len(form.layers)}")
+    if upload is None and not form.fields.get("init"):
+        raise ApiError(400, "no 'image' file in the request: send multipart/form-data with "
+                            "the photo in a field named 'image' (or a clip in 'video', to "
+                            "POST /jobs; or init=noise and a size)")
+    if upload is not None and form.fields.get("init"):
+        raise ApiError(400, "init starts a dream without a photo: send no 'image' with it")
+    if video and pictures:
+        raise ApiError(400, f"'{next(iter(pictures))}' is for photos: a video job takes no "
+                            "guide or mask")
     return form
 
 
 def build_settings(fields: dict[str, Any], layers: list[str],
                    config: ServerConfig) -> DreamSettings:
     """Form values → a validated DreamSettings with its seed fixed (defaults from settings)."""
-    given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS)}
+    given = {k: fields.get(k) for k in ("model", "objective", "pre_relu", "seed", *ASCENT_FIELDS,
+                                        "feather", "keep_colors", "init", "size", "seamless")}
+    if given["init"] and not given["size"]:
+        given["size"] = "512x512"
+    # the uploads by placeholder names (their content hashes go into the provenance)
+    given["guide"] = "GUIDE" if "guide" in fields else None
+    given["mask"] = "MASK" if "mask" in fields else None
+    given["mask_layers"] = [f"MASK{i + 1}" for i in range(len(fields.get("mask_layers", [])))]
     settings = DreamSettings.from_options(layers=layers or None, **given).with_seed()
     if settings.octaves * settings.steps > config.max_steps:
         raise ApiError(400, f"octaves x steps is {settings.octaves * settings.steps}, more than "
@@ -491,11 +524,21 @@ def _form_schema(video: bool = False) -> dict[str, Any]:
     for name, kind in _TYPES.items():
         props[name] = dict(kinds[kind])
     props["format"] = {"type": "string", "enum": sorted(FORMATS)}
+    props["init"] = {"type": "string", "enum": ["noise", "grey"],
+                     "description": "Dream without a photo (send no image): its start."}
+    props["size"] = {"type": "string", "description": "WIDTHxHEIGHT of a dream from init."}
+    for name, text in (("guide", "A picture whose features the dream moves toward."),
+                       ("mask", "White: dream, black: keep the photo, grey: part.")):
+        props[name] = {"type": "string", "format": "binary", "description": text}
+    props["mask_layers"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                            "description": "Where each layer dreams, one picture per layer."}
     if not video:
         return {"requestBody": {"required": True, "content": {"multipart/form-data": {
             "schema": {"type": "object", "required": ["image"], "properties": props},
             "encoding": {"layer": {"style": "form", "explode": True}}}}}}
     props["image"]["description"] += " Send an 'image' or a 'video'."
+    for name in ("init", "size", "guide", "mask", "mask_layers"):  # photos only
+        props.pop(name)
     props["video"] = {"type": "string", "format": "binary", "description": _VIDEO_HELP["video"]}
     for name, kind in _VIDEO_TYPES.items():
         props[name] = {**kinds[kind], "description": _VIDEO_HELP[name]}
@@ -713,18 +756,21 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             if "space" in upload:
                 upload["space"].release()
             raise
-        fields, layers = form.fields, form.layers
-        if form.upload.content_type.lower().startswith("video/"):
+        fields, layers, upload = form.fields, form.layers, form.upload
+        if upload is not None and upload.content_type.lower().startswith("video/"):
             raise ApiError(400, "the 'image' file is a video: " + (
                 "send it as the 'video' file" if videos else VIDEO_TO_JOBS))
         fmt = str(fields.get("format", "png")).lower()
         if fmt not in FORMATS:
             raise ApiError(400, f"format must be png, jpeg or webp for a photo, got "
                                 f"{fmt[:20]!r}")
-        settings = build_settings(fields, layers, config)
+        settings = build_settings({**fields, **form.pictures}, layers, config)
         models.source(settings.model)  # an allowed name, or ModelError now
-        req = await run_in_threadpool(DreamRequest.from_bytes, settings, fmt,
-                                      form.upload.read(), config.max_pixels)  # the header only
+        controls = await run_in_threadpool(lambda: Controls.from_bytes(
+            max_pixels=config.max_pixels, **form.pictures)) if form.pictures else None
+        req = await run_in_threadpool(  # the header only: decoded when the dream starts
+            DreamRequest.from_bytes, settings, fmt,
+            upload.read() if upload is not None else None, config.max_pixels, controls)
         # bad layer/objective: 400 now; a compile runs one at a time, within the admission
         await run_in_threadpool(models.get, settings)
         return req

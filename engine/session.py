@@ -282,6 +282,12 @@ class Session:
         return [i.name for i in self.session.get_inputs()]
 
     @property
+    def parameter_names(self) -> list[str]:
+        """Inputs with a default (onnxruntime's overridable initializers): a compiled graph's
+        objective parameters, which ``input_names`` leaves out."""
+        return [i.name for i in self.session.get_overridable_initializers()]
+
+    @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 

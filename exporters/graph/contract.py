@@ -79,9 +79,17 @@ columns): the tiler cuts it per tile like the image and the jitter rolls it with
   C]`` for NHWC ones): per-image channel weights of a ``weighted_channels`` term, whose value is
   ``sum_c channel_weights[n, c] * mean(layer[n, c])`` (feature visualisation: a one-hot row is
   a channel or a class, ``1/C`` everywhere the whole layer). Default ``1/C`` (the layer mean).
-- reserved: ``guide.<t>`` (``[M, C]``, guide features for term ``t``, not spatial), ``mask``
-  (``[1 or N, T or 1, H, W]`` at image resolution, spatial, default ones ``[1, 1, 1, 1]``) and,
-  on the step graph, ``step_mask`` (spatial, default ones).
+- ``guide.<t>`` float32 ``[M, C]``: the guide features of guide term ``t`` (M feature vectors
+  of the guide image at the term's layer, C its channels), not spatial, and **no default**: a
+  graph with a guide term needs them (``onnxdream.guide`` computes them with
+  :func:`~onnxdream.exporters.graph.compiler.compile_features`'s graph).
+- ``mask`` float32 ``[1 or N, 1 or T, H, W]`` at image resolution, spatial, default ones
+  ``[1, 1, 1, 1]``: region masks. Term ``t`` reads channel ``t mod T`` (one mask for all terms,
+  or one per term), resized in the graph to its layer (antialiased linear), and weights the
+  layer's positions by it before averaging them (terms that average positions of a 4-D layer:
+  mean, l2, channel, guide, weighted_channels; a graph has ``mask`` when one of its terms does).
+- on the step graph, ``step_mask`` (``[1 or N, 1, H, W]``, spatial, default ones): the per-pixel
+  scale of the step, in the image's frame (0 keeps a pixel as it is).
 
 **The step graph** (:mod:`onnxdream.exporters.graph.step`) wraps a compiled graph into one ascent
 step: inputs ``x``, ``shift``, ``step_size`` and the gradient graph's parameters (passed
@@ -524,13 +532,13 @@ PARAMS: dict[str, ParamSpec] = {p.name: p for p in (
               "term t's value is multiplied by weights[t]"),
     ParamSpec(CHANNEL_WEIGHTS, "[N,C], [N,C,1,1] (NCHW) or [N,1,1,C] (NHWC)", False, "1/C",
               "per-image channel weights of the weighted_channels term"),
-    ParamSpec(MASK, "[1 or N, T or 1, H, W]", True, "ones [1,1,1,1]",
-              "where each term counts, at image resolution (reserved)"),
+    ParamSpec(MASK, "[1 or N, 1 or T, H, W]", True, "ones [1,1,1,1]",
+              "region masks at image resolution: channel t mod T weights term t's positions"),
     ParamSpec(STEP_MASK, "[1 or N, 1, H, W]", True, "ones [1,1,1,1]",
-              "the step graph's per-pixel step scale (reserved)"),
+              "the step graph's per-pixel step scale (0 keeps a pixel)"),
 )}
-GUIDE = ParamSpec(GUIDE_PREFIX + "<t>", "[M,C]", False, "none",
-                  "guide features of term t (reserved)")
+GUIDE = ParamSpec(GUIDE_PREFIX + "<t>", "[M,C]", False, "none (required)",
+                  "guide features of guide term t")
 
 
 def param_spec(name: str) -> ParamSpec:
