@@ -41,7 +41,7 @@ import typer
 
 from onnxdream import __version__
 from onnxdream.errors import MemoryBudgetError, OnnxDreamError, SettingsError
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 if TYPE_CHECKING:
     from onnxdream.schedule import Schedule
@@ -94,16 +94,29 @@ def warn(message: str) -> None:
 
 def flag_for(field: str) -> str:
     """The running command's option for a settings field (``step_size`` → ``--step-size``)."""
-    import click
-
     name = _FIELD_PARAMS.get(field, field)
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     if ctx is not None:
         for p in ctx.command.params:
             if p.name == name and getattr(p, "opts", None):
                 longs = [o for o in p.opts if o.startswith("--")]
                 return longs[0] if longs else p.opts[0]
     return "--" + name.replace("_", "-")
+
+
+def _current_context():
+    """The running command's click context: Typer >= 0.22 runs commands on a vendored copy of
+    click (``typer._click``) whose context stack ``click.get_current_context`` cannot see."""
+    import importlib
+
+    for module in ("typer._click.globals", "click"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None:
+            return ctx
+    return None
 
 
 @contextlib.contextmanager
@@ -128,8 +141,9 @@ def user_errors():
 # -- progress ---------------------------------------------------------------------------------
 
 
-def progress_bar():
-    """A rich progress bar on stderr: description, bar, done/total, info, elapsed, ETA."""
+def progress_bar(file=None):
+    """A rich progress bar on stderr (or the text file ``file``): description, bar, done/total,
+    info, elapsed, ETA."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -143,7 +157,7 @@ def progress_bar():
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), transient=False,
-                    console=Console(stderr=True))
+                    console=Console(stderr=True) if file is None else Console(file=file))
 
 
 @contextlib.contextmanager
@@ -189,6 +203,11 @@ def _default(value: Any) -> str:
     return f"  \\[default: {value}]"
 
 
+# how --help states a default that the model decides (the settings hold None for it)
+_DEFAULT_TEXT = {"step_size": "the model's recommendation (`onnxdream models` shows it), else "
+                              f"{DEFAULT_STEP_SIZE}"}
+
+
 # Keyframes for the options a command lets change over a clip (video, zoom): how --help says it.
 SCHEDULE_HELP = {
     "layer": " In a clip, keyframes: `0:blocks.5,120:blocks.9` cuts to blocks.9 at frame 120 "
@@ -214,7 +233,8 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
             **kw: Any) -> Any:
         if name in scheduled:
             kind, help = str, help + "." + SCHEDULE_HELP[name]
-        help += _default(d[name]) if default else ""
+        help += _default(_DEFAULT_TEXT.get(name, d[name]) if d[name] is None else d[name]) \
+            if default else ""
         return Annotated[kind | None, typer.Option(*flags, help=help, show_default=False,
                                                    **kw)]
 
@@ -288,10 +308,12 @@ class DreamOptions:
         checked as a setting (ScheduleError naming the field)."""
         return self._keyframed()[1]
 
-    def settings(self) -> DreamSettings:
+    def settings(self, **controls: Any) -> DreamSettings:
         """One validated DreamSettings: explicit options over the preset over the command's
         defaults over DreamSettings' (the model's layers are read only when a preset must
-        choose them). A keyframed option contributes its first key's value. Seed as given."""
+        choose them). A keyframed option contributes its first key's value. Seed as given.
+        ``controls``: further DreamSettings fields the command has options for (``dream``'s
+        creative controls: guide, mask, keep_colors, ...), None meaning not given."""
         options = dict(self.values)
         first, _ = self._keyframed()
         for name in self.scheduled:
@@ -299,7 +321,7 @@ class DreamOptions:
                 options[name] = first[_SCHEDULE_FIELDS[name]]
         options["layers"] = options.pop("layer", None)
         return DreamSettings.from_options(layers_of=_layers_of, defaults=self.defaults,
-                                          **options)
+                                          **options, **controls)
 
 
 def with_dream_options(func: Callable | None = None, *,

@@ -104,7 +104,8 @@ class StaticSteps:
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step=None,
             params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape.
+        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape,
+        ``params`` (default :attr:`params`) this runner's parameter names and shapes.
 
         Runs from several threads (the server's workers share a model) take turns.
         """
@@ -160,18 +161,24 @@ class DeviceAscent:
         self.fallback_reason: str | None = None
         self._model = gradient_model
         self._threads = threads
-        self._static: OrderedDict[tuple[int, ...], StaticSteps] = OrderedDict()
+        self._static: OrderedDict[tuple, StaticSteps] = OrderedDict()  # (shape, params)
         self._lock = threading.Lock()
 
-    def static_steps(self, shape: tuple[int, ...]) -> StaticSteps:
-        """The per-shape runner for ``shape`` ([1,3,H,W]), created on first use (LRU)."""
+    def static_steps(self, shape: tuple[int, ...],
+                     params: Mapping[str, np.ndarray] | None = None) -> StaticSteps:
+        """The per-shape runner for ``shape`` ([1,3,H,W]) and the names and shapes of
+        ``params`` (default :attr:`params`: its buffers are bound once), created on first use
+        (LRU)."""
         shape = tuple(int(v) for v in shape)
+        params = self.params if params is None else params
+        key = (shape, tuple((k, np.shape(v), np.asarray(v).dtype.str)
+                            for k, v in sorted(params.items())))
         with self._lock:
-            runner = self._static.pop(shape, None)
+            runner = self._static.pop(key, None)
             if runner is None:
                 runner = StaticSteps(self._model, shape, self.device, self._threads,
-                                     self.cuda_graph, self.params)
-            self._static[shape] = runner
+                                     self.cuda_graph, params)
+            self._static[key] = runner
             while len(self._static) > STATIC_CACHE:
                 self._static.popitem(last=False)
             return runner
@@ -180,8 +187,10 @@ class DeviceAscent:
             on_step=None, params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """``steps`` steps on img [3,H,W]; ``shifts`` yields (dy, dx) per step. Returns [3,H,W].
 
-        ``params``: the objective parameters for this run (default :attr:`params`), so that
-        several dreams with other weightings share this runner without changing it.
+        ``params``: the step graph's parameters for this run (default :attr:`params`): the
+        gradient graph's (weights, guide features, region masks at this size) and
+        ``step_mask``, so that several dreams with other weightings share this runner without
+        changing it.
         """
         params = self.params if params is None else params
         if self.static_shapes:
@@ -197,8 +206,8 @@ class DeviceAscent:
                     yield drawn[-1]
 
             try:
-                return self.static_steps((1, *img.shape)).run(img, steps, step_size, drawing(),
-                                                              step, params)
+                return self.static_steps((1, *img.shape), params).run(
+                    img, steps, step_size, drawing(), step, params)
             except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
                 if started:  # steps already ran and were reported: do not silently redo them
                     raise

@@ -112,9 +112,19 @@ class VideoError(OnnxDreamError):
     selection is out of range, or an output cannot be written (unknown extension, …)."""
 
 
+class VideoTooLargeError(VideoError):
+    """A video is over a limit a server sets (its length, its frames' pixels, the disk its job
+    needs): the server answers 413."""
+
+
 class NonFiniteError(OnnxDreamError):
     """The objective or its gradient stopped being a finite number during a dream (float32
     overflow: huge layer weights, or a model whose activations overflow); nothing is written."""
+
+
+class BatchError(OnnxDreamError):
+    """A batch as a whole cannot run: no inputs, two inputs for one output, an unreachable
+    cluster (``field`` names the option: ``inputs``, ``address``, ...)."""
 
 
 class DeviceError(OnnxDreamError):

@@ -31,6 +31,7 @@ from onnxdream.errors import ModelError, ObjectiveError, OnnxDreamError, first_l
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient
 from onnxdream.exporters.graph.contract import (
     GRAD,
+    GUIDE_PREFIX,
     IMAGE,
     OBJECTIVE,
     WEIGHTS,
@@ -49,8 +50,9 @@ from onnxdream.session import Session, create_session
 # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
 # masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
 # 10: term weights are the graph's `weights` input (the cache key leaves them out);
-# 11: negative Pad pads (were mis-cropped)
-COMPILER_VERSION = "11"
+# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
+# 13: region masks block-averaged on the layer's stride
+COMPILER_VERSION = "13"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -146,7 +148,8 @@ class GradientModel:
             CompiledCache.hold(Path(graph))  # not evicted while this model lives
             weakref.finalize(self, CompiledCache.release, Path(graph))
         self._graph, self._threads, self._device_ascent = graph, threads, None
-        self.border = border
+        self._features: Session | None = None
+        self.border, self.pre_relu = border, pre_relu
         self.tile_info = self._tile_info(proto)
         self.labels = self.info.labels
 
@@ -179,6 +182,12 @@ class GradientModel:
                                  pre_relu=self._key[0], border=self._key[1]),
                 self.info.native_size)
         return replace(profile, model_bytes=self.model_path.stat().st_size)
+
+    @property
+    def required(self) -> list[str]:
+        """Parameters without a default, which every run must pass: guide terms' features."""
+        return [f"{GUIDE_PREFIX}{k}" for k, t in enumerate(self.objective.terms)
+                if t.kind == "guide"]
 
     @property
     def provider(self) -> str:
@@ -231,6 +240,20 @@ class GradientModel:
                                                threads=self._threads, params=self.params)
         return self._device_ascent
 
+    def features(self, x: np.ndarray) -> list[np.ndarray]:
+        """The activations of the objective's layers (in ``objective.layers`` order) for x
+        (float32 [N,3,H,W]), read as the gradient graph reads them (``pre_relu`` included): a
+        forward-only graph (:func:`~onnxdream.exporters.graph.compiler.compile_features`) in a
+        session made on first use. The guided dream reads its guide's features with it."""
+        if self._features is None:
+            from onnxdream.exporters.graph import compile_features
+
+            graph = compile_features(load_model(self.model_path), self.objective,
+                                     pre_relu=self.pre_relu)
+            self._features = create_session(graph.SerializeToString(), device=self.session.device,
+                                            threads=self._threads)
+        return self._features.run(None, {IMAGE: x})
+
     # -- evaluation ---------------------------------------------------------------------------
     def __call__(self, x: np.ndarray, params: dict[str, np.ndarray] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -243,6 +266,10 @@ class GradientModel:
         if not self.info.dynamic_hw and tuple(x.shape[2:]) != tuple(self.info.native_size):
             raise self._size_error(x.shape[3], x.shape[2])
         feeds = {IMAGE: x, **(self.params if params is None else params)}
+        missing = [name for name in self.required if name not in feeds]
+        if missing:
+            raise ObjectiveError(f"this objective needs {', '.join(missing)}: a guided dream "
+                                 "needs its guide's features (onnxdream.guide.guide_params)")
         try:
             obj, grad = self.session.run([OBJECTIVE, GRAD], feeds, _quiet_run_options())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
@@ -262,7 +289,7 @@ class GradientModel:
     def gradient(self, img: np.ndarray, tile_size: int | tuple[int, int] = 0,
                  shift: tuple[int, int] = (0, 0), out: np.ndarray | None = None,
                  params: Mapping[str, np.ndarray] | None = None,
-                 batch_pixels: int = 512 * 512) -> tuple[float, np.ndarray]:
+                 batch_pixels: int = 512 * 512, wrap: bool = False) -> tuple[float, np.ndarray]:
         """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than the tile.
 
         ``tile_size``: a side, or (h, w); 0 for no tiles. A fixed-size model is always tiled
@@ -272,6 +299,9 @@ class GradientModel:
         images are never copied whole for it. ``out``, if given, receives the gradient (no new
         full-size array). ``params``: the objective parameters at image size (default
         :attr:`params`; see :meth:`params_for`). ``batch_pixels`` bounds a batch of tiles (see
+        :meth:`tiled`). ``wrap``: the image is one tile of a periodic plane (a seamless
+        texture): every tile, the image's edges included, sees the wrapped-around pixels as its
+        halo (see
         :meth:`tiled`).
         """
         base = self.params if params is None else params
@@ -280,8 +310,13 @@ class GradientModel:
         th, tw = (tile_size, tile_size) if isinstance(tile_size, (int, np.integer)) else tile_size
         fixed = not self.info.dynamic_hw
         if fixed:
+            if wrap:
+                raise ModelError(f"{self.info.name} has a fixed input size: a seamless dream "
+                                 "needs a model that runs at any size")
             th, tw = self.info.native_size
         tileable = fixed or all(t.kind not in ("class", "neuron") for t in self.objective.terms)
+        if wrap and tileable:
+            return self.tiled(img, (th, tw), (dy, dx), out, batch_pixels, params=base, wrap=True)
         if not tileable or th <= 0 or (h <= th and w <= tw):
             x = np.roll(img, (dy, dx), axis=(1, 2)) if (dy or dx) else img
             params = {k: np.roll(v, (dy, dx), axis=(-2, -1)) if (dy or dx) and is_spatial(k)
@@ -296,8 +331,8 @@ class GradientModel:
 
     def tiled(self, img: np.ndarray, tile_size: int | tuple[int, int],
               shift: tuple[int, int] = (0, 0), out: np.ndarray | None = None,
-              budget: int = 512 * 512, params: Mapping[str, np.ndarray] | None = None
-              ) -> tuple[float, np.ndarray]:
+              budget: int = 512 * 512, params: Mapping[str, np.ndarray] | None = None,
+              wrap: bool = False) -> tuple[float, np.ndarray]:
         """The gradient assembled from tiles of at most ``tile_size`` (a side or (h, w)) pixels
         (core + halo).
 
@@ -308,6 +343,11 @@ class GradientModel:
         objective parameters (see the contract) are cut the same way. For a fixed-size model
         every tile is exactly ``tile_size``: the tiles along the bottom and right edges shift
         inward (more context on their inner side) instead of being cut short.
+
+        ``wrap``: halos are never clipped at the image's edges but wrap around (the rows above
+        the first are the last ones, ...), so the gradient is that of the image repeated
+        periodically: a seamless texture. An image that fits in ``tile_size`` (or with
+        ``tile_size`` 0) is then one tile, the whole image plus a halo.
         """
         _, h, w = img.shape
         dy, dx = shift
@@ -315,11 +355,15 @@ class GradientModel:
         exact = not self.info.dynamic_hw
         if exact and (h < th or w < tw):
             raise self._size_error(w, h)
-        th, tw = min(th, h), min(tw, w)
         stride = self.tile_info.stride
-        halo_h, halo_w = self.tile_info.halo(th), self.tile_info.halo(tw)
-        core_h = max(stride, (th - 2 * halo_h) // stride * stride)
-        core_w = max(stride, (tw - 2 * halo_w) // stride * stride)
+        if wrap and (th <= 0 or (h <= th and w <= tw)):  # one tile: the image and its halo
+            halo_h = halo_w = self.tile_info.halo(max(h, w))
+            core_h, core_w = h, w
+        else:
+            th, tw = min(th, h), min(tw, w)
+            halo_h, halo_w = self.tile_info.halo(th), self.tile_info.halo(tw)
+            core_h = max(stride, (th - 2 * halo_h) // stride * stride)
+            core_w = max(stride, (tw - 2 * halo_w) // stride * stride)
         base = self.params if params is None else params
         grad = np.zeros_like(img) if out is None else out
         total = 0.0
@@ -327,6 +371,8 @@ class GradientModel:
         tiles: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
 
         def window(c0: int, c1: int, halo: int, size: int, n: int) -> tuple[int, int]:
+            if wrap:  # the halo wraps around the image's edges
+                return c0 - halo, c1 + halo
             if exact:  # exactly `size`, shifted inward at the far edge
                 start = min(max(0, c0 - halo), n - size)
                 return start, start + size

@@ -3,8 +3,9 @@
 - :func:`content_security_policy` is THE place the page's Content-Security-Policy is defined:
   only the page's own files run (``engine/static/*.js``, ``*.css``: no inline script or style,
   nothing from another origin), images may be this server's or ``blob:``/``data:`` URLs (the
-  dream is shown from a blob), requests go back to this server only, and no site may frame the
-  page. The browser path (issue 16) extends it for its page, e.g.
+  dream is shown from a blob), video and audio this server's or ``blob:`` (a dreamed video
+  plays from a blob, the chosen clip previews from one), requests go back to this server only,
+  and no site may frame the page. The browser path (issue 16) extends it for its page, e.g.
   ``content_security_policy({"script-src": "'self' 'wasm-unsafe-eval'", "worker-src": "'self'"})``
   plus :data:`CROSS_ORIGIN_ISOLATION` (COOP/COEP, which SharedArrayBuffer needs).
 - :class:`SecurityHeaders` (pure ASGI, wrapped around the whole app, so error responses,
@@ -34,6 +35,7 @@ BASE_CSP: dict[str, str] = {
     "script-src": "'self'",
     "style-src": "'self'",
     "img-src": "'self' blob: data:",
+    "media-src": "'self' blob:",
     "connect-src": "'self'",
     "form-action": "'self'",
     "base-uri": "'none'",
@@ -128,13 +130,14 @@ class PathScrubber:
                        for path, name in sorted(pairs.items(), key=lambda kv: -len(kv[0]))]
 
     @classmethod
-    def for_server(cls, model_paths: Mapping[str, Path], cache_dir: Path) -> PathScrubber:
-        """Operator models by name; the model home, the cache, the installation and the
-        temporary and home directories as "…"."""
+    def for_server(cls, model_paths: Mapping[str, Path], cache_dir: Path,
+                   *more: str | os.PathLike) -> PathScrubber:
+        """Operator models by name; the model home, the cache, the installation, the
+        temporary and home directories and ``more`` (the video jobs' folder) as "…"."""
         from onnxdream.models import model_home
 
         named = {path: f"'{name}'" for name, path in model_paths.items()}
-        roots = [cache_dir, model_home(), *(p.parent for p in model_paths.values()),
+        roots = [cache_dir, model_home(), *more, *(p.parent for p in model_paths.values()),
                  Path(__file__).resolve().parent, sys.prefix, sys.base_prefix,
                  tempfile.gettempdir(), Path.home(), Path.cwd()]
         return cls(named, [r for r in roots if str(r) not in ("/", "")])

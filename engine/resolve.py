@@ -30,7 +30,7 @@ The rules (the model's native size and fixed/dynamic H/W come from the model con
   scale the network sees at every octave, so they do not scale with the image (measured with
   them fixed: the change at a 256-px view is 1.0-1.31x the 512-px dream's from 256 to 4096 px,
   where 4 fixed octaves gave 0.65x at 2048 px; benchmarks/README.md).
-  ``step_size="auto"`` is resolved by :func:`resolve_step_size` (the model's recommendation).
+  A step size of None is the model's recommendation (:func:`step_size_for`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ from onnxdream.settings import (
 )
 
 __all__ = ["BATCH_PIXELS", "MIN_AUTO_OCTAVES", "MIN_TILE", "MemoryBudgetError", "ModelGeometry",
-           "ResolvedSettings", "auto_octaves", "recommended_step_size", "resolve",
-           "resolve_step_size"]
+           "ResolvedSettings", "auto_octaves", "resolve", "step_size_for"]
 
 #: The fewest octaves "auto" takes for a dynamic model (where the image is large enough):
 #: measured on a 256-px photo, 2 octaves change it 0.82x as much as a 512-px photo's 4; 3, 1.0x.
@@ -82,6 +81,7 @@ class ModelGeometry(Protocol):
 
     native_size: tuple[int, int]  # (height, width) the model was trained at
     dynamic_hw: bool  # whether its input accepts any height and width
+    # (optional) step_size: float | None, the model's recommended step size
 
 
 @dataclass(frozen=True)
@@ -204,22 +204,13 @@ def auto_octaves(height: int, width: int, native: tuple[int, int], scale: float,
     return max(MIN_AUTO_OCTAVES, min(MAX_OCTAVES, 1 + math.ceil(x - 1e-9)))
 
 
-def recommended_step_size(model) -> float | None:
-    """The model's own recommended step size, if it has one (None: it has not).
-
-    The hook for per-model step sizes (zoo models and the rule for exported ones): reads
-    ``model.recommended_step_size`` when the model info carries it.
-    """
-    value = getattr(model, "recommended_step_size", None)
-    return float(value) if value else None
-
-
-def resolve_step_size(settings: DreamSettings, model=None) -> float:
-    """The step size a dream runs with: the settings' own number, or for ``"auto"`` (or None)
-    the model's recommendation (:func:`recommended_step_size`), else :data:`DEFAULT_STEP_SIZE`."""
-    if settings.step_size is None or settings.step_size == AUTO:
-        return recommended_step_size(model) or DEFAULT_STEP_SIZE
-    return float(settings.step_size)
+def step_size_for(settings: DreamSettings, model: ModelGeometry | None = None) -> float:
+    """The step size a dream runs with: the settings', else the model's recommendation
+    (``onnxdream.step_size`` in its metadata, see the contract), else ``DEFAULT_STEP_SIZE``."""
+    if settings.step_size is not None:
+        return float(settings.step_size)
+    recommended = getattr(model, "step_size", None)
+    return float(recommended) if recommended is not None else DEFAULT_STEP_SIZE
 
 
 def _work_size(height: int, width: int, native: tuple[int, int], fixed: bool) -> tuple[int, int]:
@@ -322,5 +313,5 @@ def resolve(settings: DreamSettings, height: int, width: int,
     tile, batch, est = _choose_tile(settings, work, native, fixed, memory, budget)
     return ResolvedSettings(settings=settings, height=height, width=width,
                             octave_sizes=tuple(sizes), tile=tile, jitter=settings.jitter,
-                            step_size=resolve_step_size(settings, model), batch_pixels=batch,
+                            step_size=step_size_for(settings, model), batch_pixels=batch,
                             memory=est)

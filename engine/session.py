@@ -37,8 +37,10 @@ __all__ = [
     "DEVICES",
     "Session",
     "available_devices",
+    "cpu_cores",
     "create_session",
     "default_threads",
+    "env_threads",
     "describe_provider",
     "import_onnxruntime",
     "resolve_providers",
@@ -207,21 +209,32 @@ def _cgroup_cpu_limit() -> int | None:
 
 
 def default_threads() -> int:
-    """Intra-op threads: ``$ONNXDREAM_THREADS`` if set, else the physical cores we may use.
+    """Intra-op threads: ``$ONNXDREAM_THREADS`` if set, else :func:`cpu_cores`."""
+    n = env_threads()
+    return n if n is not None else cpu_cores()
+
+
+def env_threads() -> int | None:
+    """``$ONNXDREAM_THREADS`` as a positive integer, or None when it is not set."""
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if not env:
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise OnnxDreamError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
+    return n
+
+
+def cpu_cores() -> int:
+    """The physical cores this process may use.
 
     "May use" is the CPU affinity mask and any cgroup CPU quota (containers). Hyper-threads are
     not counted: onnxruntime's convolution kernels gain nothing from them and lose to the
     contention. Falls back to ``os.cpu_count()`` where the topology is unknown.
     """
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = -1
-        if n < 1:
-            raise OnnxDreamError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
-        return n
     allowed: set[int] | None
     try:
         allowed = set(os.sched_getaffinity(0))
@@ -267,6 +280,12 @@ class Session:
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Inputs with a default (onnxruntime's overridable initializers): a compiled graph's
+        objective parameters, which ``input_names`` leaves out."""
+        return [i.name for i in self.session.get_overridable_initializers()]
 
     @property
     def output_names(self) -> list[str]:

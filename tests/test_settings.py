@@ -35,14 +35,20 @@ from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
 
 def test_one_default_step_size_everywhere():
     from onnxdream.presets import resolve_preset
+    from onnxdream.resolve import resolve
+    from onnxdream.settings import DEFAULT_STEP_SIZE
 
-    assert DreamSettings().step_size == 0.006
-    assert resolve_preset(None).dream_settings().step_size == 0.006
-    assert DreamSettings.from_options(step_size=None).step_size == 0.006
+    # None: the model's recommended step size, else DEFAULT_STEP_SIZE (decided by the resolver)
+    assert DreamSettings().step_size is None and DEFAULT_STEP_SIZE == 0.006
+    assert resolve_preset(None).dream_settings().step_size is None
+    assert DreamSettings.from_options(step_size=None).step_size is None
+    assert resolve(DreamSettings(), 64, 64).step_size == 0.006
     from onnxdream.cli import app
 
     result = CliRunner().invoke(app, ["dream", "--help"], env={"COLUMNS": "200"})
-    assert "[default: 0.006]" in result.output
+    text = " ".join(result.output.replace("│", " ").split())  # unwrapped
+    assert "[default: the model's recommendation (`onnxdream models` shows it), else 0.006]" \
+        in text
 
 
 def test_server_form_defaults_are_the_settings_defaults():
@@ -263,7 +269,7 @@ def test_resolver_reproduces_the_octave_rule(h, w, octaves, scale):
     assert r.steps_total == len(r.octave_sizes) * 3 and r.octaves == len(r.octave_sizes)
     # no memory profile: the tile as asked, none (0) where the image fits in one
     tile = 0 if max(h, w) <= s.tile_size else s.tile_size
-    assert (r.tile_size, r.jitter, r.step_size) == (tile, s.jitter, s.step_size)
+    assert (r.tile_size, r.jitter, r.step_size) == (tile, s.jitter, 0.006)
     meta = json.loads(r.to_metadata()["onnxdream:resolved"])
     assert meta["octave_sizes"] == [list(x) for x in r.octave_sizes]
 
@@ -318,8 +324,8 @@ def test_dream_metadata_keys_and_command():
                               "--layer blocks.5:1 ")
     import shlex
 
-    assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(
-        layers=("blocks.5:1",), seed=9, max_loss=3.0, octaves=3)
+    assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(  # the step size as used
+        layers=("blocks.5:1",), seed=9, max_loss=3.0, octaves=3, step_size=0.006)
 
 
 # -- the atomic writer ------------------------------------------------------------------------

@@ -5,7 +5,8 @@ the device between steps::
 
     rolled = roll(x, shift)                         (the jitter)
     g      = unroll(grad(rolled), shift)
-    x_out  = clip(x + step_size * g / (mean|g| + 1e-8), 0, 1)
+    x_out  = clip(x + step_mask * step_size * g / (mean(|g| step_mask) / mean(step_mask)
+                                                   + 1e-8), 0, 1)
 
 :func:`step_graph` serves every image size: the roll is ``Slice`` + ``Concat`` by the ``shift``
 input. :func:`static_step_graph` is for one fixed shape: the roll is a ``Gather`` by index vectors
@@ -15,7 +16,9 @@ on the same buffers, which a CUDA graph capture needs.
 Inputs: ``x`` (the image, float32 [1,3,H,W] in [0,1]), the roll (``shift`` int64 [2], or
 ``rows``/``cols``/``unrows``/``uncols``), ``step_size`` float32 [1], then the gradient graph's
 objective parameters, passed through with their defaults (see :mod:`.contract`); spatial ones
-are rolled with the image. Outputs: ``objective`` and ``image_out``.
+are rolled with the image; last ``step_mask`` ([1 or N, 1, H, W] or a broadcastable shape,
+default ones), the per-pixel scale of the step (a region mask: 0 keeps a pixel as it is), in the
+image's own frame. Outputs: ``objective`` and ``image_out``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import onnx
 from onnx import helper
 
 from onnxdream.exporters.graph.builder import INT64, GraphBuilder
-from onnxdream.exporters.graph.contract import GRAD, IMAGE, graph_params
+from onnxdream.exporters.graph.contract import GRAD, IMAGE, STEP_MASK, graph_params, param_input
 
 DYNAMIC_INPUTS = ("x", "shift", "step_size")
 STATIC_INPUTS = ("x", "rows", "cols", "unrows", "uncols", "step_size")
@@ -54,7 +57,8 @@ class _Wrap:
         self.spatial = [p.name for p in graph_params(m).values() if p.spatial]
         g = m.graph
         taken = {o for n in g.node for o in n.output} | {n.name for n in g.node}
-        taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {"x", OUTPUT}
+        taken |= {i.name for i in g.initializer} | {i.name for i in g.input}
+        taken |= {"x", OUTPUT, STEP_MASK}
         self.b = GraphBuilder(prefix="step", taken=taken)
         self.g = ""  # the unrolled gradient, set by the caller before finish()
 
@@ -70,16 +74,24 @@ class _Wrap:
         """Nodes: ``before``, the gradient graph's, then the builder's since; the step's tail."""
         b, g = self.b, self.graph
         eps, lo, hi = b.scalar(1e-8), b.scalar(0.0), b.scalar(1.0)
-        denom = b.op("Add", [b.op("ReduceMean", [b.op("Abs", [self.g])], keepdims=0), eps])
+        # mean |g| where the step mask dreams: mean(|g| m) / mean(m) (m in x's frame: never
+        # rolled; the default ones make it mean |g|)
+        weighted = b.op("ReduceMean", [b.op("Mul", [b.op("Abs", [self.g]), STEP_MASK])],
+                        keepdims=0)
+        area = b.op("Max", [b.op("ReduceMean", [STEP_MASK], keepdims=0), b.scalar(1e-12)])
+        denom = b.op("Add", [b.op("Div", [weighted, area]), eps])
         delta = b.op("Mul", [self.g, b.op("Div", ["step_size", denom])])
+        delta = b.op("Mul", [delta, STEP_MASK])
         b.op("Clip", [b.op("Add", ["x", delta]), lo, hi], out=OUTPUT)
         after = b.nodes[len(before):]
         nodes = list(g.node)
         del g.node[:]
         g.node.extend(before + nodes + after)
-        g.initializer.extend(b.initializers)
+        mask, default = param_input(STEP_MASK, np.ones((1, 1, 1, 1), np.float32),
+                                    ["step_mask_batch", 1, "step_mask_height", "step_mask_width"])
+        g.initializer.extend(b.initializers + [default])
         del g.input[:]
-        g.input.extend(list(inputs) + self.params)
+        g.input.extend(list(inputs) + self.params + [mask])
         out = onnx.ValueInfoProto()
         out.CopyFrom(self.x)
         out.name = OUTPUT
