@@ -41,7 +41,7 @@ $(TEST_VENV)/.installed: pyproject.toml $(PACKAGE_FILES)
 .chromium:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
-	  echo "note: chromium not installed; the browser test will be skipped"
+	  echo "note: chromium not installed; the browser test will be skipped (a failure under CI=true)"
 
 lint: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff check .

@@ -84,7 +84,8 @@ def torch_module(name: str, layer: str, device: str = "cpu"):
 
         net = tel.load(name, load_state_dict(ZOO[name].checkpoint_path())).to(device)
         layer = "_blocks." + layer.split(".")[1] if layer.startswith("blocks.") else layer
-        mean, std = (torch.as_tensor(v, dtype=torch.float32).to(device) for v in (tel.MEAN, tel.STD))
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).to(device)
+                     for v in (tel.MEAN, tel.STD))
 
         def pre(x):
             return (x - mean) / std
@@ -133,7 +134,8 @@ def floor_model(src: Path, layer: str) -> bytes:
     g = helper.make_graph(nodes, "floor", list(m.graph.input),
                           [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)],
                           [i for i in m.graph.initializer if i.name in used])
-    return helper.make_model(g, opset_imports=m.opset_import, ir_version=m.ir_version).SerializeToString()
+    return helper.make_model(g, opset_imports=m.opset_import,
+                             ir_version=m.ir_version).SerializeToString()
 
 
 # -- steps -------------------------------------------------------------------------------------

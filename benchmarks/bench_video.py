@@ -99,12 +99,12 @@ def bench_audio(tmp: Path) -> list[dict]:
 def bench_dream(sizes, n_frames: int, blends, tmp: Path) -> list[dict]:
     from PIL import Image
 
-    from onnxdream.ascent import DreamSettings
     from onnxdream.flow import temporal_error
+    from onnxdream.settings import DreamSettings
     from onnxdream.video import dream_video, make_dream_frame
     from onnxdream.videoio import open_video
 
-    dream = make_dream_frame("efficientnet-lite0", DreamSettings(seed=1, step_size=0.006))
+    dream = make_dream_frame(DreamSettings(seed=1))  # the default model and settings
     rows = []
     for w, h in sizes:
         clip = videoclip.make_clip(tmp / f"clip-{w}x{h}.mp4", size=(w, h),

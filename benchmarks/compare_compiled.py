@@ -83,7 +83,7 @@ def record(out: str, googlenet: str) -> None:
                 dev = DeviceAscent(proto, device="cpu", threads=1, static_shapes=static)
                 objs: list[float] = []
                 img = dev.run(_image(224, 224)[0], 3, 0.01, iter([(5, -7), (0, 3), (-11, 2)]),
-                              lambda i, o: objs.append(o))
+                              lambda i, o, objs=objs: objs.append(o))
                 results[f"{name}/{kind}/224x224/image"] = img
                 results[f"{name}/{kind}/224x224/objective"] = np.array(objs, np.float32)
             print(f"recorded {name} -> {layer}", file=sys.stderr)

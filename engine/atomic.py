@@ -11,6 +11,11 @@ named like the target. Files it writes beside that path (an ONNX model's externa
 file, say) are moved into the target directory too, before the main file: the main file appears
 last, complete with what it refers to.
 
+A writer that produces its output piece by piece (a video encoder, a folder of frames) uses
+:class:`AtomicTarget` instead: a temporary file or folder beside the target, filled at leisure,
+moved into place by :meth:`AtomicTarget.commit` (a folder replaces an existing folder whole) or
+removed by :meth:`AtomicTarget.abort`.
+
 Temporary names start with ``.`` and end with :data:`TEMP_SUFFIX`, so a sweep after a crash
 (``kill -9``) can find them: :func:`remove_stale_temps`.
 """
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "remove_stale_temps", "write_atomic"]
+__all__ = ["TEMP_SUFFIX", "AtomicTarget", "remove_stale_temps", "write_atomic"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -84,6 +89,87 @@ def _write_with(path: Path, parent: Path, writer: Callable[[Path], object], mode
         os.replace(main, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class AtomicTarget:
+    """A temporary file (or, with ``directory=True``, folder) beside ``path`` that becomes
+    ``path`` on :meth:`commit`; :meth:`abort` removes it and leaves ``path`` as it was.
+
+    ``tmp`` is the path to write to (created empty). As a context manager it commits when the
+    block ends normally and aborts on any exception (Ctrl-C included). The file's permission
+    bits are ``mode``, by default those of the file being replaced, else 0666 & ~umask (0777 &
+    ~umask for a folder). The parent directory must exist; ``OSError`` propagates.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, directory: bool = False,
+                 mode: int | None = None):
+        self.path = Path(path)
+        self.directory = directory
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        prefix = f".{self.path.name}."
+        if directory:
+            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=parent))
+            self.mode = 0o777 & ~_umask() if mode is None else mode
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=parent)
+            os.close(fd)
+            self.tmp = Path(name)
+            self.mode = _default_mode(self.path) if mode is None else mode
+        self.done = False
+
+    def __enter__(self) -> AtomicTarget:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def commit(self) -> Path:
+        """Move the temporary file or folder into place (fsynced; a folder's files too)."""
+        if self.done:
+            return self.path
+        try:
+            if self.directory:
+                for p in self.tmp.iterdir():
+                    if p.is_file():
+                        _fsync(p)
+                _chmod(self.tmp, self.mode)
+                if self.path.is_dir() and not self.path.is_symlink():
+                    # a folder cannot be replaced by rename: move the old one aside first
+                    old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX,
+                                                dir=self.tmp.parent))
+                    os.replace(self.path, old / "old")
+                    try:
+                        os.replace(self.tmp, self.path)
+                    except BaseException:
+                        os.replace(old / "old", self.path)
+                        raise
+                    finally:
+                        shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(self.tmp, self.path)
+            else:
+                _fsync(self.tmp)
+                _chmod(self.tmp, self.mode)
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary file or folder (the target is left as it was)."""
+        if self.done:
+            return
+        self.done = True
+        if self.directory:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
 
 
 def _fsync(p: Path) -> None:

@@ -23,7 +23,8 @@ def visualize(
     channel: Annotated[list[str] | None, typer.Option(
         help="A channel to render, LAYER:K (e.g. blocks.9:12); repeatable.")] = None,
     layer: Annotated[list[str] | None, typer.Option(
-        "--layer", "-l", help="A whole layer to render (the mean of its channels); repeatable.")] = None,
+        "--layer", "-l",
+        help="A whole layer to render (the mean of its channels); repeatable.")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Where to write; with several targets and no --grid, one file "
         "each (OUT-1-NAME.png, …). Default: visualize-NAME.png in the current directory.")] = None,
@@ -107,7 +108,8 @@ def visualize(
         t0 = time.perf_counter()
         groups = len({t.layer for t in targets})
         with maybe_progress(quiet) as bar:
-            task = bar.add_task("rendering", total=settings.steps * groups, info="") if bar else None
+            task = (bar.add_task("rendering", total=settings.steps * groups, info="")
+                    if bar else None)
 
             def progress(p):
                 if bar:

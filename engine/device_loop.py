@@ -111,21 +111,24 @@ class StaticSteps:
             self.run_options.append(ro)
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step=None,
+            params: Mapping[str, np.ndarray] | None = None,
             grad_floor: float | None = None) -> np.ndarray:
-        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape.
+        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape,
+        ``params`` (default :attr:`params`) this runner's parameter names and shapes.
 
         Runs from several threads (the server's workers share a model) take turns.
         """
         with self.lock:
-            return self._run(img, steps, step_size, shifts, on_step, grad_floor)
+            return self._run(img, steps, step_size, shifts, on_step,
+                             self.params if params is None else params, grad_floor)
 
     def _run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step,
-             grad_floor: float | None) -> np.ndarray:
+             params: Mapping[str, np.ndarray], grad_floor: float | None) -> np.ndarray:
         h, w = self.shape[2], self.shape[3]
         self.images[0].update_inplace(np.ascontiguousarray(img[None], dtype=np.float32))
         self.step_size.update_inplace(np.array([step_size], np.float32))
         self.grad_floor.update_inplace(floor_input(grad_floor))
-        for name, value in self.params.items():
+        for name, value in params.items():
             self.param_buffers[name].update_inplace(np.ascontiguousarray(value))
         k = 0
         for i in range(steps):
@@ -168,27 +171,40 @@ class DeviceAscent:
         self.fallback_reason: str | None = None
         self._model = gradient_model
         self._threads = threads
-        self._static: OrderedDict[tuple[int, ...], StaticSteps] = OrderedDict()
+        self._static: OrderedDict[tuple, StaticSteps] = OrderedDict()  # (shape, params)
         self._lock = threading.Lock()
 
-    def static_steps(self, shape: tuple[int, ...]) -> StaticSteps:
-        """The per-shape runner for ``shape`` ([1,3,H,W]), created on first use (LRU)."""
+    def static_steps(self, shape: tuple[int, ...],
+                     params: Mapping[str, np.ndarray] | None = None) -> StaticSteps:
+        """The per-shape runner for ``shape`` ([1,3,H,W]) and the names and shapes of
+        ``params`` (default :attr:`params`: its buffers are bound once), created on first use
+        (LRU)."""
         shape = tuple(int(v) for v in shape)
+        params = self.params if params is None else params
+        key = (shape, tuple((k, np.shape(v), np.asarray(v).dtype.str)
+                            for k, v in sorted(params.items())))
         with self._lock:
-            runner = self._static.pop(shape, None)
+            runner = self._static.pop(key, None)
             if runner is None:
                 runner = StaticSteps(self._model, shape, self.device, self._threads,
-                                     self.cuda_graph, self.params)
-            self._static[shape] = runner
+                                     self.cuda_graph, params)
+            self._static[key] = runner
             while len(self._static) > STATIC_CACHE:
                 self._static.popitem(last=False)
             return runner
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts,
-            on_step=None, grad_floor: float | None = None) -> np.ndarray:
-        """``steps`` steps on img ([3,H,W]); ``shifts`` yields (dy, dx) per step. Returns [3,H,W].
+            on_step=None, params: Mapping[str, np.ndarray] | None = None,
+            grad_floor: float | None = None) -> np.ndarray:
+        """``steps`` steps on img [3,H,W]; ``shifts`` yields (dy, dx) per step. Returns [3,H,W].
 
-        ``grad_floor``: None divides the gradient by mean|g| + 1e-8, F by max(mean|g|, F)."""
+        ``params``: the step graph's parameters for this run (default :attr:`params`): the
+        gradient graph's (weights, guide features, region masks at this size) and
+        ``step_mask``, so that several dreams with other weightings share this runner without
+        changing it. ``grad_floor``: None divides the gradient by mean|g| + 1e-8, F by
+        max(mean|g|, F).
+        """
+        params = self.params if params is None else params
         if self.static_shapes:
             started, drawn = [], []
 
@@ -202,14 +218,14 @@ class DeviceAscent:
                     yield drawn[-1]
 
             try:
-                return self.static_steps((1, *img.shape)).run(img, steps, step_size, drawing(),
-                                                              step, grad_floor)
+                return self.static_steps((1, *img.shape), params).run(
+                    img, steps, step_size, drawing(), step, params=params, grad_floor=grad_floor)
             except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
                 if started:  # steps already ran and were reported: do not silently redo them
                     raise
                 self._disable_static(exc)
                 shifts = itertools.chain(drawn, shifts)  # the jitter the failed try drew
-        return self._run_dynamic(img, steps, step_size, shifts, on_step, grad_floor)
+        return self._run_dynamic(img, steps, step_size, shifts, on_step, params, grad_floor)
 
     def _disable_static(self, exc: BaseException) -> None:
         what = "CUDA graph capture" if self.cuda_graph else "per-shape session"
@@ -220,7 +236,8 @@ class DeviceAscent:
         self._static.clear()
 
     def _run_dynamic(self, img: np.ndarray, steps: int, step_size: float, shifts,
-                     on_step=None, grad_floor: float | None = None) -> np.ndarray:
+                     on_step=None, params: Mapping[str, np.ndarray] | None = None,
+                     grad_floor: float | None = None) -> np.ndarray:
         import onnxruntime as ort
 
         x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(img[None]), self.device, 0)
@@ -228,7 +245,8 @@ class DeviceAscent:
         floor = ort.OrtValue.ortvalue_from_numpy(floor_input(grad_floor), self.device, 0)
         # bound as OrtValues: onnxruntime binds a parameter (an input with a default) only so
         params = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device,
-                                                         0) for name, value in self.params.items()}
+                                                         0)
+                  for name, value in (self.params if params is None else params).items()}
         _, h, w = img.shape
         for i in range(steps):
             dy, dx = next(shifts)

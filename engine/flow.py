@@ -47,6 +47,7 @@ __all__ = [
     "PRESETS",
     "coherent_input",
     "consistency_mask",
+    "import_cv2",
     "temporal_error",
     "warp",
 ]
@@ -66,7 +67,8 @@ DEFAULT_PRESET = "medium"
 DEFAULT_BLEND = 0.6
 
 
-def _cv2():
+def import_cv2():
+    """The ``cv2`` module (OpenCV, headless); DependencyError naming the ``[video]`` extra."""
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - the [video] extra is missing
@@ -77,7 +79,7 @@ def _cv2():
 
 def _gray(img: np.ndarray) -> np.ndarray:
     """H x W x 3 RGB (uint8, or float in [0,1]) → uint8 grey, as DIS wants."""
-    cv2 = _cv2()
+    cv2 = import_cv2()
     a = np.asarray(img)
     if a.dtype != np.uint8:
         a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -104,7 +106,7 @@ class FlowEstimator:
     def _dis(self):
         dis = getattr(self._local, "dis", None)
         if dis is None:
-            cv2 = _cv2()
+            cv2 = import_cv2()
             code = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
                     "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
                     "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[self.preset]
@@ -133,7 +135,7 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 def warp(img: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """``out(x) = img(x + flow(x))``: bilinear, edges replicated; float32 out (H x W [x C])."""
-    cv2 = _cv2()
+    cv2 = import_cv2()
     h, w = flow.shape[:2]
     if img.shape[:2] != (h, w):
         raise OnnxDreamError(f"cannot warp a {img.shape[:2]} image by a {(h, w)} flow")

@@ -49,6 +49,7 @@ __all__ = [
     "READ_FORMATS",
     "check_output_path",
     "encode_image",
+    "image_size",
     "load_image",
     "load_image_bytes",
     "read_metadata",
@@ -295,14 +296,16 @@ def _decode_to_loaded(fp, name: str, max_pixels: int | None) -> LoadedImage:
         try:
             rgb, alpha = _to_float_arrays(img)
         except (OSError, ValueError) as exc:
-            raise ImageError(f"{name} has pixel mode {mode} that cannot be converted to RGB ({exc})") from exc
+            raise ImageError(f"{name} has pixel mode {mode} that cannot be converted to RGB "
+                             f"({exc})") from exc
         h, w = rgb.shape[:2]
         return LoadedImage(rgb=rgb, alpha=alpha, mode=mode, size=(w, h), format=fmt)
     finally:
         img.close()
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(path: str | os.PathLike[str], *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file into float32 RGB in [0, 1] (plus alpha, if it has one).
 
     Args:
@@ -337,6 +340,33 @@ def load_image_bytes(
     return _decode_to_loaded(io.BytesIO(data), name, max_pixels)
 
 
+def image_size(data: bytes, *, name: str = "the uploaded image",
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of an encoded image from its header alone (after EXIF rotation),
+    without decoding its pixels: ImageError if it is not an image in a supported format,
+    ImageTooLargeError past ``max_pixels``. A truncated body is found only by decoding."""
+    if not data:
+        raise ImageError(f"{name} is empty")
+    try:
+        with _pil_limits(max_pixels), Image.open(io.BytesIO(data), formats=_read_formats()) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:  # noqa: BLE001 - broken EXIF: as stored (like the decoder)
+                orientation = 1
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(name, exc, None, max_pixels or 0) from exc
+    except UnidentifiedImageError as exc:
+        supported = ", ".join(f for f in _read_formats() if f != "DIB")
+        raise ImageError(f"{name} is not an image in a supported format ({supported})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        detail = str(exc).strip().rstrip(".") or type(exc).__name__
+        raise ImageError(f"{name} is corrupt or cannot be decoded ({detail})") from exc
+    if max_pixels is not None and w * h > max_pixels:
+        raise _bomb_error(name, None, w * h, max_pixels)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 # --------------------------------------------------------------------------------------------
 # Array helpers
 
@@ -361,7 +391,8 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def resize(
-    rgb: np.ndarray, size: tuple[int, int], *, resample: str = "bicubic"
+    rgb: np.ndarray, size: tuple[int, int], *, resample: str = "bicubic",
+    box: tuple[float, float, float, float] | None = None
 ) -> np.ndarray:
     """Resize a float image to ``size = (height, width)``, in float32, channel by channel.
 
@@ -372,7 +403,8 @@ def resize(
     hard edges; the result is not clipped (the ascent clips after each step).
 
     Accepts H x W or H x W x C arrays; returns a new C-contiguous float32 array (a copy even when
-    the size is unchanged).
+    the size is unchanged). ``box``: the source region ``(x0, y0, x1, y1)`` to resize (Pillow's;
+    the filter still reads the pixels around it), default the whole image.
     """
     a = np.asarray(rgb)
     if a.ndim not in (2, 3):
@@ -386,19 +418,20 @@ def resize(
         raise ValueError(
             f"unknown resample filter {resample!r}; use one of {', '.join(_RESAMPLE)}"
         ) from None
-    if a.shape[:2] == (h, w):
+    if a.shape[:2] == (h, w) and box is None:
         return np.array(a, dtype=np.float32, order="C", copy=True)
     if a.ndim == 2:
-        return _resize_plane(a, h, w, flt)
+        return _resize_plane(a, h, w, flt, box)
     out = np.empty((h, w, a.shape[2]), dtype=np.float32)
     for c in range(a.shape[2]):
-        out[:, :, c] = _resize_plane(a[:, :, c], h, w, flt)
+        out[:, :, c] = _resize_plane(a[:, :, c], h, w, flt, box)
     return out
 
 
-def _resize_plane(plane: np.ndarray, h: int, w: int, flt: Image.Resampling) -> np.ndarray:
+def _resize_plane(plane: np.ndarray, h: int, w: int, flt: Image.Resampling,
+                  box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode "F"
-    return np.asarray(img.resize((w, h), flt), dtype=np.float32)
+    return np.asarray(img.resize((w, h), flt, box=box), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +455,8 @@ def check_output_path(path: str | os.PathLike[str]) -> str:
             f"{', '.join(OUTPUT_EXTENSIONS)}"
         )
     if fmt == "WEBP" and not features.check("webp"):
-        raise ImageError(f"cannot write {p}: this Pillow was built without WebP support; use .png or .jpg")
+        raise ImageError(f"cannot write {p}: this Pillow was built without WebP support; "
+                         "use .png or .jpg")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise ImageError(f"cannot write {p}: the directory {parent} does not exist")
@@ -516,7 +550,8 @@ def _pil_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, what: str) -
     """Float RGB in [0, 1] (+ alpha) → the Pillow image to encode (alpha dropped for JPEG)."""
     arr = np.asarray(rgb)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"cannot write {what}: expected an H x W x 3 RGB array, got shape {arr.shape}")
+        raise ImageError(f"cannot write {what}: expected an H x W x 3 RGB array, "
+                         f"got shape {arr.shape}")
     pixels = to_uint8(arr)
     if alpha is not None and fmt in ("PNG", "WEBP"):
         a8 = _as_alpha_u8(alpha, pixels.shape[:2])

@@ -6,7 +6,13 @@ import os
 
 import numpy as np
 
-from onnxdream.exporters.graph.contract import IMAGE, LOGITS, ModelInfo
+from onnxdream.exporters.graph.contract import (
+    IMAGE,
+    LOGITS,
+    ModelInfo,
+    load_model,
+    require_dreamable,
+)
 from onnxdream.gradient import resolve_model_path
 from onnxdream.imageio import resize
 from onnxdream.session import create_session
@@ -17,7 +23,9 @@ class Classifier:
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None):
         path = resolve_model_path(model)
-        info = ModelInfo.load(path)
+        proto = load_model(path)
+        require_dreamable(proto, str(model))
+        info = ModelInfo.load(proto)
         info.require_logits("it cannot classify")
         self.size = info.native_size
         self.labels: list[str] | None = info.labels

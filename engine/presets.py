@@ -74,7 +74,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in [
         description="the classic Keras example (keras/examples/deep_dream.py): InceptionV3, "
                     "mixed2..mixed5 weighted 0.2/0.5/2.0/1.5, sum of squares without a 2-pixel "
                     "border, 3 octaves x 1.4, 20 steps of 0.01 in [-1,1] space, stop above loss 10",
-        model_hint="export InceptionV3 with `onnxdream export keras InceptionV3 -o inception_v3.onnx`",
+        model_hint="export InceptionV3 with "
+                   "`onnxdream export keras InceptionV3 -o inception_v3.onnx`",
         layers=(("mixed2:0.2", "mixed3:0.5", "mixed4:2.0", "mixed5:1.5"),),
         objective="l2",
         border=2,
@@ -89,7 +90,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in [
                     "1.0/1.5/2.0/2.5, mean of squares without a 2-pixel border, 3 octaves x 1.4, "
                     "20 steps of 0.01 in [-1,1] space, gradient / max(mean|g|, 1e-6), stop "
                     "above loss 15",
-        model_hint="export InceptionV3 with `onnxdream export keras InceptionV3 -o inception_v3.onnx`",
+        model_hint="export InceptionV3 with "
+                   "`onnxdream export keras InceptionV3 -o inception_v3.onnx`",
         layers=(("mixed4:1.0", "mixed5:1.5", "mixed6:2.0", "mixed7:2.5"),),
         objective="l2",
         border=2,

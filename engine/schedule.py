@@ -17,8 +17,8 @@ Before the first key the first value holds; after the last, the last. A ``layers
 name several layers joined by ``+`` (``blocks.5+blocks.9:0.5``), each ``NAME`` or
 ``NAME:WEIGHT`` as ``--layer`` takes them.
 
-Errors are :class:`ScheduleError` naming the field (``step_size``), never a CLI flag: the CLI
-maps the field to its option.
+Errors are :class:`~onnxdream.errors.ScheduleError` (a ``SettingsError``) naming the field
+(``step_size``), never a CLI flag: the CLI maps the field to its option (``--step-size``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from onnxdream.errors import OnnxDreamError
+from onnxdream.errors import ScheduleError  # defined there; importable from here too
 
 __all__ = [
     "SCHEDULABLE",
@@ -39,14 +39,6 @@ __all__ = [
     "parse_schedule",
     "values_at",
 ]
-
-
-class ScheduleError(OnnxDreamError):
-    """A keyframed parameter cannot be parsed; ``field`` names the parameter."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def _layers(text: str) -> str:
@@ -108,8 +100,8 @@ class Schedule:
         out = [(k.frame(fps), k.value) for k in self.keys]
         for (fa, _), (fb, _), kb in zip(out, out[1:], self.keys[1:]):
             if fb <= fa:
-                raise ScheduleError(self.field, f"{self.field} schedule: key {kb.describe()!r} "
-                                    f"is at frame {fb}, not after frame {fa}")
+                raise ScheduleError(self.field, f"schedule: key {kb.describe()!r} is at frame "
+                                    f"{fb}, not after frame {fa}")
         return out
 
     def at(self, frame: int, fps: Fraction | float = 1) -> Any:
@@ -141,7 +133,7 @@ def parse_schedule(text: str | int | float, field: str, *,
     """
     if parse is None or interpolate is None:
         if field not in SCHEDULABLE:
-            raise ScheduleError(field, f"{field} cannot be keyframed (schedulable: "
+            raise ScheduleError(field, f"cannot be keyframed (schedulable: "
                                 f"{', '.join(SCHEDULABLE)})")
         default_parse, default_interp = SCHEDULABLE[field]
         parse = parse or default_parse
@@ -149,7 +141,7 @@ def parse_schedule(text: str | int | float, field: str, *,
     raw = str(text).strip()
 
     def fail(problem: str) -> ScheduleError:
-        return ScheduleError(field, f"{field} schedule {raw!r}: {problem}")
+        return ScheduleError(field, f"schedule {raw!r}: {problem}")
 
     if not raw:
         raise fail("empty")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxdream.errors import DependencyError, OnnxDreamError
+from onnxdream.errors import DependencyError, VideoError  # VideoError: importable from here too
 
 __all__ = [
     "FRAME_NAME",
@@ -43,14 +43,13 @@ __all__ = [
     "VideoReader",
     "check_video_output",
     "even_size",
+    "ffmpeg_message",
+    "import_av",
+    "open_container",
     "open_video",
     "output_kind",
     "probe",
 ]
-
-
-class VideoError(OnnxDreamError):
-    """A video cannot be read (not a video, no frames, audio only) or an output not written."""
 
 
 #: Output extension → kind. A path without an extension (or ending in a separator) is a folder
@@ -62,7 +61,9 @@ FRAME_NAME = "frame_{:06d}.png"
 _FRAME_RE = re.compile(r"frame_\d{6,}\.png")
 
 
-def _av():
+def import_av():
+    """The ``av`` module (quiet: FFmpeg's errors come back as exceptions); DependencyError
+    naming the ``[video]`` extra when PyAV is missing."""
     try:
         import av
     except ImportError as exc:  # pragma: no cover - the [video] extra is missing
@@ -72,7 +73,8 @@ def _av():
     return av
 
 
-def _first_line(exc: BaseException) -> str:
+def ffmpeg_message(exc: BaseException) -> str:
+    """A PyAV/FFmpeg error's message on one line (its ``strerror`` when it has one)."""
     text = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
     return text.splitlines()[0]
 
@@ -107,28 +109,33 @@ class VideoInfo:
         return self.width, self.height
 
 
-def _open_input(path: str | os.PathLike[str]):
-    av = _av()
+def open_container(path: str | os.PathLike[str], *, name: str | None = None):
+    """``av.open(path)`` for reading, with VideoError for a missing file, a folder, an empty
+    file or one FFmpeg cannot read. Messages call the file ``name`` (default: its path)."""
+    av = import_av()
     p = Path(path)
+    label = name or str(p)
     if not p.exists():
-        raise VideoError(f"{p}: no such file")
+        raise VideoError(f"{label}: no such file")
     if p.is_dir():
-        raise VideoError(f"{p} is a folder, not a video")
+        raise VideoError(f"{label} is a folder, not a video")
     try:
         return av.open(str(p), "r")
     except av.error.EOFError as exc:
-        raise VideoError(f"{p} has no frames (an empty or truncated file)") from exc
+        raise VideoError(f"{label} has no frames (an empty or truncated file)") from exc
     except av.error.FFmpegError as exc:
-        raise VideoError(f"{p} is not a video FFmpeg can read ({_first_line(exc)})") from exc
+        raise VideoError(f"{label} is not a video FFmpeg can read ({ffmpeg_message(exc)})"
+                         ) from exc
 
 
-def _video_stream(container, p: Path):
+def _video_stream(container, label: str):
     if not container.streams.video:
         if container.streams.audio:
-            raise VideoError(f"{p} has only audio: a video needs pictures")
-        raise VideoError(f"{p} has no video stream (no frames)")
+            raise VideoError(f"{label} has only audio: a video needs pictures")
+        raise VideoError(f"{label} has no video stream (no frames)")
     if _STILL_FORMATS.search(container.format.name.split(",")[0]):
-        raise VideoError(f"{p} is a still image, not a video (use `onnxdream dream` or `zoom`)")
+        raise VideoError(f"{label} is a still image, not a video (use `onnxdream dream` or "
+                         "`zoom`)")
     return container.streams.video[0]
 
 
@@ -143,22 +150,24 @@ def _count_packets(container, vs) -> int:
     return sum(1 for pkt in container.demux(vs) if pkt.size)
 
 
-def probe(path: str | os.PathLike[str]) -> VideoInfo:
-    """The video facts of ``path`` (no pictures decoded).
+def probe(path: str | os.PathLike[str], *, name: str | None = None) -> VideoInfo:
+    """The video facts of ``path`` (no pictures decoded); messages call the file ``name``
+    (default: its path; the server says "the uploaded video").
 
     Raises:
         VideoError: missing file, not a video, audio only, a still image, or no frames.
     """
     p = Path(path)
-    with contextlib.closing(_open_input(p)) as c:
-        vs = _video_stream(c, p)
+    label = name or str(p)
+    with contextlib.closing(open_container(p, name=name)) as c:
+        vs = _video_stream(c, label)
         fps = _stream_fps(vs)
         try:
             frames = vs.frames or _count_packets(c, vs)
-        except _av().error.FFmpegError as exc:
-            raise VideoError(f"cannot read {p}: {_first_line(exc)}") from exc
+        except import_av().error.FFmpegError as exc:
+            raise VideoError(f"cannot read {label}: {ffmpeg_message(exc)}") from exc
         if frames <= 0 or not vs.codec_context.width:
-            raise VideoError(f"{p} has a video stream with no frames")
+            raise VideoError(f"{label} has a video stream with no frames")
         tb = vs.time_base
         start = float(vs.start_time * tb) if vs.start_time is not None and tb else 0.0
         duration = float(vs.duration * tb) if vs.duration and tb else float(frames / fps)
@@ -219,12 +228,12 @@ class VideoReader:
         return self.end - self.start
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        av = _av()
+        av = import_av()
         p = self.info.path
         fps = self.info.fps
         half = 0.5 / float(fps)
         w, h = self.size
-        with contextlib.closing(_open_input(p)) as c:
+        with contextlib.closing(open_container(p)) as c:
             vs = c.streams.video[0]
             origin = self.info.start_time
             try:
@@ -250,7 +259,7 @@ class VideoReader:
                         rgb = frame.to_ndarray(format="rgb24")[:h, :w]
                     yield np.ascontiguousarray(rgb)
             except av.error.FFmpegError as exc:
-                raise VideoError(f"cannot decode {p}: {_first_line(exc)}") from exc
+                raise VideoError(f"cannot decode {p}: {ffmpeg_message(exc)}") from exc
         if not selected:
             raise VideoError(f"{p}: no frames between {self.start:g}s and {self.end:g}s")
 

@@ -12,9 +12,10 @@ this PyAV wheel: benchmarks/bench_video.py); otherwise it is re-encoded (AAC in 
 WebM) and a note says so; GIF and PNG folders have no audio (a note says it was dropped).
 ``VideoWriter.notes`` holds the notes for the caller to show.
 
-Atomic output. A file is written to a temporary name in the target's directory and moved into
-place with :func:`os.replace` when complete; a PNG folder is built beside the target and renamed
-over it. An error or Ctrl-C leaves no partial output and the previous one, if any, untouched.
+Atomic output (:class:`onnxdream.atomic.AtomicTarget`). A file is written to a temporary name in
+the target's directory and moved into place when complete; a PNG folder is built beside the
+target and renamed over it. An error or Ctrl-C leaves no partial output and the previous one, if
+any, untouched.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,15 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxdream.imageio import _umask  # the atomic writer's permissions (engine/atomic.py later)
+from onnxdream.atomic import AtomicTarget
+from onnxdream.errors import VideoError
 from onnxdream.videoio import (
     FRAME_NAME,
-    VideoError,
-    _av,
-    _first_line,
-    _open_input,
     check_video_output,
     even_size,
+    ffmpeg_message,
+    import_av,
+    open_container,
 )
 
 __all__ = ["AUDIO_ENCODERS", "REMUX_CODECS", "VideoWriter", "write_video"]
@@ -88,29 +87,22 @@ class VideoWriter:
                        if audio_from is not None else None)
         self._quality = quality
         self._max_gif_bytes = max_gif_bytes
-        self._tmp: Path | None = None
+        self._target: AtomicTarget | None = None
         self._out = None  # PyAV output container
         self._vstream = None
         self._gif: list = []
         self._gif_bytes = 0
         self._audio_pump: _AudioPump | None = None
         self._closed = False
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        try:
-            if self.kind == "png":
-                self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part",
-                                                  dir=parent))
-            else:
-                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part",
-                                            dir=parent)
-                os.close(fd)
-                self._tmp = Path(name)
-        except OSError as exc:
-            raise VideoError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        if self._audio is not None and self.kind in ("gif", "png"):
+        if self._audio is not None and self.kind in ("gif", "png") and _has_audio(audio_from):
             self.notes.append(f"audio dropped: {'GIF' if self.kind == 'gif' else 'PNG frames'} "
                               "cannot hold sound")
+        if self.kind in ("gif", "png"):
             self._audio = None
+        try:  # last: nothing above may fail once the temporary file exists
+            self._target = AtomicTarget(self.path, directory=self.kind == "png")
+        except OSError as exc:
+            raise VideoError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> VideoWriter:
@@ -132,13 +124,9 @@ class VideoWriter:
                 self._out.close()
             self._out = None
         self._gif = []
-        if self._tmp is not None:
-            if self._tmp.is_dir():
-                shutil.rmtree(self._tmp, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    self._tmp.unlink()
-            self._tmp = None
+        if self._target is not None:
+            self._target.abort()
+            self._target = None
 
     # -- frames -------------------------------------------------------------------------------
     def write(self, rgb: np.ndarray) -> None:
@@ -167,7 +155,7 @@ class VideoWriter:
             from PIL import Image
 
             Image.fromarray(np.ascontiguousarray(a)).save(
-                self._tmp / FRAME_NAME.format(self.frames), format="PNG", compress_level=4)
+                self._target.tmp / FRAME_NAME.format(self.frames), format="PNG", compress_level=4)
         elif self.kind == "gif":
             from PIL import Image
 
@@ -177,7 +165,7 @@ class VideoWriter:
                                  "fit in memory; use a smaller width, or MP4/WebM")
             self._gif.append(Image.fromarray(np.ascontiguousarray(a)))
         else:
-            av = _av()
+            av = import_av()
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
             frame = frame.reformat(format="yuv420p", dst_colorspace="ITU709")
             frame.pts = self.frames
@@ -187,16 +175,16 @@ class VideoWriter:
                 if self._audio_pump is not None:
                     self._audio_pump.pump(float((self.frames + 1) / self.fps))
             except av.error.FFmpegError as exc:
-                raise VideoError(f"cannot write {self.path}: {_first_line(exc)}") from exc
+                raise VideoError(f"cannot write {self.path}: {ffmpeg_message(exc)}") from exc
         self.frames += 1
 
     def _start(self) -> None:
         if self.kind in ("gif", "png"):
             return
-        av = _av()
+        av = import_av()
         w, h = self.size
         try:
-            out = av.open(str(self._tmp), "w", format=_FORMATS[self.kind],
+            out = av.open(str(self._target.tmp), "w", format=_FORMATS[self.kind],
                           options={"movflags": "+faststart"} if self.kind == "mp4" else {})
             self._out = out
             if self.kind == "mp4":
@@ -217,7 +205,7 @@ class VideoWriter:
             if self._audio is not None:
                 self._audio_pump = _AudioPump(self._audio, out, self.kind, self.notes)
         except av.error.FFmpegError as exc:
-            raise VideoError(f"cannot write {self.path}: {_first_line(exc)}") from exc
+            raise VideoError(f"cannot write {self.path}: {ffmpeg_message(exc)}") from exc
 
     # -- finishing ----------------------------------------------------------------------------
     def close(self) -> Path:
@@ -230,7 +218,7 @@ class VideoWriter:
             if self.kind == "gif":
                 self._finish_gif()
             elif self.kind in ("mp4", "webm"):
-                av = _av()
+                av = import_av()
                 try:
                     for pkt in self._vstream.encode(None):
                         self._out.mux(pkt)
@@ -238,7 +226,7 @@ class VideoWriter:
                         self._audio_pump.pump(float(self.frames / self.fps), final=True)
                     self._out.close()
                 except av.error.FFmpegError as exc:
-                    raise VideoError(f"cannot write {self.path}: {_first_line(exc)}") from exc
+                    raise VideoError(f"cannot write {self.path}: {ffmpeg_message(exc)}") from exc
                 self._out = None
             self._commit()
         except BaseException:
@@ -270,32 +258,23 @@ class VideoWriter:
         if min(cs) < 2:
             self.notes.append(f"GIF frame delays under 20 ms ({float(self.fps):g} fps) play "
                               "slowly in browsers; use --every or MP4")
-        with open(self._tmp, "wb") as fh:
+        with open(self._target.tmp, "wb") as fh:
             quantized[0].save(fh, format="GIF", save_all=True, append_images=quantized[1:],
                               duration=[10 * c for c in cs], loop=0, optimize=False)
 
     def _commit(self) -> None:
-        tmp, target = self._tmp, self.path
-        if self.kind == "png":
-            os.chmod(tmp, 0o777 & ~_umask())
-            if target.exists():
-                check_video_output(target)  # still only numbered frames
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old",
-                                            dir=tmp.parent))
-                os.replace(target, old / "frames")
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        else:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            with contextlib.suppress(OSError):
-                mode = (os.stat(target).st_mode & 0o777) if target.exists() else (
-                    0o666 & ~_umask())
-                os.chmod(tmp, mode)
-            os.replace(tmp, target)
-        self._tmp = None
+        if self.kind == "png" and self.path.exists():
+            check_video_output(self.path)  # still only numbered frames: safe to replace
+        try:
+            self._target.commit()
+        except OSError as exc:
+            raise VideoError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self._target = None
+
+
+def _has_audio(path: str | os.PathLike[str]) -> bool:
+    with contextlib.closing(open_container(path)) as c:
+        return bool(c.streams.audio)
 
 
 class _AudioPump:
@@ -303,8 +282,8 @@ class _AudioPump:
     packets copied when the container takes the codec, else decoded and re-encoded."""
 
     def __init__(self, src: _AudioSource, out, kind: str, notes: list[str]):
-        av = _av()
-        self.input = _open_input(src.path)
+        av = import_av()
+        self.input = open_container(src.path)
         try:
             self.stream = self.input.streams.audio[0] if self.input.streams.audio else None
             if self.stream is None:

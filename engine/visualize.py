@@ -16,9 +16,9 @@ larger one, so the image carries over exactly, band-limited).
 
 Every image of a batch has its own target: the gradient graph is compiled once per layer with
 a second input ``channel_weights`` (``[N,C]`` or ``[N,C,1,1]``) and the objective
-``sum_c channel_weights[n,c] * mean_hw(layer[n,c])``. A class is a one-hot row at ``logits``, a channel
-a one-hot row at its layer, a whole layer ``1/C`` everywhere; so ``--class 130,340,954`` is one
-batched run.
+``sum_c channel_weights[n,c] * mean_hw(layer[n,c])``. A class is a one-hot row at ``logits``, a
+channel a one-hot row at its layer, a whole layer ``1/C`` everywhere; so ``--class 130,340,954``
+is one batched run.
 """
 
 from __future__ import annotations
@@ -69,8 +69,11 @@ def resolve_class(spec: str, labels: Sequence[str] | None) -> int:
     if re.fullmatch(r"\d+", text):
         k = int(text)
         n = len(labels) if labels else 1000
+        if k >= n and labels and text in labels:  # a numeric label (PaddleOCR's "0", "180")
+            return list(labels).index(text)
         if k >= n:
-            raise ObjectiveError(f"class {k} is out of range: the model has {n} classes (0..{n - 1})")
+            raise ObjectiveError(f"class {k} is out of range: "
+                                 f"the model has {n} classes (0..{n - 1})")
         return k
     if not labels:
         raise ObjectiveError(f"this model has no class labels, so '{text}' cannot be looked up: "
@@ -135,15 +138,22 @@ class BatchObjective:
     def __init__(self, model: str | os.PathLike, layer: str, *, pre_relu: bool = True,
                  device: str = "auto", threads: int | None = None):
         from onnxdream.exporters.graph import compile_gradient
-        from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model
+        from onnxdream.exporters.graph.contract import (
+            ModelInfo,
+            graph_params,
+            load_model,
+            require_dreamable,
+        )
         from onnxdream.exporters.graph.objective import weighted_channels
         from onnxdream.gradient import resolve_model_path
         from onnxdream.session import create_session
 
         path = resolve_model_path(model)
         proto = load_model(path)
+        require_dreamable(proto, str(model))
         info = ModelInfo.load(proto)
         self.labels: list[str] | None = info.labels
+        self.info = info
         if layer == LOGITS and not info.has_logits:
             info.require_logits("class objectives do not apply; use --channel or --layer")
         graph = compile_gradient(proto, weighted_channels(layer),
@@ -175,8 +185,11 @@ class BatchObjective:
         try:
             obj, grad = self.session.run([OBJECTIVE, GRAD], {IMAGE: x, CHANNEL_WEIGHTS: weights})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels: "
-                                 f"{first_line(exc)}") from None
+            nh, nw = self.info.native_size
+            why = (f"it has a fixed input size and runs only at {nw}x{nh} pixels"
+                   if not self.info.dynamic_hw else first_line(exc))
+            raise OnnxDreamError(f"the model cannot run at {x.shape[3]}x{x.shape[2]} pixels: "
+                                 f"{why}") from None
         return obj, grad
 
 
@@ -272,7 +285,7 @@ def render_batch(objective: BatchObjective, targets: Sequence[Target],
 
 
 def render(model: str | os.PathLike, targets: Sequence[Target],
-           settings: VisualizeSettings = VisualizeSettings(), progress: ProgressFn | None = None,
+           settings: VisualizeSettings | None = None, progress: ProgressFn | None = None,
            *, device: str = "auto", threads: int | None = None,
            objectives: dict[str, BatchObjective] | None = None) -> list[np.ndarray]:
     """Visualise each target; returns one H x W x 3 float32 image in [0,1] per target.
@@ -280,6 +293,8 @@ def render(model: str | os.PathLike, targets: Sequence[Target],
     Targets on the same layer render together in one batch (one session run per step).
     ``objectives`` caches the compiled graphs by layer across calls.
     """
+    if settings is None:
+        settings = VisualizeSettings()
     settings.validate()
     if not targets:
         raise ObjectiveError("nothing to visualise: give --class, --channel or --layer")

@@ -8,6 +8,8 @@ use it. The public surface:
 - :func:`export_keras` — a ``keras.applications`` model by name, or a ``.keras`` / ``.h5`` file.
 - :func:`export_timm` — a timm (PyTorch Image Models) classifier by name (``"convnext_tiny"``).
 - :func:`export_module` — your own PyTorch ``nn.Module`` (see its docstring for an example).
+- :func:`import_onnx` — an ONNX file from anywhere (tf2onnx, paddle2onnx, …), wrapped as it is
+  (no framework needed; ``onnxdream import onnx`` on the command line).
 - :class:`ExportResult` — what each of them returns: the path written, the layers, whether the
   model runs at any size, and notes on what was tried.
 
@@ -24,13 +26,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from onnxdream.exporters.graph.importer import import_onnx
     from onnxdream.exporters.keras import export_keras
     from onnxdream.exporters.timm import export_timm
     from onnxdream.exporters.torch_export import ExportError, ExportResult, export_module
     from onnxdream.exporters.torchvision import export_torchvision
 
 __all__ = ["ExportError", "ExportResult", "export_keras", "export_module", "export_timm",
-           "export_torchvision"]
+           "export_torchvision", "import_onnx"]
 
 _HOME = {
     "ExportError": "onnxdream.exporters.torch_export",
@@ -39,6 +42,7 @@ _HOME = {
     "export_torchvision": "onnxdream.exporters.torchvision",
     "export_keras": "onnxdream.exporters.keras",
     "export_timm": "onnxdream.exporters.timm",
+    "import_onnx": "onnxdream.exporters.graph.importer",
 }
 
 

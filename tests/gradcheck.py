@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from onnxdream.exporters.graph import compile_gradient
 
 
-def export(module: torch.nn.Module, shape=(1, 3, 17, 19), dynamic=True, opset=18) -> onnx.ModelProto:
+def export(module: torch.nn.Module, shape=(1, 3, 17, 19), dynamic=True,
+           opset=18) -> onnx.ModelProto:
     """TorchScript-export ``module`` with input ``image`` and output ``y``."""
     buf = io.BytesIO()
     axes = {"image": {0: "batch", 2: "height", 3: "width"}} if dynamic and len(shape) == 4 else (

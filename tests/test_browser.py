@@ -25,8 +25,8 @@ from test_server import Server  # noqa: E402
 
 CHROMIUM = os.environ.get("ONNXDREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set ONNXDREAM_CHROMIUM)",
-                allow_module_level=True)
+    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium "
+                "(or set ONNXDREAM_CHROMIUM)", allow_module_level=True)
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -34,7 +34,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 RECORD_STATUS = """() => {
   window.__statuses = [];
   new MutationObserver(() => window.__statuses.push(document.getElementById('status').textContent))
-    .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
+    .observe(document.getElementById('status'),
+             {childList: true, characterData: true, subtree: true});
 }"""
 
 

@@ -89,7 +89,8 @@ def test_wrapped_and_dataparallel_state_dicts(tmp_path):
     assert ours["w"].tobytes() == sd["module.w"].numpy().tobytes()
     # read_checkpoint keeps the wrapper as it is
     raw = read_checkpoint(path)
-    assert raw["epoch"] == 3 and raw["arch"] == "x" and isinstance(raw["state_dict"]["module.b"], np.ndarray)
+    assert raw["epoch"] == 3 and raw["arch"] == "x"
+    assert isinstance(raw["state_dict"]["module.b"], np.ndarray)
 
 
 def test_no_state_dict_is_an_error(tmp_path):

@@ -175,7 +175,7 @@ def _onnx_model(nodes, inits=(), out_shape=None, opset=18):
 
 
 def test_native_onnx_ops_against_torch():
-    """Ops that torch does not export as such: InstanceNorm, ReduceMax, Max, Where, GlobalMaxPool."""
+    """Ops torch does not export as such: InstanceNorm, ReduceMax, Max, Where, GlobalMaxPool."""
     rng = np.random.default_rng(0)
     scale = rng.normal(size=3).astype(np.float32)
     bias = rng.normal(size=3).astype(np.float32)

@@ -164,8 +164,8 @@ def test_maxpool_auto_pad(auto_pad, k, s, d):
     def ref(x):
         if auto_pad == "VALID":
             return window_max(x, k, s, d)
-        (t, b), (l, r) = (ort_pool_pads(n, k, s, auto_pad) for n in x.shape[2:])
-        return window_max(F.pad(x, (l, r, t, b), value=-math.inf), k, s, d)
+        (t, b), (left, r) = (ort_pool_pads(n, k, s, auto_pad) for n in x.shape[2:])
+        return window_max(F.pad(x, (left, r, t, b), value=-math.inf), k, s, d)
 
     assert compare(None, SIZES, model=model(nodes), torch_fn=ref) < TOL
 
@@ -220,14 +220,14 @@ TORCH_MODE = {"edge": "replicate", "reflect": "reflect", "wrap": "circular"}
 def torch_pad(x, pads, mode):
     """ONNX Pad on [N,C,H,W] with pads [0,0,t,l,0,0,b,r]: negative pads crop first (as
     onnxruntime does), then the mode pads the cropped tensor."""
-    t, l, b, r = pads[2], pads[3], pads[6], pads[7]
-    x = x[:, :, max(-t, 0):x.shape[2] - max(-b, 0), max(-l, 0):x.shape[3] - max(-r, 0)]
-    t, l, b, r = (max(v, 0) for v in (t, l, b, r))
+    t, left, b, r = pads[2], pads[3], pads[6], pads[7]
+    x = x[:, :, max(-t, 0):x.shape[2] - max(-b, 0), max(-left, 0):x.shape[3] - max(-r, 0)]
+    t, left, b, r = (max(v, 0) for v in (t, left, b, r))
     if mode == "wrap":  # torch's circular padding wraps once; ONNX's as often as needed
         rows = torch.arange(-t, x.shape[2] + b) % x.shape[2]
-        cols = torch.arange(-l, x.shape[3] + r) % x.shape[3]
+        cols = torch.arange(-left, x.shape[3] + r) % x.shape[3]
         return x[:, :, rows][:, :, :, cols]
-    return F.pad(x, (l, r, t, b), mode=TORCH_MODE[mode])
+    return F.pad(x, (left, r, t, b), mode=TORCH_MODE[mode])
 
 
 PAD_CASES = [  # (mode, pads [0,0,t,l,0,0,b,r])

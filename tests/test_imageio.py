@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from conftest import photo
 from onnxdream import imageio
 from onnxdream.errors import ImageError, OnnxDreamError
 from onnxdream.imageio import (
@@ -27,8 +28,6 @@ from onnxdream.imageio import (
     save_image,
     to_uint8,
 )
-
-SHARED = Path("/work/shared/images")
 
 
 def _gradient_rgb(h: int = 24, w: int = 32) -> np.ndarray:
@@ -172,13 +171,13 @@ def test_animated_gif_uses_first_frame(tmp_path):
     np.testing.assert_allclose(img.rgb[4, 4], [1, 0, 0], atol=0.01)
 
 
-@pytest.mark.skipif(not (SHARED / "chelsea.png").exists(), reason="shared photos not present")
 def test_real_photo_smoke(tmp_path):
-    img = load_image(SHARED / "chelsea.png")
+    chelsea = photo("chelsea.png")  # examples/ has a copy, so this never skips
+    img = load_image(chelsea)
     assert img.rgb.shape == (300, 451, 3) and img.size == (451, 300)
     assert 0.0 <= img.rgb.min() and img.rgb.max() <= 1.0
     out = save_image(tmp_path / "chelsea.png", img.rgb, metadata={"source": "chelsea"})
-    with Image.open(out) as a, Image.open(SHARED / "chelsea.png") as b:
+    with Image.open(out) as a, Image.open(chelsea) as b:
         np.testing.assert_array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
     assert read_metadata(out) == {"source": "chelsea"}
 
@@ -243,7 +242,8 @@ def _png_with_header(width: int, height: int, trailer: bytes = b"") -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
     return (
-        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + trailer + _chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + trailer
+        + _chunk(b"IEND", b"")
     )
 
 
@@ -257,11 +257,13 @@ def test_decompression_bomb_header_is_refused(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == before  # no global state leaks
 
 
-@pytest.mark.parametrize("side", [40, 64])  # 1600 px: Pillow's warning band; 4096 px: its error band
+# 1600 px: Pillow's warning band; 4096 px: its error band
+@pytest.mark.parametrize("side", [40, 64])
 def test_max_pixels_is_configurable(tmp_path, side):
     Image.new("RGB", (side, side)).save(tmp_path / "s.png")
     before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(ImageError, match=rf"has {side * side:,} pixels, more than the limit of 1,000"):
+    msg = rf"has {side * side:,} pixels, more than the limit of 1,000"
+    with pytest.raises(ImageError, match=msg):
         load_image(tmp_path / "s.png", max_pixels=1000)
     assert Image.MAX_IMAGE_PIXELS == before
     assert load_image(tmp_path / "s.png", max_pixels=side * side).rgb.shape == (side, side, 3)
@@ -343,7 +345,8 @@ def test_bad_arrays_are_refused(tmp_path):
     with pytest.raises(ImageError, match="H x W x 3"):
         save_image(tmp_path / "a.png", np.zeros((4, 4), np.float32))
     with pytest.raises(ImageError, match="alpha has shape"):
-        save_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32), np.zeros((3, 4), np.float32))
+        save_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.float32),
+                   np.zeros((3, 4), np.float32))
     with pytest.raises(ImageError, match="quality"):
         save_image(tmp_path / "a.jpg", np.zeros((4, 4, 3), np.float32), quality=0)
     assert _listing(tmp_path) == []

@@ -149,7 +149,8 @@ def test_compile_optimizes_by_default(mini):
 def test_maxpool_backward_with_ties(kernel, stride, pad, ceil):
     """Flat regions make ties at positive values; the first maximum must get the gradient."""
     mod = _Lambda(lambda x, conv: F.max_pool2d(torch.relu(conv(x)), kernel, stride, padding=pad,
-                                               ceil_mode=ceil) * torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1))
+                                               ceil_mode=ceil)
+                  * torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1))
     model = export(mod, shape=(1, 3, 17, 19))
     graph = compile_gradient(model, ["y"], "l2", optimize=False)
     fast = _optimize_all_strides(graph)

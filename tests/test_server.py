@@ -77,11 +77,13 @@ def _free_port() -> int:
 class Server:
     """`onnxdream serve ARGS` in a subprocess; `.url`, `.client`, `.alive()`, `.log()`."""
 
-    def __init__(self, home: Path, log: Path, *args: str):
+    def __init__(self, home: Path, log: Path, *args: str, env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        extra = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXDREAM_")}
         env["ONNXDREAM_HOME"] = str(home)
+        env.update(extra)
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -94,8 +96,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.log()}")
             try:
-                if self.client.get("/health", timeout=2).status_code == 200:
-                    break
+                if self.client.get("/health", timeout=2).status_code in (200, 503):
+                    break  # up (503: up, and saying what stops it from dreaming)
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
@@ -224,7 +226,7 @@ def test_dreams_bad_input_and_the_server_lives_on(server, small, chelsea, tmp_pa
     _check_error(_dream(c, small, layer="blocks.99"), 400, "unknown layer")
     _check_error(_dream(c, small, objective="banana"), 400, "bad objective")
     _check_error(_dream(c, small, objective="channel:x"), 400, "objective")
-    _check_error(_dream(c, small, octaves=0), 400, "octaves must be between 1 and 12")
+    _check_error(_dream(c, small, octaves=0), 400, "octaves must be auto or between 1 and 12")
     _check_error(_dream(c, small, steps=-1), 400, "steps")
     _check_error(_dream(c, small, steps="many"), 400, "must be an integer")
     _check_error(_dream(c, small, step_size="nan"), 400, "finite number")
@@ -278,7 +280,14 @@ def test_models_and_layers(server):
     _check_error(c.get("/models/nope/layers"), 404, "unknown model")
     r = c.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "<form" in r.text and "/jobs" in r.text and "http" not in r.text.split("<script>")[0]
+    # the page runs only its own files (the CSP allows no inline script or style)
+    assert "<form" in r.text and "<script>" not in r.text and "<style" not in r.text
+    assert "http" not in r.text and " style=" not in r.text
+    js = c.get("/static/app.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert "/jobs" in js.text and "http" not in js.text
+    css = c.get("/static/app.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
 
 
 def test_jobs_api(server, small):

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import skip_ok
 from onnxdream import session as S
 from onnxdream.errors import DependencyError, DeviceError, ModelError, OnnxDreamError
 from onnxdream.session import (
@@ -145,7 +146,8 @@ def test_cuda_missing_is_a_device_error(without_cuda):
 
 @pytest.mark.parametrize("bad", ["gpu", "cuda:0", "", "tpu"])
 def test_bad_device_string(bad):
-    with pytest.raises(OnnxDreamError, match=r"unknown device .*; use one of auto, cpu, cuda") as ei:
+    msg = r"unknown device .*; use one of auto, cpu, cuda"
+    with pytest.raises(OnnxDreamError, match=msg) as ei:
         resolve_providers(bad)
     assert not isinstance(ei.value, DeviceError)
     with pytest.raises(OnnxDreamError, match="unknown device"):
@@ -181,7 +183,8 @@ def test_auto_on_cuda_does_not_warn(with_cuda, fake_session, model_bytes):
         warnings.simplefilter("error")
         s = create_session(model_bytes, "auto")
     assert s.device == "cuda" and s.provider == CUDA and s.fallback_warning is None
-    assert describe_provider(s).endswith("CUDAExecutionProvider (device 0, TF32 off, cuDNN HEURISTIC)")
+    assert describe_provider(s).endswith(
+        "CUDAExecutionProvider (device 0, TF32 off, cuDNN HEURISTIC)")
 
 
 def test_cuda_requested_but_session_on_cpu_fails(with_cuda, fake_session, model_bytes):
@@ -192,7 +195,8 @@ def test_cuda_requested_but_session_on_cpu_fails(with_cuda, fake_session, model_
 
 
 def test_cuda_requested_and_cuda_raises(with_cuda, fake_session, model_bytes):
-    fake_session.fail_with = {CUDA: RuntimeError("CUDA failure 100: no CUDA-capable device is detected")}
+    fake_session.fail_with = {
+        CUDA: RuntimeError("CUDA failure 100: no CUDA-capable device is detected")}
     with pytest.raises(DeviceError, match="no CUDA-capable device"):
         create_session(model_bytes, "cuda")
 
@@ -237,12 +241,13 @@ def test_session_options(model_bytes):
     assert so.inter_op_num_threads == 1
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
-    assert so.enable_mem_pattern
+    assert not so.enable_mem_pattern  # it doubled a gradient run's peak (benchmarks/README.md)
+    assert so.enable_cpu_mem_arena
 
 
 def test_auto_on_this_cpu_machine_does_not_warn(model_bytes):
     if CUDA in ort.get_available_providers():  # pragma: no cover - GPU machines
-        pytest.skip("this machine has the CUDA provider")
+        skip_ok("this machine has the CUDA provider")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s = create_session(model_bytes)  # auto
@@ -267,7 +272,8 @@ def test_threads_from_env_and_argument(model_bytes, monkeypatch):
     s = create_session(model_bytes, "cpu", threads=1)  # the argument beats the env var
     assert s.threads == 1
     monkeypatch.setenv("ONNXDREAM_THREADS", "many")
-    with pytest.raises(OnnxDreamError, match="ONNXDREAM_THREADS must be a positive integer, got 'many'"):
+    msg = "ONNXDREAM_THREADS must be a positive integer, got 'many'"
+    with pytest.raises(OnnxDreamError, match=msg):
         create_session(model_bytes, "cpu")
     monkeypatch.setenv("ONNXDREAM_THREADS", "0")
     with pytest.raises(OnnxDreamError, match="ONNXDREAM_THREADS"):
@@ -353,7 +359,8 @@ def test_broken_onnxruntime_install(monkeypatch):
     import types
 
     monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))
-    with pytest.raises(DependencyError, match="reinstall exactly one of onnxruntime or onnxruntime-gpu"):
+    msg = "reinstall exactly one of onnxruntime or onnxruntime-gpu"
+    with pytest.raises(DependencyError, match=msg):
         S.import_onnxruntime()
 
 

@@ -35,14 +35,20 @@ from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
 
 def test_one_default_step_size_everywhere():
     from onnxdream.presets import resolve_preset
+    from onnxdream.resolve import resolve
+    from onnxdream.settings import DEFAULT_STEP_SIZE
 
-    assert DreamSettings().step_size == 0.006
-    assert resolve_preset(None).dream_settings().step_size == 0.006
-    assert DreamSettings.from_options(step_size=None).step_size == 0.006
+    # None: the model's recommended step size, else DEFAULT_STEP_SIZE (decided by the resolver)
+    assert DreamSettings().step_size is None and DEFAULT_STEP_SIZE == 0.006
+    assert resolve_preset(None).dream_settings().step_size is None
+    assert DreamSettings.from_options(step_size=None).step_size is None
+    assert resolve(DreamSettings(), 64, 64).step_size == 0.006
     from onnxdream.cli import app
 
     result = CliRunner().invoke(app, ["dream", "--help"], env={"COLUMNS": "200"})
-    assert "[default: 0.006]" in result.output
+    text = " ".join(result.output.replace("│", " ").split())  # unwrapped
+    assert "[default: the model's recommendation (`onnxdream models` shows it), else 0.006]" \
+        in text
 
 
 def test_server_form_defaults_are_the_settings_defaults():
@@ -187,6 +193,46 @@ def test_a_new_command_gets_the_dream_options():
     assert help_text.index("--model") < help_text.index("--seed") < help_text.index("--frames")
 
 
+def test_command_defaults_and_keyframed_options():
+    """zoom's own defaults sit below a preset and explicit options; keyframed options come back
+    as schedules, their first key in the settings."""
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @with_dream_options(defaults={"steps": 5, "octaves": 2}, schedules=("layer", "steps",
+                                                                          "step_size"))
+    def zoom(options: DreamOptions = None):
+        seen["settings"], seen["schedules"] = options.settings(), options.schedules()
+
+    @app.command()
+    def other():
+        pass
+
+    def run(*argv):
+        result = CliRunner().invoke(app, ["zoom", *argv])
+        assert result.exit_code == 0, result.output
+        return seen["settings"], {k: v.describe() for k, v in seen["schedules"].items()}
+
+    assert run() == (DreamSettings(steps=5, octaves=2), {})
+    assert run("--steps", "7", "--step-size", "0.01") == (
+        DreamSettings(steps=7, octaves=2, step_size=0.01), {})
+    settings, schedules = run("--layer", "0:blocks.5+blocks.6:0.5,2s:blocks.9", "--steps",
+                              "0:3,10:6")
+    assert settings == DreamSettings(steps=3, octaves=2, layers=("blocks.5", "blocks.6:0.5"))
+    assert schedules == {"layers": "0:blocks.5+blocks.6:0.5,2s:blocks.9", "steps": "0:3,10:6"}
+    assert run("--layer", "blocks.5", "--layer", "blocks.9:2")[0].layers == (
+        "blocks.5", "blocks.9:2")
+    preset = DreamSettings.from_options(preset="caffe-googlenet", layers=["x"],
+                                        defaults={"steps": 5, "octaves": 2})
+    assert (preset.steps, preset.octaves) == (10, 4)  # the preset's recipe wins
+    help_text = CliRunner().invoke(app, ["zoom", "--help"], env={"COLUMNS": "200"}).output
+    assert "steps per octave. In a clip, keyframes" in help_text and "[default: 5]" in help_text
+    bad = CliRunner().invoke(app, ["zoom", "--steps", "0:3,10:0"])
+    assert isinstance(bad.exception, SettingsError) and bad.exception.field == "steps"
+    assert "must be between 1 and 10000" in str(bad.exception)
+
+
 def _parse_dream(argv: list[str]) -> DreamSettings:
     """argv (as to_argv writes it) → the DreamSettings the CLI would build from it."""
     from onnxdream.cli import app
@@ -247,7 +293,9 @@ def test_resolver_reproduces_the_octave_rule(h, w, octaves, scale):
     assert list(r.octave_sizes) == _old_octave_sizes(h, w, octaves, scale)
     assert octave_sizes(h, w, octaves, scale) == _old_octave_sizes(h, w, octaves, scale)
     assert r.steps_total == len(r.octave_sizes) * 3 and r.octaves == len(r.octave_sizes)
-    assert (r.tile_size, r.jitter, r.step_size) == (s.tile_size, s.jitter, s.step_size)
+    # no memory profile: the tile as asked, none (0) where the image fits in one
+    tile = 0 if max(h, w) <= s.tile_size else s.tile_size
+    assert (r.tile_size, r.jitter, r.step_size) == (tile, s.jitter, 0.006)
     meta = json.loads(r.to_metadata()["onnxdream:resolved"])
     assert meta["octave_sizes"] == [list(x) for x in r.octave_sizes]
 
@@ -286,7 +334,7 @@ def test_dream_metadata_keys_and_command():
     from onnxdream.provenance import dream_metadata
     from onnxdream.resolve import resolve
 
-    s = DreamSettings(seed=9, max_loss=3.0)
+    s = DreamSettings(seed=9, max_loss=3.0, octaves=4)
     objective = Objective.build(["blocks.5"], "mean")  # what the model's default layer gives
     meta = dream_metadata(resolve(s, 64, 80), objective=objective, provider="CPU",
                           image="a b.png", output="o.png")
@@ -296,13 +344,15 @@ def test_dream_metadata_keys_and_command():
     assert meta["onnxdream:step_size"] == "0.006" and meta["onnxdream:max_loss"] == "3.0"
     assert meta["onnxdream:seed"] == "9" and meta["onnxdream:preset"] == ""
     assert json.loads(meta["onnxdream:resolved"])["octaves"] == 3  # 64, 46, 33 px
+    assert meta["onnxdream:octaves"] == "3"  # as it ran; what was asked is kept apart
+    assert json.loads(meta["onnxdream:requested"])["octaves"] == 4
     command = meta["onnxdream:command"]
     assert command.startswith("onnxdream dream 'a b.png' -o o.png --model efficientnet-lite0 "
                               "--layer blocks.5:1 ")
     import shlex
 
-    assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(
-        layers=("blocks.5:1",), seed=9, max_loss=3.0)
+    assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(  # the step size as used
+        layers=("blocks.5:1",), seed=9, max_loss=3.0, octaves=3, step_size=0.006)
     assert meta["onnxdream:grad_floor"] == ""  # none: mean|g| + 1e-8
     floored = dream_metadata(resolve(DreamSettings(seed=9, grad_floor=2e-6), 64, 80),
                              objective=objective, provider="CPU")
@@ -348,6 +398,27 @@ def test_write_atomic_failure_leaves_the_old_file(tmp_path, monkeypatch, how):
                             (lambda tmp: tmp.write_bytes(b"new")))
     assert target.read_bytes() == b"old"
     assert [x.name for x in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_target_file_and_folder(tmp_path):
+    from onnxdream.atomic import AtomicTarget
+
+    with AtomicTarget(tmp_path / "v.mp4") as t:  # an incremental writer's file
+        t.tmp.write_bytes(b"video")
+        assert not (tmp_path / "v.mp4").exists()
+    assert (tmp_path / "v.mp4").read_bytes() == b"video"
+    old = tmp_path / "frames"
+    old.mkdir()
+    (old / "frame_000000.png").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), AtomicTarget(old, directory=True) as t:
+        (t.tmp / "frame_000000.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert [x.name for x in old.iterdir()] == ["frame_000000.png"]
+    assert (old / "frame_000000.png").read_bytes() == b"old"
+    with AtomicTarget(old, directory=True) as t:  # a folder replaces the old folder whole
+        (t.tmp / "frame_000001.png").write_bytes(b"new")
+    assert [x.name for x in old.iterdir()] == ["frame_000001.png"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["frames", "v.mp4"]
 
 
 def test_remove_stale_temps(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from PIL import Image  # noqa: E402
 import videoclip  # noqa: E402
 from onnxdream.errors import OnnxDreamError  # noqa: E402
 from onnxdream.flow import temporal_error  # noqa: E402
+from onnxdream.settings import DreamSettings  # noqa: E402
 from onnxdream.video import (  # noqa: E402
     dream_video,
     frame_settings,
-    settings_digest,
     transform,
     zoom,
 )
@@ -41,11 +42,12 @@ class StandIn:
     so small input differences (codec noise) grow into different patterns, as DeepDream's do.
     Records the params of each call; raises after ``fail_after`` calls."""
 
-    key = "stand-in"
-
     def __init__(self, fail_after: int | None = None):
         self.calls: list[dict] = []
         self.fail_after = fail_after
+
+    def digest(self, height: int, width: int) -> str:
+        return "stand-in"
 
     def __call__(self, x: np.ndarray, params) -> np.ndarray:
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
@@ -143,16 +145,45 @@ def test_bad_input_fails_before_any_dream(tmp_path, clip):
     assert dream.calls == []
 
 
-def test_digest_and_frame_settings():
-    from onnxdream.ascent import DreamSettings
-
+def test_frame_settings():
     s = DreamSettings(seed=3)
-    assert settings_digest(s, {"a": 1.0}) == settings_digest(DreamSettings(seed=3), {"a": 1.0})
-    assert settings_digest(s) != settings_digest(DreamSettings(seed=4))
-    assert settings_digest({"x": 0.1}) != settings_digest({"x": 0.1 + 1e-12})
     assert frame_settings(s, {"steps": 3, "step_size": 0.02, "blend": 0.5}) == DreamSettings(
         seed=3, steps=3, step_size=0.02)
+    assert frame_settings(s, {"layers": "blocks.5+ blocks.9:0.5"}).layers == (
+        "blocks.5", "blocks.9:0.5")
     assert frame_settings(s, {}) is s
+
+
+def test_keyframed_settings():
+    """What the CLI's keyframed options and the server's form fields go through."""
+    from onnxdream.errors import ScheduleError, SettingsError
+    from onnxdream.video import keyframed_settings
+
+    first, schedules = keyframed_settings({
+        "layers": ["0:blocks.5+blocks.9:0.5,2s:blocks.9"], "steps": "7",
+        "step_size": "0:0.004,10:0.01"})
+    assert first == {"layers": ["blocks.5", "blocks.9:0.5"], "steps": 7, "step_size": 0.004}
+    assert {k: v.describe() for k, v in schedules.items()} == {
+        "layers": "0:blocks.5+blocks.9:0.5,2s:blocks.9", "step_size": "0:0.004,10:0.01"}
+    assert keyframed_settings({"layers": ["blocks.5", "blocks.9:2"], "steps": None}) == (
+        {"layers": ["blocks.5", "blocks.9:2"]}, {})
+    with pytest.raises(ScheduleError, match="steps schedule '0:3,9:0': must be between") as e:
+        keyframed_settings({"steps": "0:3,9:0"})
+    assert isinstance(e.value, SettingsError) and e.value.field == "steps"
+    with pytest.raises(ScheduleError, match="in one value"):
+        keyframed_settings({"layers": ["0:a,5:b", "c"]})
+
+
+def test_digest_follows_what_changes_a_frame(tmp_path, clip):
+    """Same run, same digest; a blend, a schedule, the flow or the frame selection: another."""
+    def digest(**kwargs):
+        return dream_video(clip, tmp_path / "out", StandIn(), duration=0.2, **kwargs).digest
+
+    base = digest()
+    assert digest() == base and digest(work_dir=tmp_path / "w") == base
+    others = [digest(blend=0.5), digest(flow=False), digest(every=2), digest(width=80),
+              digest(schedules={"step_size": "0:0.01,5:0.02"}), digest(dream_key="other")]
+    assert len({base, *others}) == 7
 
 
 # -- zoom -----------------------------------------------------------------------------------
@@ -209,10 +240,9 @@ def test_zoom_resumes(tmp_path):
 def test_real_dream_is_more_coherent_with_flow(tmp_path, clip, inputs, model_home):
     """Default model and settings, 10 frames at 160x120: flow vs the naive per-frame dream
     (measured 0.59 at blend 0.6 on 20 frames; see benchmarks/bench_video.py)."""
-    from onnxdream.ascent import DreamSettings
     from onnxdream.video import make_dream_frame
 
-    dream = make_dream_frame("efficientnet-lite0", DreamSettings(seed=1, step_size=0.006))
+    dream = make_dream_frame(DreamSettings(seed=1))
     errors = {}
     for flow in (False, True):
         result = dream_video(clip, tmp_path / f"out-{flow}", dream, flow=flow, duration=1.0)
@@ -224,18 +254,36 @@ def test_real_dream_is_more_coherent_with_flow(tmp_path, clip, inputs, model_hom
     assert ratio < 0.8
 
 
-def test_standard_dream_follows_the_layer_schedule(model_home):
-    from onnxdream.ascent import DreamSettings
+def test_standard_dream_follows_the_layer_schedule(tmp_path, model_home):
+    from onnxdream.imageio import read_png_metadata
+    from onnxdream.resolve import resolve
     from onnxdream.video import make_dream_frame
 
-    dream = make_dream_frame("efficientnet-lite0", DreamSettings(octaves=1, steps=2),
-                             threads=1)
-    assert dream.settings.seed is not None and dream.key["settings"] == dream.settings
+    settings = DreamSettings(octaves=1, steps=2)
+    dream = make_dream_frame(settings, threads=1)
+    assert dream.settings.seed is not None  # fixed once: every frame gets the same jitter
+    # the digest is the resolver's, with the model file's fingerprint
+    resolved = resolve(dream.settings, 48, 64, dream.gradient_model(dream.settings).info)
+    assert dream.digest(48, 64)["resolved"] == resolved.digest()
+    assert dream.digest(48, 64) != dream.digest(48, 80)
     x = videoclip.scene(0, 64, 48)
     a = dream(x, {"layers": "blocks.5"})
     b = dream(x, {"layers": "blocks.9+blocks.5:0.5", "steps": 1})
     dream(x, {})  # the model's default layer
     assert a.shape == b.shape == x.shape and not np.allclose(a, b)
     assert len(dream._models) == 2  # the last two gradient models stay open
-    assert [t.layer for t in dream.gradient_model(("blocks.9", "blocks.5:0.5")).objective.terms
-            ] == ["blocks.9", "blocks.5"]
+    layered = frame_settings(dream.settings, {"layers": "blocks.9+blocks.5:0.5"})
+    assert [t.layer for t in dream.gradient_model(layered).objective.terms] == [
+        "blocks.9", "blocks.5"]
+    # each frame's PNG carries the provenance, with the frame's keyframed values
+    image = Image.fromarray((x * 255).astype(np.uint8))
+    image.save(tmp_path / "in.png")
+    result = zoom(tmp_path / "in.png", tmp_path / "z", dream, 2, work_dir=tmp_path / "w",
+                  schedules={"layers": "0:blocks.5,1:blocks.9"},
+                  metadata={"onnxdream:command": "onnxdream zoom ..."})
+    meta = read_png_metadata(sorted((tmp_path / "w").glob("*-000001.png"))[0])
+    assert meta["onnxdream:frame"] == "1" and meta["onnxdream:digest"] == result.digest
+    assert json.loads(meta["onnxdream:layers"]) == ["blocks.9"]
+    assert json.loads(meta["onnxdream:params"])["layers"] == "blocks.9"
+    assert meta["onnxdream:command"] == "onnxdream zoom ..." and meta["onnxdream:seed"] == str(
+        dream.settings.seed)

@@ -1,5 +1,5 @@
-"""Video reading and writing with PyAV (videoio, videowrite): probing, frame selection, the output kinds, audio
-copy-through, atomic writes and the typed errors for bad input."""
+"""Video reading and writing with PyAV (videoio, videowrite): probing, frame selection, the
+output kinds, audio copy-through, atomic writes and the typed errors for bad input."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def test_even_size():
     assert even_size(161, 121) == (160, 120)
     assert even_size(1920, 1080, 321) == (320, 180)
     assert even_size(100, 37, 50) == (50, 18)
+
+
+def test_no_note_for_a_silent_input(tmp_path, clip_frames):
+    silent = videoclip.make_clip(tmp_path / "silent.mp4", audio=None, seconds=0.5)
+    for name in ("out.gif", "frames/", "out.mp4"):
+        assert write_video(tmp_path / name, clip_frames[:3], 10, audio_from=silent).notes == []
 
 
 @pytest.mark.parametrize("ext", [".mp4", ".webm", ".gif", ""])

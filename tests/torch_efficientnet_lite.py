@@ -51,7 +51,8 @@ def round_repeats(repeats: int, multiplier: float) -> int:
 
 
 class MBConvBlock(nn.Module):
-    def __init__(self, inp: int, final_oup: int, k: int, s: int, expand_ratio: int, momentum=0.01, eps=1e-3):
+    def __init__(self, inp: int, final_oup: int, k: int, s: int, expand_ratio: int,
+                 momentum=0.01, eps=1e-3):
         super().__init__()
         self.id_skip = s == 1 and inp == final_oup
         oup = inp * expand_ratio
@@ -59,7 +60,8 @@ class MBConvBlock(nn.Module):
         if self.expand:
             self._expand_conv = nn.Conv2d(inp, oup, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(oup, momentum=momentum, eps=eps)
-        self._depthwise_conv = nn.Conv2d(oup, oup, k, stride=s, padding=(k - 1) // 2, groups=oup, bias=False)
+        self._depthwise_conv = nn.Conv2d(oup, oup, k, stride=s, padding=(k - 1) // 2, groups=oup,
+                                         bias=False)
         self._bn1 = nn.BatchNorm2d(oup, momentum=momentum, eps=eps)
         self._project_conv = nn.Conv2d(oup, final_oup, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(final_oup, momentum=momentum, eps=eps)
@@ -117,7 +119,7 @@ class EfficientNetLite(nn.Module):
 
 
 def load(name: str, state_dict) -> EfficientNetLite:
-    """The model with ``state_dict`` (torch tensors or numpy arrays) loaded strictly, in eval mode."""
+    """The model with ``state_dict`` (torch tensors or numpy arrays) loaded strictly; eval mode."""
     model = EfficientNetLite(name)
     sd = {k: torch.as_tensor(v) for k, v in state_dict.items()}
     model.load_state_dict(sd, strict=True)

@@ -157,3 +157,13 @@ def node_attr(node: onnx.NodeProto, name: str, default=None):
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def probe_model() -> onnx.ModelProto:
+    """The smallest runnable model, ``y = Identity(x)`` on a float32 ``[1]``: a health check
+    creates a session from it to know that onnxruntime and the device work."""
+    b = GraphBuilder()
+    b.op("Identity", [b.take_name("x")], out=b.take_name("y"))
+    value = [helper.make_tensor_value_info(n, FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph(b.nodes, "probe", value[:1], value[1:], b.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])

@@ -230,7 +230,8 @@ def emit_phase_conv(b: GraphBuilder, ct: onnx.NodeProto, w: np.ndarray | None) -
 
 
 def interleave_phases(b: GraphBuilder, phases: list[str], s: int) -> str:
-    """[P(0,0), P(0,1), ..., P(s-1,s-1)] (N,C,h,w) -> X (N,C,h*s,w*s), X[s*i+a, s*j+b] = P(a,b)[i,j].
+    """[P(0,0), P(0,1), ..., P(s-1,s-1)] (N,C,h,w) -> X (N,C,h*s,w*s),
+    X[s*i+a, s*j+b] = P(a,b)[i,j].
 
     Stacked on new axes and reshaped, which onnxruntime copies in contiguous runs: much faster
     than DepthToSpace on big tensors (0.8 ms vs 8 ms for 4M floats on 2 cores).

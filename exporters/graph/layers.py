@@ -6,6 +6,7 @@ Loading and the name → tensor table are the contract's (:mod:`.contract`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -13,7 +14,13 @@ import onnx
 from onnxdream.errors import LayerError, closest
 from onnxdream.exporters.graph.autodiff import infer_shapes
 from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
-from onnxdream.exporters.graph.contract import image_input, layer_table, load_model, native_size
+from onnxdream.exporters.graph.contract import (
+    DEFAULT_SIZE,
+    image_input,
+    layer_table,
+    load_model,
+    native_size,
+)
 
 
 def layer_names(model: onnx.ModelProto, table: dict[str, str] | None = None) -> dict[str, str]:
@@ -89,14 +96,23 @@ class LayerInfo:
 
 def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
     """Every dreamable layer with its op type and output shape at the native input size."""
+    from onnxdream.exporters.graph.importer import dims_of, infer_layout
+
     proto = load_model(model)
     table = layer_table(proto)
-    h, w = native_size(proto)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     inp = image_input(fixed)
     dims = inp.type.tensor_type.shape.dim
-    for d, v in zip(dims, (1, 3, h, w)):
+    given = dims_of(inp)
+    if len(given) == 4 and infer_layout(given) == "nhwc":  # an unwrapped channels-last model
+        h, w = (v if isinstance(v, int) and v > 0 else DEFAULT_SIZE for v in given[1:3])
+        concrete = (1, h, w, given[3])
+    else:
+        h, w = native_size(proto)
+        channels = given[1] if len(given) > 1 and isinstance(given[1], int) and given[1] > 0 else 3
+        concrete = (1, channels, h, w)
+    for d, v in zip(dims, concrete):
         d.Clear()
         d.dim_value = v
     # expose layer tensors as outputs so inference keeps their shapes
@@ -114,3 +130,46 @@ def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
         out.append(LayerInfo(name, tensor, src.op_type if src is not None else "input",
                              shapes.get(tensor)))
     return out
+
+
+#: Where a network's recommended layers sit, as fractions of its depth: the middle, where dreams
+#: go from edges and colour fringes to patterns, eyes and parts (measured on the zoo models:
+#: benchmarks/README.md, "Recommended layers").
+RECOMMENDED_DEPTHS = (0.3, 0.45, 0.6, 0.75)
+
+
+def recommend_layers(candidates: Sequence[str], default: Sequence[str] = (), *,
+                     weights: Sequence[float] | None = None, order: Sequence[str] = (),
+                     depths: Sequence[float] = RECOMMENDED_DEPTHS) -> list[str]:
+    """Layers spread over the middle of a network: the rule for models nobody chose layers for.
+
+    ``candidates`` are the layers worth dreaming (block outputs), in network order; the one at
+    each of ``depths`` (a fraction of the cumulative ``weights``, default one each; a
+    candidate of weight 0 right after the chosen one, like an activation after its conv, is
+    taken instead) joins the ``default`` layers. Returned once each, in network order:
+    ``order`` (all layer names, in network order) places defaults that are not candidates.
+    """
+    names = list(candidates)
+    w = [1.0] * len(names) if weights is None else [max(0.0, float(v)) for v in weights]
+    if len(w) != len(names):
+        raise ValueError("one weight per candidate")
+    total = sum(w)
+    chosen: list[str] = []
+    if names and total > 0:
+        cumulative, acc = [], 0.0
+        for v in w:
+            acc += v
+            cumulative.append(acc)
+        for f in depths:
+            i = next(k for k, c in enumerate(cumulative) if c >= f * total - 1e-9)
+            while i + 1 < len(names) and w[i + 1] == 0:
+                i += 1
+            chosen.append(names[i])
+    picked = list(dict.fromkeys([*chosen, *default]))
+    rank = {n: i for i, n in enumerate(order or names)}
+    missing = len(rank)
+    for n in picked:  # a name that is in neither list keeps its place after the known ones
+        if n not in rank:
+            rank[n] = missing
+            missing += 1
+    return sorted(picked, key=rank.__getitem__)

@@ -123,7 +123,8 @@ class _Graph:
             self._arrays[name] = arr
             return arr
         n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+        if (n is not None and n.op_type == "Constant" and n.attribute
+                and n.attribute[0].name == "value"):
             arr = numpy_helper.to_array(n.attribute[0].t)
             self._arrays[name] = arr
             return arr
@@ -306,7 +307,8 @@ def _activation_masks(g: _Graph) -> int:
                 hi = g.const(act.input[2]) if len(act.input) > 2 and act.input[2] else None
                 lo_v = float(lo.reshape(-1)[0]) if _is_scalar(lo) else -np.inf
                 hi_v = float(hi.reshape(-1)[0]) if _is_scalar(hi) else np.inf
-                if (lo is not None and not _is_scalar(lo)) or (hi is not None and not _is_scalar(hi)):
+                if ((lo is not None and not _is_scalar(lo))
+                        or (hi is not None and not _is_scalar(hi))):
                     continue
                 if not lo_v < hi_v:
                     continue
@@ -348,7 +350,8 @@ def _channel_scale(g: _Graph) -> int:
         else:
             continue
         conv = g.only_consumer(mul.output[0])
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.input[0] != mul.output[0]:
+        if (conv is None or conv.op_type not in ("Conv", "ConvTranspose")
+                or conv.input[0] != mul.output[0]):
             continue
         w = g.const(conv.input[1])
         if w is None or k.dtype != w.dtype:
@@ -425,7 +428,8 @@ def _pool_masks(g: _Graph) -> int:
                 not _is_scalar(g.const(gts[0].input[1]), 0.0):
             continue
         cast = g.only_consumer(gts[0].output[0])
-        mul = g.only_consumer(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
+        mul = (g.only_consumer(cast.output[0])
+               if cast is not None and cast.op_type == "Cast" else None)
         if mul is None or mul.op_type != "Mul":
             continue
         if len(mp.output) > 1 and mp.output[1]:
@@ -653,8 +657,8 @@ def optimize(model: onnx.ModelProto, passes: Sequence[str] | None = None,
              report: OptimizeReport | None = None) -> onnx.ModelProto:
     """A faster equivalent of the compiled gradient graph ``model`` (a new ModelProto).
 
-    ``passes`` picks a subset of :data:`PASSES` (default: :data:`DEFAULT_PASSES`); ``report``, if given,
-    is filled with what each pass did.
+    ``passes`` picks a subset of :data:`PASSES` (default: :data:`DEFAULT_PASSES`); ``report``, if
+    given, is filled with what each pass did.
     """
     names = list(DEFAULT_PASSES) if passes is None else [p for p in PASSES if p in passes] + [
         p for p in passes if p not in PASSES]

@@ -56,7 +56,8 @@ def _pad_or_resize(model: onnx.ModelProto, node: onnx.NodeProto, rf: int,
     return rf + (stride if mode == "linear" else 0), stride // int(f)
 
 
-def receptive_field(model: onnx.ModelProto, tensor: str, image: str = "image") -> tuple[int, int] | None:
+def receptive_field(model: onnx.ModelProto, tensor: str,
+                    image: str = "image") -> tuple[int, int] | None:
     """(receptive field in pixels, total stride) of ``tensor``, or None when it is global.
 
     A layer whose value anywhere depends on the whole image (global pooling, attention, a

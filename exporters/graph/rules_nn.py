@@ -163,7 +163,8 @@ def _avgpool(ctx, dys):
         if include_pad:
             cnt = b.op("Sub", [b.op("Min", [end, b.op("Add", [size, pad_at(pe, i)])]), start])
         else:
-            cnt = b.op("Sub", [b.op("Min", [end, size]), b.op("Max", [start, b.const(0, np.int64)])])
+            cnt = b.op("Sub", [b.op("Min", [end, size]),
+                               b.op("Max", [start, b.const(0, np.int64)])])
         cnt = b.cast(cnt, onnx.TensorProto.FLOAT)
         cnt = b.op("Reshape", [cnt, b.ints([-1] + [1] * (nd - 1 - i))])
         divisor = cnt if divisor is None else b.mul(divisor, cnt)

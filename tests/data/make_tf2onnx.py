@@ -27,7 +27,8 @@ What it makes (see tests/data/README.md for every key):
 Random weights: conv/dense kernels keep Keras' seeded initialisers; every bias, BatchNorm gamma and
 beta is drawn from a seeded generator, and the BatchNorm moving statistics are calibrated on a
 seeded batch (one training-mode pass with momentum 0) so that activations neither vanish nor
-explode: about 40% of each Relu6's outputs are 0 and about 1% sit at 6, so both clip edges matter. Deterministic on one machine (CPU, TF_DETERMINISTIC_OPS=1).
+explode: about 40% of each Relu6's outputs are 0 and about 1% sit at 6, so both clip edges matter.
+Deterministic on one machine (CPU, TF_DETERMINISTIC_OPS=1).
 """
 
 from __future__ import annotations
