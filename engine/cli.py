@@ -25,6 +25,7 @@ from onnxdream.cli_common import (
     DreamOptions,
     JsonOpt,
     LayersOpt,
+    MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
     TargetOpt,
@@ -37,10 +38,13 @@ from onnxdream.cli_common import (
     warn,
     with_dream_options,
 )
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 #: Modules (in this package) whose commands join the app, in --help order after the ones here.
-COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_web")
+COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_atlas", "cli_batch", "cli_web")
+#: The size of a dream from --init noise/grey when --size is not given (width, height).
+INIT_SIZE = (512, 512)
+CREATIVE = "Creative controls"
 
 
 # -- dream ------------------------------------------------------------------------------------
@@ -49,34 +53,104 @@ COMMAND_MODULES = ("cli_visualize", "cli_video", "cli_import", "cli_web")
 @app.command()
 @with_dream_options
 def dream(
-    image: Annotated[Path, typer.Argument(help="The photo to dream on (PNG, JPEG, WebP, …).")],
+    image: Annotated[Path | None, typer.Argument(
+        help="The photo to dream on (PNG, JPEG, WebP, …); leave it out with --init noise or "
+        "grey.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Where to write the dream; the extension picks the format "
         "(.png, .jpg, .webp). Default: IMAGE-dream.png in the current directory.")] = None,
     options: DreamOptions = None,
+    max_memory: MaxMemoryOpt = None,
+    guide: Annotated[str | None, typer.Option(
+        rich_help_panel=CREATIVE, show_default=False,
+        help="Dream toward this image: at each position the layer takes on the features of the "
+        "guide's best-matching position (the Caffe notebook's guided dream; the objective "
+        "becomes guide).")] = None,
+    mask: Annotated[str | None, typer.Option(
+        rich_help_panel=CREATIVE, show_default=False,
+        help="Where to dream: an image (the photo's size) white where the dream goes, black "
+        "where the photo stays exactly as it is, grey for part of the dream.")] = None,
+    mask_layers: Annotated[list[str] | None, typer.Option(
+        "--mask-layers", rich_help_panel=CREATIVE, show_default=False,
+        help="Which layer dreams where: one mask per --layer, in order (repeat the option), or "
+        "one mask for two layers (white: the first, black: the second).")] = None,
+    feather: Annotated[int | None, typer.Option(
+        rich_help_panel=CREATIVE, show_default=False, min=0,
+        help="Fade the dream out over this many pixels before the --mask's black parts (0: a "
+        f"hard edge)  \\[default: {DreamSettings.feather}]")] = None,
+    keep_colors: Annotated[bool, typer.Option(
+        "--keep-colors", rich_help_panel=CREATIVE,
+        help="Keep the photo's colours: the dream changes luminance only.")] = False,
+    init: Annotated[str | None, typer.Option(
+        rich_help_panel=CREATIVE, show_default=False,
+        help="Dream without a photo, from noise or grey (with --size; no IMAGE).")] = None,
+    size: Annotated[str | None, typer.Option(
+        rich_help_panel=CREATIVE, show_default=False,
+        help=f"WIDTHxHEIGHT of a dream from --init  \\[default: {INIT_SIZE[0]}x{INIT_SIZE[1]}]"
+        )] = None,
+    seamless: Annotated[bool, typer.Option(
+        "--seamless", rich_help_panel=CREATIVE,
+        help="A tileable result: the network sees the image as one tile of a repeating plane "
+        "(start from --init noise or grey for a texture; sizes that are multiples of 16 tile "
+        "best).")] = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ):
     """Dream on IMAGE: amplify what a layer of the network sees in it.
 
     Example:  onnxdream dream cat.jpg -o cat-dream.png --layer blocks.9 --steps 20
+
+    Guided, masked, keeping the photo's colours, from noise, tileable:
+
+      onnxdream dream cat.jpg --guide flowers.jpg
+      onnxdream dream cat.jpg --mask cat-mask.png --keep-colors
+      onnxdream dream --init noise --size 512x512 --seamless -o texture.png
     """
     with user_errors():
         from onnxdream.ascent import dream as run_dream
+        from onnxdream.controls import Controls, init_image
+        from onnxdream.errors import SettingsError
         from onnxdream.gradient import GradientModel
         from onnxdream.imageio import check_output_path, load_image, save_image
+        from onnxdream.memory import budget_from_env
         from onnxdream.provenance import dream_metadata
         from onnxdream.resolve import resolve
 
-        out = output or default_output(image, "dream")
+        if init is not None and init not in ("noise", "grey"):  # a photo's path
+            if image is not None:
+                raise SettingsError("init", f"is a photo ({init}) and so is IMAGE: give one")
+            image, init = Path(init), None
+        if image is not None and init is not None:
+            raise SettingsError("init", f"{init} starts a dream without a photo: leave IMAGE out")
+        if image is None and init is None:
+            raise SettingsError("init", "is needed without a photo: give IMAGE, or --init noise "
+                                        "(or grey) and --size WIDTHxHEIGHT")
+        settings = options.settings(
+            guide=guide, mask=mask, mask_layers=mask_layers, feather=feather,
+            keep_colors=keep_colors or None, init=init,
+            size=(size or "x".join(map(str, INIT_SIZE))) if init else size,
+            seamless=seamless or None).with_seed()
+        out = output or (default_output(image, "dream") if image is not None else
+                         Path.cwd() / f"{settings.init}-dream.png")
         check_output_path(out)
-        settings = options.settings().with_seed()
-        loaded = load_image(image)
+        controls = Controls.load(settings)
+        if image is not None:
+            loaded = load_image(image)
+            rgb, alpha = loaded.rgb, loaded.alpha
+        else:
+            rgb, alpha = init_image(settings.init, settings.size[::-1], settings.seed), None
         gm = GradientModel.from_settings(settings, device=device)
         if gm.session.fallback_warning:
             warn(gm.session.fallback_warning)
-        h, w = loaded.rgb.shape[:2]
-        resolved = resolve(settings, h, w, gm.info)
+        h, w = rgb.shape[:2]
+        resolved = resolve(settings, h, w, gm.info, memory=gm.memory,
+                           budget_mb=max_memory or budget_from_env())
+        if resolved.work_size != (h, w):
+            nh, nw = gm.info.native_size
+            typer.echo(f"note: {gm.info.name} runs only at {nw}x{nh} pixels; the {w}x{h} photo is "
+                       f"dreamed at {resolved.work_size[1]}x{resolved.work_size[0]} and scaled "
+                       "back", err=True)
+        params = controls.params(gm, settings, (h, w), note=warn)
         t0 = time.perf_counter()
         with maybe_progress(quiet) as bar:
             task = bar.add_task("dreaming", total=resolved.steps_total, info="") if bar else None
@@ -86,10 +160,11 @@ def dream(
                     bar.update(task, completed=p.done, description=f"octave {p.octave}/{p.octaves}",
                                info=f"{p.size[1]}x{p.size[0]}  objective {p.objective:.3g}")
 
-            result = run_dream(gm, loaded.rgb, resolved, progress)
+            result = run_dream(gm, rgb, resolved, progress, params)
         meta = dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
-                              image=str(image), output=str(out))
-        save_image(out, result, alpha=loaded.alpha, metadata=meta)
+                              image=str(image) if image is not None else "IMAGE",
+                              output=str(out), hashes=controls.hashes)
+        save_image(out, result, alpha=alpha, metadata=meta)
         typer.echo(f"wrote {out} ({w}x{h}, {time.perf_counter() - t0:.1f}s on {gm.provider}, "
                    f"seed {settings.seed})", err=True)
 
@@ -137,6 +212,9 @@ def models(as_json: JsonOpt = False):
             rows.append({"name": e.name, "default": e.name == DEFAULT_MODEL,
                          "installed": e.installed, "cached": cached,
                          "input_size": e.input_size, "layers": list(e.default_layers),
+                         "recommended_layers": list(e.recommended_layers or e.default_layers),
+                         "step_size": e.step_size if e.step_size is not None
+                         else DEFAULT_STEP_SIZE,
                          "license": e.license, "description": e.description,
                          "install": None if e.installed else e.pip_hint})
         if as_json:
@@ -147,7 +225,8 @@ def models(as_json: JsonOpt = False):
                                                   f"not installed: {r['install']}")
             mark = " (default)" if r["default"] else ""
             typer.echo(f"{r['name']}{mark}  {r['input_size']}px  layer {', '.join(r['layers'])}"
-                       f"  [{state}]\n    {r['description']}")
+                       f"  step {r['step_size']:g}  [{state}]\n    {r['description']}\n"
+                       f"    recommended layers: {', '.join(r['recommended_layers'])}")
         typer.echo(f"\nmodel home: {model_home()}  (set ONNXDREAM_HOME to move it)")
 
 
@@ -231,7 +310,7 @@ def export_torchvision_cmd(
         help="DEFAULT (torchvision's pretrained, needs internet once), none (random) or a "
         "state_dict FILE saved with torch.save.")] = "DEFAULT",
 ):
-    """Export a torchvision classifier as a dreamable model (needs onnxdream[torch])."""
+    r"""Export a torchvision classifier as a dreamable model (needs onnxdream\[torch])."""
     with user_errors():
         from onnxdream.exporters import export_torchvision
 
@@ -239,6 +318,37 @@ def export_torchvision_cmd(
             name, output, weights, progress=lambda msg: typer.echo(msg, err=True))
         size = "dynamic H/W" if result.dynamic_hw else "fixed size"
         typer.echo(f"wrote {result.path} ({len(result.layers)} layers, {size})", err=True)
+
+
+@export_app.command("timm")
+def export_timm_cmd(
+    name: Annotated[str, typer.Argument(
+        help="A timm model: resnet50, convnext_tiny, vit_small_patch16_224, … "
+        "(timm.list_models()); NAME.TAG picks a pretrained config, like --pretrained-cfg.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
+    weights: Annotated[str, typer.Option(
+        help="DEFAULT (timm's pretrained weights from the Hugging Face Hub, needs internet "
+        "once), none (random) or a FILE: a state_dict saved with torch.save, or .safetensors."
+        )] = "DEFAULT",
+    pretrained_cfg: Annotated[str | None, typer.Option(
+        "--pretrained-cfg", help="The pretrained config (tag) whose weights, mean/std and input "
+        "size to use, e.g. augreg_in21k_ft_in1k (default: timm's first for the model).")] = None,
+):
+    r"""Export a timm classifier as a dreamable model (needs onnxdream\[timm]).
+
+    Example:  onnxdream export timm convnext_tiny -o convnext.onnx --weights none
+    """
+    with user_errors():
+        from onnxdream.exporters import export_timm
+
+        result = export_timm(name, output, weights, pretrained_cfg=pretrained_cfg,
+                             progress=lambda msg: typer.echo(msg, err=True))
+        size = "dynamic H/W" if result.dynamic_hw else "fixed size"
+        typer.echo(f"wrote {result.path} ({len(result.layers)} layers, {size}; default layer "
+                   f"{', '.join(result.default_layers) or 'none'})", err=True)
+        if not result.dynamic_hw and result.notes:
+            typer.echo("fixed size because: " + "; ".join(n[:200] for n in result.notes[:3]),
+                       err=True)
 
 
 @export_app.command("keras")
@@ -259,7 +369,7 @@ def export_keras_cmd(
         "--include-top", help="Keep the classifier (needed for --objective class:K and "
         "`onnxdream predict`); VGG-style heads then fix the input size.")] = False,
 ):
-    """Export a Keras 3 model as a dreamable model (needs onnxdream[keras]; runs Keras on its
+    r"""Export a Keras 3 model as a dreamable model (needs onnxdream\[keras]; runs Keras on its
     torch backend, whatever KERAS_BACKEND says elsewhere)."""
     with user_errors():
         from onnxdream.exporters import export_keras
@@ -294,6 +404,11 @@ def serve(
     max_steps: Annotated[int | None, typer.Option(
         help="Most ascent steps (octaves x steps) per dream (default 1000) "
         "\\[env ONNXDREAM_MAX_STEPS].", min=1)] = None,
+    max_memory: Annotated[int | None, typer.Option(
+        "--max-memory", metavar="MB", min=1, help="Memory the running dreams may take "
+        "together, shared by the workers; tiles shrink to fit, and a dream that cannot fit gets "
+        "413 (default: half the machine's or the container's memory) "
+        "\\[env ONNXDREAM_MAX_MEMORY_MB].")] = None,
     model_path: Annotated[list[Path] | None, typer.Option(
         "--model-path", help="A dreamable .onnx file to offer, by its file stem; repeatable "
         "\\[env ONNXDREAM_MODEL_PATHS]. Requests can name only these and the zoo.")] = None,
@@ -315,12 +430,23 @@ def serve(
         "onnxruntime-web@1.30.0`, then tar xzf): the page then also offers \"dream in this "
         "browser\", which sends the compiled graphs (with the model's weights) to the page "
         "\\[env ONNXDREAM_ORT_DIR].", show_default=False)] = None,
+    max_video_seconds: Annotated[float | None, typer.Option(
+        help="Longest video a job may dream, in seconds; 0 turns video jobs off (default 60) "
+        "\\[env ONNXDREAM_MAX_VIDEO_SECONDS].", min=0)] = None,
+    max_video_mb: Annotated[float | None, typer.Option(
+        help="Largest request body carrying a video, in MB (default 256) "
+        "\\[env ONNXDREAM_MAX_VIDEO_MB].", min=0.001)] = None,
+    max_video_disk_mb: Annotated[float | None, typer.Option(
+        help="Disk all video jobs together may use, in MB: uploads, dreamed frames and "
+        "results (default 4096) \\[env ONNXDREAM_MAX_VIDEO_DISK_MB; the folder: "
+        "ONNXDREAM_JOBS_DIR, default $ONNXDREAM_HOME/jobs].", min=1)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):
     r"""Serve dreams over HTTP, with a web page at / (needs onnxdream\[serve]).
 
     POST /dream (multipart: image + fields named like dream's options) returns the image;
-    POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID for long dreams.
+    POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID for long dreams, and for
+    videos (a 'video' file instead of the image; needs onnxdream\[video] on the server).
     """
     with user_errors():
         import importlib.util
@@ -343,10 +469,15 @@ def serve(
                                        max_pixels=max_pixels, max_body_mb=max_body,
                                        max_steps=max_steps, device=device,
                                        model_paths=model_path, cache_mb=cache_mb,
-                                       trusted_hosts=hosts, docs=docs, ort_dir=ort_dir)
+                                       trusted_hosts=hosts, docs=docs, ort_dir=ort_dir,
+                                       max_memory_mb=max_memory,
+                                       max_video_seconds=max_video_seconds,
+                                       max_video_mb=max_video_mb,
+                                       max_video_disk_mb=max_video_disk_mb)
         typer.echo(f"onnxdream {__version__} serving on http://{host}:{port}/ "
                    f"({config.workers} worker{'s' if config.workers != 1 else ''}, queue "
-                   f"{config.max_queue}, device {config.device}"
+                   f"{config.max_queue}, device {config.device}, memory "
+                   f"{config.max_memory_mb} MB"
                    f"{', dreams in the browser too' if config.ort_dir else ''})", err=True)
         run(config, host=host, port=port, log_level=log_level)
 

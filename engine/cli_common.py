@@ -40,15 +40,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from onnxdream import __version__
-from onnxdream.errors import OnnxDreamError, SettingsError
-from onnxdream.settings import DreamSettings
+from onnxdream.errors import MemoryBudgetError, OnnxDreamError, SettingsError
+from onnxdream.settings import DEFAULT_STEP_SIZE, DreamSettings
 
 if TYPE_CHECKING:
     from onnxdream.schedule import Schedule
 
 __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "JsonOpt",
-           "LAYER_HELP", "LayersOpt", "MODEL_HELP", "ModelOpt", "OBJECTIVE_HELP", "QuietOpt",
-           "SCHEDULE_HELP", "TARGET_HELP", "TargetOpt",
+           "LAYER_HELP", "LayersOpt", "MODEL_HELP", "MaxMemoryOpt", "ModelOpt", "OBJECTIVE_HELP",
+           "QuietOpt", "SCHEDULE_HELP", "TARGET_HELP", "TargetOpt",
            "app", "default_output", "err", "export_app", "flag_for", "maybe_progress",
            "progress_bar", "user_errors", "warn", "with_dream_options"]
 
@@ -94,16 +94,29 @@ def warn(message: str) -> None:
 
 def flag_for(field: str) -> str:
     """The running command's option for a settings field (``step_size`` → ``--step-size``)."""
-    import click
-
     name = _FIELD_PARAMS.get(field, field)
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     if ctx is not None:
         for p in ctx.command.params:
             if p.name == name and getattr(p, "opts", None):
                 longs = [o for o in p.opts if o.startswith("--")]
                 return longs[0] if longs else p.opts[0]
     return "--" + name.replace("_", "-")
+
+
+def _current_context():
+    """The running command's click context: Typer >= 0.22 runs commands on a vendored copy of
+    click (``typer._click``) whose context stack ``click.get_current_context`` cannot see."""
+    import importlib
+
+    for module in ("typer._click.globals", "click"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None:
+            return ctx
+    return None
 
 
 @contextlib.contextmanager
@@ -113,6 +126,9 @@ def user_errors():
         yield
     except SettingsError as exc:
         err(exc.named(flag_for(exc.field)))
+        raise typer.Exit(exc.exit_code) from None
+    except MemoryBudgetError as exc:
+        err(f"{exc}; raise it with {flag_for(exc.field)} MB, or dream a smaller image")
         raise typer.Exit(exc.exit_code) from None
     except OnnxDreamError as exc:
         err(str(exc))
@@ -125,8 +141,9 @@ def user_errors():
 # -- progress ---------------------------------------------------------------------------------
 
 
-def progress_bar():
-    """A rich progress bar on stderr: description, bar, done/total, info, elapsed, ETA."""
+def progress_bar(file=None):
+    """A rich progress bar on stderr (or the text file ``file``): description, bar, done/total,
+    info, elapsed, ETA."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -140,7 +157,7 @@ def progress_bar():
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), transient=False,
-                    console=Console(stderr=True))
+                    console=Console(stderr=True) if file is None else Console(file=file))
 
 
 @contextlib.contextmanager
@@ -172,6 +189,11 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 LayersOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help=LAYER_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+MaxMemoryOpt = Annotated[int | None, typer.Option(
+    "--max-memory", metavar="MB", min=1, show_default=False,
+    help="Most memory the dream may take, in MB: the tiles are the largest that fit, and a "
+    "dream that cannot fit is refused before it starts  \\[default: half the memory of the "
+    "machine or the container] \\[env ONNXDREAM_MAX_MEMORY_MB].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 TARGET_HELP = ("The compiled graph's op profile: default (fastest on onnxruntime's CPU and CUDA) "
                "or portable (no MaxPool Indices or ScatterElements(add): for WebGPU in the "
@@ -183,6 +205,11 @@ _D = DreamSettings()
 
 def _default(value: Any) -> str:
     return f"  \\[default: {value}]"
+
+
+# how --help states a default that the model decides (the settings hold None for it)
+_DEFAULT_TEXT = {"step_size": "the model's recommendation (`onnxdream models` shows it), else "
+                              f"{DEFAULT_STEP_SIZE}"}
 
 
 # Keyframes for the options a command lets change over a clip (video, zoom): how --help says it.
@@ -210,7 +237,8 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
             **kw: Any) -> Any:
         if name in scheduled:
             kind, help = str, help + "." + SCHEDULE_HELP[name]
-        help += _default(d[name]) if default else ""
+        help += _default(_DEFAULT_TEXT.get(name, d[name]) if d[name] is None else d[name]) \
+            if default else ""
         return Annotated[kind | None, typer.Option(*flags, help=help, show_default=False,
                                                    **kw)]
 
@@ -229,16 +257,23 @@ def _dream_options(defaults: Mapping[str, Any] | None = None,
                          default=False), None),
         "border": (opt("border", int, "Pixels to drop at each edge of the layer before "
                        "reducing", min=0), None),
-        "octaves": (opt("octaves", int, "Number of scales, smallest first"), None),
+        "octaves": (opt("octaves", str, "Number of scales, smallest first; auto: as many as "
+                        "bring the smallest near the model's native size (4 for a 512-px photo, "
+                        "8 for 2048 px)", metavar="N|auto"), None),
         "octave_scale": (opt("octave_scale", float, "Size ratio between octaves"), None),
         "steps": (opt("steps", int, "Gradient-ascent steps per octave"), None),
         "step_size": (opt("step_size", float, "Step length: mean pixel change per step, on "
                           "the [0,1] scale"), None),
         "jitter": (opt("jitter", int, "Random shift in pixels each step (0: none)"), None),
-        "tile_size": (opt("tile_size", int, "Images larger than this are processed in tiles "
-                          "of this size (0: never)"), None),
+        "tile_size": (opt("tile_size", int, "Largest tile side: bigger images are processed "
+                          "in tiles, made smaller when --max-memory requires (0: as large as "
+                          "fits)"), None),
         "normalize": (opt("normalize", str, "Gradient normalisation: mean-abs, std or lapnorm "
                           "(Laplacian pyramid)"), None),
+        "grad_floor": (opt("grad_floor", float, "Divide the gradient by max(size, F) instead of "
+                           "size + 1e-8, size being what --normalize measures (keras.io's Deep "
+                           "Dream uses 1e-6; the keras-io preset sets it)  \\[default: none]",
+                           default=False), None),
         "max_loss": (Annotated[float | None, typer.Option(
             help="Stop once the objective exceeds this value.")], None),
         "seed": (Annotated[int | None, typer.Option(
@@ -281,10 +316,12 @@ class DreamOptions:
         checked as a setting (ScheduleError naming the field)."""
         return self._keyframed()[1]
 
-    def settings(self) -> DreamSettings:
+    def settings(self, **controls: Any) -> DreamSettings:
         """One validated DreamSettings: explicit options over the preset over the command's
         defaults over DreamSettings' (the model's layers are read only when a preset must
-        choose them). A keyframed option contributes its first key's value. Seed as given."""
+        choose them). A keyframed option contributes its first key's value. Seed as given.
+        ``controls``: further DreamSettings fields the command has options for (``dream``'s
+        creative controls: guide, mask, keep_colors, ...), None meaning not given."""
         options = dict(self.values)
         first, _ = self._keyframed()
         for name in self.scheduled:
@@ -292,7 +329,7 @@ class DreamOptions:
                 options[name] = first[_SCHEDULE_FIELDS[name]]
         options["layers"] = options.pop("layer", None)
         return DreamSettings.from_options(layers_of=_layers_of, defaults=self.defaults,
-                                          **options)
+                                          **options, **controls)
 
 
 def with_dream_options(func: Callable | None = None, *,

@@ -4,9 +4,10 @@ On CUDA the numpy loop would copy the image to the GPU and the gradient back on 
 Instead the gradient graph is wrapped into a *step graph* (:mod:`onnxdream.exporters.graph.step`:
 roll, gradient, unroll, normalised step, clip) and run with IO binding: ``image_out`` is bound to
 a device-resident OrtValue that becomes the next step's ``x``, so the image never returns to the
-host between steps; only the two-element shift, the step size and the objective cross (and the
-objective parameters, e.g. the term ``weights``, fed from :attr:`DeviceAscent.params`). The same
-graph runs on the CPU provider, where the tests check it against the numpy loop.
+host between steps; only the two-element shift, the step size, the gradient floor and the
+objective cross (and the objective parameters, e.g. the term ``weights``, fed from
+:attr:`DeviceAscent.params`). The same graph runs on the CPU provider, where the tests check it
+against the numpy loop.
 
 On CUDA the steps of one image size go further (:class:`StaticSteps`, cached per shape): a
 session for that fixed shape (shape arithmetic folded away) whose roll is a ``Gather`` by index
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 
 from onnxdream.exporters.graph.contract import OBJECTIVE, param_defaults
-from onnxdream.exporters.graph.step import OUTPUT, static_step_graph, step_graph
+from onnxdream.exporters.graph.step import GRAD_FLOOR, OUTPUT, static_step_graph, step_graph
 from onnxdream.session import Session, create_session
 
 CUDA_GRAPH_ENV = "ONNXDREAM_CUDA_GRAPH"
@@ -43,6 +44,11 @@ def roll_indices(size: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
     """(take, back): ``v[take]`` is ``np.roll(v, shift)`` and ``r[back]`` undoes it."""
     i = np.arange(size, dtype=np.int64)
     return (i - shift) % size, (i + shift) % size
+
+
+def floor_input(grad_floor: float | None) -> np.ndarray:
+    """The step graph's ``grad_floor`` input: 0 (no floor: mean|g| + 1e-8) or the floor."""
+    return np.array([0.0 if grad_floor is None else grad_floor], np.float32)
 
 
 def cuda_graph_enabled() -> bool:
@@ -82,6 +88,7 @@ class StaticSteps:
         self.index = {"rows": buffer([h], np.int64), "cols": buffer([w], np.int64),
                       "unrows": buffer([h], np.int64), "uncols": buffer([w], np.int64)}
         self.step_size = buffer([1], np.float32)
+        self.grad_floor = buffer([1], np.float32)
         self.param_buffers = {name: buffer(np.shape(v), np.asarray(v).dtype)
                               for name, v in self.params.items()}
         self.bindings, self.run_options = [], []
@@ -91,6 +98,7 @@ class StaticSteps:
             for name, value in self.index.items():
                 b.bind_ortvalue_input(name, value)
             b.bind_ortvalue_input("step_size", self.step_size)
+            b.bind_ortvalue_input(GRAD_FLOOR, self.grad_floor)
             for name, value in self.param_buffers.items():
                 b.bind_ortvalue_input(name, value)
             b.bind_ortvalue_output(OUTPUT, self.images[1 - k])
@@ -103,20 +111,23 @@ class StaticSteps:
             self.run_options.append(ro)
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step=None,
-            params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape.
+            params: Mapping[str, np.ndarray] | None = None,
+            grad_floor: float | None = None) -> np.ndarray:
+        """Same contract as :meth:`DeviceAscent.run`; ``img`` must have this runner's shape,
+        ``params`` (default :attr:`params`) this runner's parameter names and shapes.
 
         Runs from several threads (the server's workers share a model) take turns.
         """
         with self.lock:
             return self._run(img, steps, step_size, shifts, on_step,
-                             self.params if params is None else params)
+                             self.params if params is None else params, grad_floor)
 
     def _run(self, img: np.ndarray, steps: int, step_size: float, shifts, on_step,
-             params: Mapping[str, np.ndarray]) -> np.ndarray:
+             params: Mapping[str, np.ndarray], grad_floor: float | None) -> np.ndarray:
         h, w = self.shape[2], self.shape[3]
         self.images[0].update_inplace(np.ascontiguousarray(img[None], dtype=np.float32))
         self.step_size.update_inplace(np.array([step_size], np.float32))
+        self.grad_floor.update_inplace(floor_input(grad_floor))
         for name, value in params.items():
             self.param_buffers[name].update_inplace(np.ascontiguousarray(value))
         k = 0
@@ -160,28 +171,38 @@ class DeviceAscent:
         self.fallback_reason: str | None = None
         self._model = gradient_model
         self._threads = threads
-        self._static: OrderedDict[tuple[int, ...], StaticSteps] = OrderedDict()
+        self._static: OrderedDict[tuple, StaticSteps] = OrderedDict()  # (shape, params)
         self._lock = threading.Lock()
 
-    def static_steps(self, shape: tuple[int, ...]) -> StaticSteps:
-        """The per-shape runner for ``shape`` ([1,3,H,W]), created on first use (LRU)."""
+    def static_steps(self, shape: tuple[int, ...],
+                     params: Mapping[str, np.ndarray] | None = None) -> StaticSteps:
+        """The per-shape runner for ``shape`` ([1,3,H,W]) and the names and shapes of
+        ``params`` (default :attr:`params`: its buffers are bound once), created on first use
+        (LRU)."""
         shape = tuple(int(v) for v in shape)
+        params = self.params if params is None else params
+        key = (shape, tuple((k, np.shape(v), np.asarray(v).dtype.str)
+                            for k, v in sorted(params.items())))
         with self._lock:
-            runner = self._static.pop(shape, None)
+            runner = self._static.pop(key, None)
             if runner is None:
                 runner = StaticSteps(self._model, shape, self.device, self._threads,
-                                     self.cuda_graph, self.params)
-            self._static[shape] = runner
+                                     self.cuda_graph, params)
+            self._static[key] = runner
             while len(self._static) > STATIC_CACHE:
                 self._static.popitem(last=False)
             return runner
 
     def run(self, img: np.ndarray, steps: int, step_size: float, shifts,
-            on_step=None, params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+            on_step=None, params: Mapping[str, np.ndarray] | None = None,
+            grad_floor: float | None = None) -> np.ndarray:
         """``steps`` steps on img [3,H,W]; ``shifts`` yields (dy, dx) per step. Returns [3,H,W].
 
-        ``params``: the objective parameters for this run (default :attr:`params`), so that
-        several dreams with other weightings share this runner without changing it.
+        ``params``: the step graph's parameters for this run (default :attr:`params`): the
+        gradient graph's (weights, guide features, region masks at this size) and
+        ``step_mask``, so that several dreams with other weightings share this runner without
+        changing it. ``grad_floor``: None divides the gradient by mean|g| + 1e-8, F by
+        max(mean|g|, F).
         """
         params = self.params if params is None else params
         if self.static_shapes:
@@ -197,14 +218,14 @@ class DeviceAscent:
                     yield drawn[-1]
 
             try:
-                return self.static_steps((1, *img.shape)).run(img, steps, step_size, drawing(),
-                                                              step, params)
+                return self.static_steps((1, *img.shape), params).run(
+                    img, steps, step_size, drawing(), step, params=params, grad_floor=grad_floor)
             except Exception as exc:  # noqa: BLE001 - any failure: fall back, say why
                 if started:  # steps already ran and were reported: do not silently redo them
                     raise
                 self._disable_static(exc)
                 shifts = itertools.chain(drawn, shifts)  # the jitter the failed try drew
-        return self._run_dynamic(img, steps, step_size, shifts, on_step, params)
+        return self._run_dynamic(img, steps, step_size, shifts, on_step, params, grad_floor)
 
     def _disable_static(self, exc: BaseException) -> None:
         what = "CUDA graph capture" if self.cuda_graph else "per-shape session"
@@ -215,11 +236,13 @@ class DeviceAscent:
         self._static.clear()
 
     def _run_dynamic(self, img: np.ndarray, steps: int, step_size: float, shifts,
-                     on_step=None, params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+                     on_step=None, params: Mapping[str, np.ndarray] | None = None,
+                     grad_floor: float | None = None) -> np.ndarray:
         import onnxruntime as ort
 
         x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(img[None]), self.device, 0)
         size = np.array([step_size], np.float32)
+        floor = ort.OrtValue.ortvalue_from_numpy(floor_input(grad_floor), self.device, 0)
         # bound as OrtValues: onnxruntime binds a parameter (an input with a default) only so
         params = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device,
                                                          0)
@@ -231,6 +254,7 @@ class DeviceAscent:
             binding.bind_ortvalue_input("x", x)
             binding.bind_cpu_input("shift", np.array([dy % h, dx % w], np.int64))
             binding.bind_cpu_input("step_size", size)
+            binding.bind_ortvalue_input(GRAD_FLOOR, floor)
             for name, value in params.items():
                 binding.bind_ortvalue_input(name, value)
             binding.bind_output(OUTPUT, self.device)

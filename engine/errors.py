@@ -93,14 +93,38 @@ class ImageTooLargeError(ImageError):
         return f"{self.subject} {what}, more than the limit of {self.limit:,}"
 
 
+class MemoryBudgetError(OnnxDreamError):
+    """A dream would need more memory than its budget allows (CLI exit 2, HTTP 413).
+
+    ``needed`` and ``budget`` are in bytes; ``field`` is ``max_memory`` (the CLI's
+    ``--max-memory``; the server's budget is the operator's ``ONNXDREAM_MAX_MEMORY_MB``).
+    """
+
+    field = "max_memory"
+
+    def __init__(self, message: str, *, needed: int, budget: int):
+        super().__init__(message)
+        self.needed, self.budget = int(needed), int(budget)
+
+
 class VideoError(OnnxDreamError):
     """A video cannot be read (not a video, no frames, audio only, a still image), a frame
     selection is out of range, or an output cannot be written (unknown extension, …)."""
 
 
+class VideoTooLargeError(VideoError):
+    """A video is over a limit a server sets (its length, its frames' pixels, the disk its job
+    needs): the server answers 413."""
+
+
 class NonFiniteError(OnnxDreamError):
     """The objective or its gradient stopped being a finite number during a dream (float32
     overflow: huge layer weights, or a model whose activations overflow); nothing is written."""
+
+
+class BatchError(OnnxDreamError):
+    """A batch as a whole cannot run: no inputs, two inputs for one output, an unreachable
+    cluster (``field`` names the option: ``inputs``, ``address``, ...)."""
 
 
 class DeviceError(OnnxDreamError):

@@ -21,7 +21,7 @@ import json
 import os
 import weakref
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from onnxdream.errors import ModelError, ObjectiveError, OnnxDreamError, first_l
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient
 from onnxdream.exporters.graph.contract import (
     GRAD,
+    GUIDE_PREFIX,
     IMAGE,
     OBJECTIVE,
     WEIGHTS,
@@ -43,13 +44,16 @@ from onnxdream.exporters.graph.contract import (
 from onnxdream.exporters.graph.layers import layer_names, resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
 from onnxdream.graph_cache import CompiledCache
+from onnxdream.memory import MemoryProfile
 from onnxdream.session import Session, create_session
 
 # 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
 # masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
 # 10: term weights are the graph's `weights` input (the cache key leaves them out);
-# 11: negative Pad pads (were mis-cropped); 12: constant Gathers scatter without a reduction
-COMPILER_VERSION = "12"
+# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
+# 13: region masks block-averaged on the layer's stride; 14: constant Gathers scatter without
+# a reduction
+COMPILER_VERSION = "14"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -147,7 +151,8 @@ class GradientModel:
             CompiledCache.hold(Path(graph))  # not evicted while this model lives
             weakref.finalize(self, CompiledCache.release, Path(graph))
         self._graph, self._threads, self._device_ascent = graph, threads, None
-        self.border = border
+        self._features: Session | None = None
+        self.border, self.pre_relu = border, pre_relu
         self.tile_info = self._tile_info(proto)
         self.labels = self.info.labels
 
@@ -168,6 +173,24 @@ class GradientModel:
         model, layers, objective, pre_relu, border = settings.gradient_key()
         return cls(model, list(layers), objective, pre_relu=pre_relu, border=border,
                    device=device, threads=threads, cache=cache)
+
+    @functools.cached_property
+    def memory(self) -> MemoryProfile:
+        """What the compiled graph costs in memory per pixel (see :mod:`onnxdream.memory`)."""
+        try:
+            profile = MemoryProfile.of_graph(self._graph, self.info.native_size)
+        except OSError:  # evicted by another process: compile it again, in memory
+            profile = MemoryProfile.of_graph(
+                compile_gradient(load_model(self.model_path), self.objective,
+                                 pre_relu=self._key[0], border=self._key[1]),
+                self.info.native_size)
+        return replace(profile, model_bytes=self.model_path.stat().st_size)
+
+    @property
+    def required(self) -> list[str]:
+        """Parameters without a default, which every run must pass: guide terms' features."""
+        return [f"{GUIDE_PREFIX}{k}" for k, t in enumerate(self.objective.terms)
+                if t.kind == "guide"]
 
     @property
     def provider(self) -> str:
@@ -220,40 +243,84 @@ class GradientModel:
                                                threads=self._threads, params=self.params)
         return self._device_ascent
 
+    def features(self, x: np.ndarray) -> list[np.ndarray]:
+        """The activations of the objective's layers (in ``objective.layers`` order) for x
+        (float32 [N,3,H,W]), read as the gradient graph reads them (``pre_relu`` included): a
+        forward-only graph (:func:`~onnxdream.exporters.graph.compiler.compile_features`) in a
+        session made on first use. The guided dream reads its guide's features with it."""
+        if self._features is None:
+            from onnxdream.exporters.graph import compile_features
+
+            graph = compile_features(load_model(self.model_path), self.objective,
+                                     pre_relu=self.pre_relu)
+            self._features = create_session(graph.SerializeToString(), device=self.session.device,
+                                            threads=self._threads)
+        return self._features.run(None, {IMAGE: x})
+
     # -- evaluation ---------------------------------------------------------------------------
     def __call__(self, x: np.ndarray, params: dict[str, np.ndarray] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """x: float32 [N,3,H,W] in [0,1] → (objective [N], grad [N,3,H,W]).
 
         ``params`` are the objective parameters to feed (default: :attr:`params`), already cut
-        to x's extent where spatial.
+        to x's extent where spatial. A fixed-size model takes only its native size (a
+        ModelError naming it otherwise).
         """
+        if not self.info.dynamic_hw and tuple(x.shape[2:]) != tuple(self.info.native_size):
+            raise self._size_error(x.shape[3], x.shape[2])
         feeds = {IMAGE: x, **(self.params if params is None else params)}
+        missing = [name for name in self.required if name not in feeds]
+        if missing:
+            raise ObjectiveError(f"this objective needs {', '.join(missing)}: a guided dream "
+                                 "needs its guide's features (onnxdream.guide.guide_params)")
         try:
             obj, grad = self.session.run([OBJECTIVE, GRAD], feeds, _quiet_run_options())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             hint = (f" (with --border {self.border}, the layer must be more than "
                     f"{2 * self.border} positions wide: use a larger image, fewer octaves or a "
                     "smaller border)" if self.border else "")
-            raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels"
+            raise OnnxDreamError(f"the model cannot run at {x.shape[3]}x{x.shape[2]} pixels"
                                  f"{hint}: {first_line(exc, 160)}") from None
         return obj, grad
 
-    def gradient(self, img: np.ndarray, tile_size: int = 0, shift: tuple[int, int] = (0, 0),
-                 out: np.ndarray | None = None, params: Mapping[str, np.ndarray] | None = None
-                 ) -> tuple[float, np.ndarray]:
-        """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than tile_size.
+    def _size_error(self, width: int, height: int) -> ModelError:
+        nh, nw = self.info.native_size
+        return ModelError(f"{self.info.name} has a fixed input size and runs only at {nw}x{nh} "
+                          f"pixels, not {width}x{height}; dream() works at that size or larger "
+                          "(in tiles of that size)")
 
-        ``shift`` evaluates the network on the image rolled by (dy, dx) pixels (the jitter) and
-        returns the gradient in the unrolled frame; big images are never copied whole for it.
-        ``out``, if given, receives the gradient (no new full-size array). ``params``: the
-        objective parameters at image size (default :attr:`params`; see :meth:`params_for`).
+    def gradient(self, img: np.ndarray, tile_size: int | tuple[int, int] = 0,
+                 shift: tuple[int, int] = (0, 0), out: np.ndarray | None = None,
+                 params: Mapping[str, np.ndarray] | None = None,
+                 batch_pixels: int = 512 * 512, wrap: bool = False) -> tuple[float, np.ndarray]:
+        """img: float32 [3,H,W] → (objective, grad [3,H,W]); tiled when larger than the tile.
+
+        ``tile_size``: a side, or (h, w); 0 for no tiles. A fixed-size model is always tiled
+        at its native size (whatever ``tile_size`` says), since it runs at no other; every
+        objective is then taken per tile. ``shift`` evaluates the network on the image rolled
+        by (dy, dx) pixels (the jitter) and returns the gradient in the unrolled frame; big
+        images are never copied whole for it. ``out``, if given, receives the gradient (no new
+        full-size array). ``params``: the objective parameters at image size (default
+        :attr:`params`; see :meth:`params_for`). ``batch_pixels`` bounds a batch of tiles (see
+        :meth:`tiled`). ``wrap``: the image is one tile of a periodic plane (a seamless
+        texture): every tile, the image's edges included, sees the wrapped-around pixels as its
+        halo (see
+        :meth:`tiled`).
         """
         base = self.params if params is None else params
         _, h, w = img.shape
         dy, dx = shift[0] % h, shift[1] % w
-        tileable = all(t.kind not in ("class", "neuron") for t in self.objective.terms)
-        if not tileable or tile_size <= 0 or (h <= tile_size and w <= tile_size):
+        th, tw = (tile_size, tile_size) if isinstance(tile_size, (int, np.integer)) else tile_size
+        fixed = not self.info.dynamic_hw
+        if fixed:
+            if wrap:
+                raise ModelError(f"{self.info.name} has a fixed input size: a seamless dream "
+                                 "needs a model that runs at any size")
+            th, tw = self.info.native_size
+        tileable = fixed or all(t.kind not in ("class", "neuron") for t in self.objective.terms)
+        if wrap and tileable:
+            return self.tiled(img, (th, tw), (dy, dx), out, batch_pixels, params=base, wrap=True)
+        if not tileable or th <= 0 or (h <= th and w <= tw):
             x = np.roll(img, (dy, dx), axis=(1, 2)) if (dy or dx) else img
             params = {k: np.roll(v, (dy, dx), axis=(-2, -1)) if (dy or dx) and is_spatial(k)
                       else v for k, v in base.items()}  # spatial ones roll with it
@@ -263,34 +330,62 @@ class GradientModel:
                 return float(obj[0]), g
             out[...] = g
             return float(obj[0]), out
-        return self.tiled(img, tile_size, (dy, dx), out, params=base)
+        return self.tiled(img, (th, tw), (dy, dx), out, batch_pixels, params=base)
 
-    def tiled(self, img: np.ndarray, tile_size: int, shift: tuple[int, int] = (0, 0),
-              out: np.ndarray | None = None, budget: int = 512 * 512,
-              params: Mapping[str, np.ndarray] | None = None) -> tuple[float, np.ndarray]:
-        """The gradient assembled from tiles of at most tile_size pixels (core + halo).
+    def tiled(self, img: np.ndarray, tile_size: int | tuple[int, int],
+              shift: tuple[int, int] = (0, 0), out: np.ndarray | None = None,
+              budget: int = 512 * 512, params: Mapping[str, np.ndarray] | None = None,
+              wrap: bool = False) -> tuple[float, np.ndarray]:
+        """The gradient assembled from tiles of at most ``tile_size`` (a side or (h, w)) pixels
+        (core + halo).
 
         Tiles of one shape run in batches of at most ``budget`` pixels. The gradient is exact
         where the halo covers the receptive field; the objective returned is an estimate (each
         tile's mean, weighted by its core's share of the image), since a tile's mean also counts
         its halo. With a shift, tiles are cut from the rolled image by index arithmetic; spatial
-        objective parameters (see the contract) are cut the same way.
+        objective parameters (see the contract) are cut the same way. For a fixed-size model
+        every tile is exactly ``tile_size``: the tiles along the bottom and right edges shift
+        inward (more context on their inner side) instead of being cut short.
+
+        ``wrap``: halos are never clipped at the image's edges but wrap around (the rows above
+        the first are the last ones, ...), so the gradient is that of the image repeated
+        periodically: a seamless texture. An image that fits in ``tile_size`` (or with
+        ``tile_size`` 0) is then one tile, the whole image plus a halo.
         """
         _, h, w = img.shape
         dy, dx = shift
-        halo = self.tile_info.halo(tile_size)
+        th, tw = (tile_size, tile_size) if isinstance(tile_size, (int, np.integer)) else tile_size
+        exact = not self.info.dynamic_hw
+        if exact and (h < th or w < tw):
+            raise self._size_error(w, h)
         stride = self.tile_info.stride
-        core = max(stride, (tile_size - 2 * halo) // stride * stride)
+        if wrap and (th <= 0 or (h <= th and w <= tw)):  # one tile: the image and its halo
+            halo_h = halo_w = self.tile_info.halo(max(h, w))
+            core_h, core_w = h, w
+        else:
+            th, tw = min(th, h), min(tw, w)
+            halo_h, halo_w = self.tile_info.halo(th), self.tile_info.halo(tw)
+            core_h = max(stride, (th - 2 * halo_h) // stride * stride)
+            core_w = max(stride, (tw - 2 * halo_w) // stride * stride)
         base = self.params if params is None else params
         grad = np.zeros_like(img) if out is None else out
         total = 0.0
         spatial = [k for k in base if is_spatial(k)]
         tiles: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
-        for y0 in range(0, h, core):
-            for x0 in range(0, w, core):
-                y1, x1 = min(y0 + core, h), min(x0 + core, w)
-                ty0, tx0 = max(0, y0 - halo), max(0, x0 - halo)
-                ty1, tx1 = min(h, y1 + halo), min(w, x1 + halo)
+
+        def window(c0: int, c1: int, halo: int, size: int, n: int) -> tuple[int, int]:
+            if wrap:  # the halo wraps around the image's edges
+                return c0 - halo, c1 + halo
+            if exact:  # exactly `size`, shifted inward at the far edge
+                start = min(max(0, c0 - halo), n - size)
+                return start, start + size
+            return max(0, c0 - halo), min(n, c1 + halo)
+
+        for y0 in range(0, h, core_h):
+            for x0 in range(0, w, core_w):
+                y1, x1 = min(y0 + core_h, h), min(x0 + core_w, w)
+                ty0, ty1 = window(y0, y1, halo_h, th, h)
+                tx0, tx1 = window(x0, x1, halo_w, tw, w)
                 tiles.setdefault((ty1 - ty0, tx1 - tx0), []).append((y0, y1, x0, x1, ty0, tx0))
 
         def positions(a: int, b: int) -> float:  # layer positions over an a x b window

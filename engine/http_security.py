@@ -3,11 +3,13 @@
 - :func:`content_security_policy` is THE place the page's Content-Security-Policy is defined:
   only the page's own files run (``engine/static/*.js``, ``*.css``: no inline script or style,
   nothing from another origin), images may be this server's or ``blob:``/``data:`` URLs (the
-  dream is shown from a blob), requests go back to this server only, and no site may frame the
-  page. The browser path (issue 16: "dream in this browser") extends it for the page, its
-  files and onnxruntime-web's (:data:`BROWSER_CSP`: WebAssembly compiles, same-origin workers),
-  and every response but ``/docs`` carries :data:`CROSS_ORIGIN_ISOLATION` (COOP/COEP: the page
-  is cross-origin isolated, so SharedArrayBuffer and WebAssembly threads work).
+  dream is shown from a blob), video and audio this server's or ``blob:`` (a dreamed video
+  plays from a blob, the chosen clip previews from one), requests go back to this server only,
+  and no site may frame the page. The browser path (issue 16: "dream in this browser") extends
+  it for the page, its files and onnxruntime-web's (:data:`BROWSER_CSP`: WebAssembly compiles,
+  same-origin workers), and every response but ``/docs`` carries
+  :data:`CROSS_ORIGIN_ISOLATION` (COOP/COEP: the page is cross-origin isolated, so
+  SharedArrayBuffer and WebAssembly threads work).
 - :class:`SecurityHeaders` (pure ASGI, wrapped around the whole app, so error responses,
   the body limit's 413 and the host check's 400 get them too) adds ``X-Content-Type-Options:
   nosniff``, the CSP, ``X-Frame-Options: DENY`` (for browsers without ``frame-ancestors``),
@@ -35,6 +37,7 @@ BASE_CSP: dict[str, str] = {
     "script-src": "'self'",
     "style-src": "'self'",
     "img-src": "'self' blob: data:",
+    "media-src": "'self' blob:",
     "connect-src": "'self'",
     "form-action": "'self'",
     "base-uri": "'none'",
@@ -153,13 +156,14 @@ class PathScrubber:
                        for path, name in sorted(pairs.items(), key=lambda kv: -len(kv[0]))]
 
     @classmethod
-    def for_server(cls, model_paths: Mapping[str, Path], cache_dir: Path) -> PathScrubber:
-        """Operator models by name; the model home, the cache, the installation and the
-        temporary and home directories as "…"."""
+    def for_server(cls, model_paths: Mapping[str, Path], cache_dir: Path,
+                   *more: str | os.PathLike) -> PathScrubber:
+        """Operator models by name; the model home, the cache, the installation, the
+        temporary and home directories and ``more`` (the video jobs' folder) as "…"."""
         from onnxdream.models import model_home
 
         named = {path: f"'{name}'" for name, path in model_paths.items()}
-        roots = [cache_dir, model_home(), *(p.parent for p in model_paths.values()),
+        roots = [cache_dir, model_home(), *more, *(p.parent for p in model_paths.values()),
                  Path(__file__).resolve().parent, sys.prefix, sys.base_prefix,
                  tempfile.gettempdir(), Path.home(), Path.cwd()]
         return cls(named, [r for r in roots if str(r) not in ("/", "")])

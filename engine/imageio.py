@@ -391,7 +391,8 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def resize(
-    rgb: np.ndarray, size: tuple[int, int], *, resample: str = "bicubic"
+    rgb: np.ndarray, size: tuple[int, int], *, resample: str = "bicubic",
+    box: tuple[float, float, float, float] | None = None
 ) -> np.ndarray:
     """Resize a float image to ``size = (height, width)``, in float32, channel by channel.
 
@@ -402,7 +403,8 @@ def resize(
     hard edges; the result is not clipped (the ascent clips after each step).
 
     Accepts H x W or H x W x C arrays; returns a new C-contiguous float32 array (a copy even when
-    the size is unchanged).
+    the size is unchanged). ``box``: the source region ``(x0, y0, x1, y1)`` to resize (Pillow's;
+    the filter still reads the pixels around it), default the whole image.
     """
     a = np.asarray(rgb)
     if a.ndim not in (2, 3):
@@ -416,19 +418,20 @@ def resize(
         raise ValueError(
             f"unknown resample filter {resample!r}; use one of {', '.join(_RESAMPLE)}"
         ) from None
-    if a.shape[:2] == (h, w):
+    if a.shape[:2] == (h, w) and box is None:
         return np.array(a, dtype=np.float32, order="C", copy=True)
     if a.ndim == 2:
-        return _resize_plane(a, h, w, flt)
+        return _resize_plane(a, h, w, flt, box)
     out = np.empty((h, w, a.shape[2]), dtype=np.float32)
     for c in range(a.shape[2]):
-        out[:, :, c] = _resize_plane(a[:, :, c], h, w, flt)
+        out[:, :, c] = _resize_plane(a[:, :, c], h, w, flt, box)
     return out
 
 
-def _resize_plane(plane: np.ndarray, h: int, w: int, flt: Image.Resampling) -> np.ndarray:
+def _resize_plane(plane: np.ndarray, h: int, w: int, flt: Image.Resampling,
+                  box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode "F"
-    return np.asarray(img.resize((w, h), flt), dtype=np.float32)
+    return np.asarray(img.resize((w, h), flt, box=box), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------

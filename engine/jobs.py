@@ -9,6 +9,11 @@ threads over a bounded FIFO, with progress, cancellation and expiry. A front end
 in the queue (:meth:`JobManager.admit`) before it reads, decodes or compiles anything; queued
 requests hold the encoded image, which the worker decodes when the dream starts.
 
+Requests have a ``kind``: ``"image"`` (:class:`DreamRequest`, its result the encoded image in
+``Job.result``) or ``"video"`` (:class:`onnxdream.videojobs.VideoRequest`: it runs itself, its
+result is a file, ``Job.result_path``, and its ``release()`` removes its folder, which the
+manager calls when the job fails, is cancelled, deleted or expires, and when it stops).
+
 Errors: a job's failure is kept as the exception itself (``Job.exception``); front ends map its
 *type* to what they show (an HTTP status, an exit code). The queue's own refusals are
 :class:`JobError`\\ s: :class:`QueueFull`, :class:`ShuttingDown`, :class:`UnknownJob`.
@@ -28,12 +33,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from onnxdream.errors import ModelError, OnnxDreamError, SettingsError, did_you_mean
-from onnxdream.settings import DreamSettings, octave_sizes, require
+from onnxdream.memory import budget_from_env as memory_budget_from_env
+from onnxdream.settings import DreamSettings, require
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "SHUTDOWN", "Admission",
            "DreamRequest", "Job", "JobCancelled", "JobError", "JobManager", "Loaded", "ModelCache",
@@ -110,8 +116,19 @@ class ServerConfig:
     trusted_hosts: tuple[str, ...] = ()  # Host headers accepted ("*.example.com"); () = any
     docs: bool = False  # serve the Swagger UI at /docs (it loads scripts from a CDN)
     health_ttl: float = 10.0  # seconds a /health self-check result is reused
+    # video jobs (onnxdream.videojobs): 0 seconds turns them off
+    max_video_seconds: float = 60.0  # longest clip (the selected part) a job may dream
+    max_video_body: int = 256 * MB  # largest request body carrying a video
+    max_video_disk: int = 4096 * MB  # disk all video jobs together may hold
+    jobs_dir: Path | None = None  # where video jobs keep their files (default: <home>/jobs)
     # onnxruntime-web's dist/ folder: the page's "dream in this browser" (onnxdream.web); None: off
     ort_dir: Path | None = None
+    max_memory_mb: int = 4096  # for all the dreams running at once (ONNXDREAM_MAX_MEMORY_MB)
+
+    @property
+    def dream_memory_mb(self) -> int:
+        """The memory budget of one dream: the server's, shared by its workers."""
+        return max(1, self.max_memory_mb // self.workers)
 
     @classmethod
     def from_env(cls, *, workers: int | None = None, max_queue: int | None = None,
@@ -121,7 +138,11 @@ class ServerConfig:
                  device: str | None = None,
                  model_paths: list[str | os.PathLike] | None = None,
                  trusted_hosts: list[str] | None = None,
-                 docs: bool = False, ort_dir: str | os.PathLike | None = None) -> ServerConfig:
+                 docs: bool = False, ort_dir: str | os.PathLike | None = None,
+                 max_memory_mb: int | None = None,
+                 max_video_seconds: float | None = None, max_video_mb: float | None = None,
+                 max_video_disk_mb: float | None = None,
+                 jobs_dir: str | os.PathLike | None = None) -> ServerConfig:
         """Explicit arguments first, then ``ONNXDREAM_*`` environment variables, then defaults."""
         from onnxdream.graph_cache import budget_from_env
 
@@ -137,6 +158,14 @@ class ServerConfig:
             raise SettingsError("job_ttl", "must be a finite number of seconds")
         hosts = trusted_hosts or [h.strip() for h in os.environ.get(
             "ONNXDREAM_TRUSTED_HOSTS", "").split(",") if h.strip()]
+        video_s = _first(max_video_seconds, _env_int("ONNXDREAM_MAX_VIDEO_SECONDS", 60, 0))
+        video_mb = _first(max_video_mb, _env_int("ONNXDREAM_MAX_VIDEO_MB", 256))
+        disk_mb = _first(max_video_disk_mb, _env_int("ONNXDREAM_MAX_VIDEO_DISK_MB", 4096))
+        for name, value in (("max_video_seconds", video_s), ("max_video_body", video_mb),
+                            ("max_video_disk", disk_mb)):
+            if not math.isfinite(value) or value < 0:
+                raise SettingsError(name, f"must be a finite number >= 0, got {value}")
+        jobs_dir = jobs_dir or os.environ.get("ONNXDREAM_JOBS_DIR", "").strip() or None
         cfg = cls(
             device=device,
             workers=workers or _env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
@@ -152,6 +181,11 @@ class ServerConfig:
             trusted_hosts=tuple(hosts),
             docs=bool(docs),
             ort_dir=_ort_dir(ort_dir),
+            max_memory_mb=max_memory_mb or memory_budget_from_env(),
+            max_video_seconds=float(video_s),
+            max_video_body=int(float(video_mb) * MB),
+            max_video_disk=int(float(disk_mb) * MB),
+            jobs_dir=Path(jobs_dir).expanduser() if jobs_dir else None,
         )
         return cfg.validate()
 
@@ -168,8 +202,16 @@ class ServerConfig:
             (all(h and " " not in h and "/" not in h for h in self.trusted_hosts),
              "trusted_hosts", "must be host names like example.com or *.example.com"),
             (self.health_ttl >= 0, "health_ttl", "must be >= 0 seconds"),
+            (self.max_memory_mb >= 1, "max_memory_mb", "must be a positive number of MB"),
+            (self.max_video_seconds >= 0, "max_video_seconds", "must be >= 0 (0: no videos)"),
+            (self.max_video_body >= 1024, "max_video_body", "must be at least 1 KB"),
+            (self.max_video_disk >= MB, "max_video_disk", "must be at least 1 MB"),
         ])
         return self
+
+
+def _first(value, default):
+    return value if value is not None else default
 
 
 def _allowed_models(paths: list[str | os.PathLike]) -> dict[str, Path]:
@@ -246,28 +288,39 @@ class ModelCache:
         raise ModelError(f"unknown model '{name[:100]}': this server offers "
                          f"{', '.join(names)}{did_you_mean(name[:100], names)}", field="model")
 
-    def info(self, name: str):
+    def _read(self, name: str) -> tuple[Any, dict[str, str]]:
         """(ModelInfo, its layer and tensor names) of model ``name``, read once."""
         with self._lock:
             if name in self._infos:
                 return self._infos[name]
-        from onnxdream.exporters.graph.contract import ModelInfo, load_model
+        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
         from onnxdream.exporters.graph.layers import layer_names
         from onnxdream.gradient import resolve_model_path
 
         with self._build_lock:
-            proto = load_model(resolve_model_path(self.source(name)))
+            path = resolve_model_path(self.source(name))
+            proto = load_model(path)
+            require_dreamable(proto, path.name)  # a raw ONNX file: say how to import it
             info = ModelInfo.load(proto)
             result = (info, layer_names(proto, info.layers))
         with self._lock:
-            self._infos[name] = result
-        return result
+            return self._infos.setdefault(name, result)
+
+    def info(self, name: str):
+        """The contract's :class:`~onnxdream.exporters.graph.contract.ModelInfo` of model
+        ``name`` (read once)."""
+        return self._read(name)[0]
+
+    def layer_names(self, name: str) -> dict[str, str]:
+        """Every name a layer of model ``name`` may be given by (the layer table's and the
+        tensors') → its tensor, for parsing ``layer`` fields (read once)."""
+        return self._read(name)[1]
 
     def objective(self, settings: DreamSettings):
         """The dream's Objective (layer names checked against the model, weights in range)."""
         from onnxdream.gradient import objective_for
 
-        info, known = self.info(settings.model)
+        info, known = self._read(settings.model)
         return objective_for(info, known, list(settings.layers),
                              settings.objective).check_weights()
 
@@ -276,9 +329,11 @@ class ModelCache:
         return (settings.model, tuple(map(tuple, objective.structure())),
                 bool(settings.pre_relu), int(settings.border))
 
-    def get(self, settings: DreamSettings) -> Loaded:
+    def get(self, settings: DreamSettings, *, keep: bool = True) -> Loaded:
         """The shared GradientModel for ``settings`` (built, and cached, on first use) and the
-        parameters of this dream's weighting."""
+        parameters of this dream's weighting. ``keep=False`` builds one without caching it
+        (atlas thumbnails: used once, they must not push the dreams' sessions out), unless it
+        is cached already."""
         objective = self.objective(settings)
         key = self.key(settings, objective)
         with self._lock:
@@ -291,6 +346,8 @@ class ModelCache:
                 gm = self._models.get(key)
             if gm is None:
                 gm = self._build(key, objective)
+                if not keep:
+                    return Loaded(gm, objective, gm.params_for(objective))
             with self._lock:
                 self._models[key] = gm
                 self._models.move_to_end(key)
@@ -314,7 +371,7 @@ class ModelCache:
 
     def layers(self, name: str) -> tuple[list[str], list[str]]:
         """(all layer names, default layers) of model ``name``."""
-        info, _ = self.info(name)
+        info = self.info(name)
         return list(info.layers), list(info.default_layers)
 
     def loaded(self) -> list[dict[str, Any]]:
@@ -339,8 +396,33 @@ class ModelCache:
 # Requests and jobs
 
 
+class Work:
+    """What a job runs: a dream (:class:`DreamRequest`), a video
+    (:class:`~onnxdream.videojobs.VideoRequest`) or a model's atlas thumbnails
+    (:class:`~onnxdream.atlas_cache.AtlasRequest`). A :class:`Job` reads ``kind``, ``settings``,
+    ``fmt``, ``size`` and ``work`` of it; the worker calls :meth:`run`, then
+    :meth:`forget_input` once the job has finished and :meth:`release` when its files may go."""
+
+    kind: ClassVar[str] = "work"
+
+    @property
+    def work(self) -> float:
+        """The cost in pixel-steps, for queue wait estimates (0: unknown)."""
+        return 0.0
+
+    def run(self, models: ModelCache, job: Job | None = None) -> bytes | Path:
+        raise NotImplementedError
+
+    def forget_input(self) -> None:
+        """Drop what the request holds in memory (the job finished: only its result is kept)."""
+
+    def release(self) -> None:
+        """Give back what the request holds outside its Job (files); called when the job
+        fails, is cancelled, deleted or expires, maybe more than once."""
+
+
 @dataclass(eq=False)
-class DreamRequest:
+class DreamRequest(Work):
     """A validated dream: what to run and on which pixels.
 
     Either the encoded upload (``data``, decoded by the worker when the dream starts, so that
@@ -348,6 +430,7 @@ class DreamRequest:
     both are dropped once the job finishes.
     """
 
+    kind: ClassVar[str] = "image"
     settings: DreamSettings  # validated, seed fixed
     fmt: str  # output format: png, jpeg (jpg) or webp
     image: np.ndarray | None  # uint8 HxWx3
@@ -355,26 +438,36 @@ class DreamRequest:
     size: tuple[int, int]  # (width, height)
     data: bytes | None = None  # the encoded image, when not decoded yet
     max_pixels: int | None = None  # the decoder's limit for ``data``
+    controls: Any = None  # onnxdream.controls.Controls: the guide's and masks' pictures
+
+    def run(self, models: ModelCache, job: Job | None = None) -> bytes:
+        """What a worker does with this request (:func:`run_request`); other kinds of work
+        (the server's atlas thumbnails) have a ``run`` of their own."""
+        return run_request(self, models, job)
 
     @classmethod
-    def from_loaded(cls, settings: DreamSettings, fmt: str, loaded) -> DreamRequest:
-        """From a decoded :class:`~onnxdream.imageio.LoadedImage` (kept as uint8 while queued)."""
-        from onnxdream.imageio import to_uint8
-
-        alpha = to_uint8(loaded.alpha) if loaded.alpha is not None else None
-        return cls(settings=settings, fmt=fmt, image=to_uint8(loaded.rgb), alpha=alpha,
-                   size=(loaded.rgb.shape[1], loaded.rgb.shape[0]))
-
-    @classmethod
-    def from_bytes(cls, settings: DreamSettings, fmt: str, data: bytes,
-                   max_pixels: int | None) -> DreamRequest:
+    def from_bytes(cls, settings: DreamSettings, fmt: str, data: bytes | None,
+                   max_pixels: int | None, controls: Any = None) -> DreamRequest:
         """From an encoded image, checked from its header only (format, size, the pixel
-        limit: ImageError / ImageTooLargeError); decoded when the dream runs."""
+        limit: ImageError / ImageTooLargeError) and decoded when the dream runs; or, with no
+        ``data``, a dream from ``settings.init`` (noise or grey) of ``settings.size``.
+        ``controls``: the creative controls' pictures (:class:`~onnxdream.controls.Controls`)."""
+        from onnxdream.errors import ImageTooLargeError
         from onnxdream.imageio import image_size
 
-        size = image_size(data, max_pixels=max_pixels)
+        if data is None:
+            size = tuple(settings.size)
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                raise ImageTooLargeError(f"size {size[0]}x{size[1]}", size[0] * size[1],
+                                         max_pixels)
+        else:
+            size = image_size(data, max_pixels=max_pixels)
         return cls(settings=settings, fmt=fmt, image=None, alpha=None, size=size, data=data,
-                   max_pixels=max_pixels)
+                   max_pixels=max_pixels, controls=controls)
+
+    def forget_input(self) -> None:
+        """Drop the pixels (the job finished: only its result is kept)."""
+        self.image = self.alpha = self.data = self.controls = None
 
     def pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(float32 HxWx3 in [0,1], uint8 HxW alpha or None), decoding ``data`` if needed."""
@@ -384,6 +477,11 @@ class DreamRequest:
             rgb = self.image.astype(np.float32)
             rgb *= np.float32(1.0 / 255.0)
             return rgb, self.alpha
+        if self.data is None:  # a dream without a photo: its start, from the seed
+            from onnxdream.controls import init_image
+
+            w, h = self.size
+            return init_image(self.settings.init, (h, w), self.settings.seed), None
         loaded = load_image_bytes(self.data, name="the uploaded image",
                                   max_pixels=self.max_pixels)
         self.data = None  # decoded: the bytes are not needed any more
@@ -393,13 +491,13 @@ class DreamRequest:
     @property
     def work(self) -> float:
         """The dream's cost in pixel-steps (over its octaves), for queue wait estimates."""
+        from onnxdream.resolve import resolve
+
         w, h = self.size
-        s = self.settings
-        try:
-            sizes = octave_sizes(h, w, int(s.octaves), float(s.octave_scale))
-        except (TypeError, ValueError):  # octaves decided later (by the resolver)
-            sizes = [(h, w)]
-        return float(sum(a * b for a, b in sizes) * s.steps)
+        # the octaves as the resolver decides them ("auto": for the default native size, the
+        # model's is not known yet)
+        sizes = resolve(self.settings, h, w).octave_sizes
+        return float(sum(a * b for a, b in sizes) * self.settings.steps)
 
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -407,7 +505,7 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 
 @dataclass(eq=False)
 class Job:
-    request: DreamRequest
+    request: Work
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: str = QUEUED
     created: float = field(default_factory=time.monotonic)
@@ -419,8 +517,12 @@ class Job:
     objective: float | None = None
     error: str | None = None  # one sentence, when failed or cancelled
     exception: BaseException | None = None  # what failed it (front ends map its type)
-    result: bytes | None = None
+    result: bytes | None = None  # an image job's image
+    result_path: Path | None = None  # a video job's file (its request owns the folder)
     provider: str | None = None
+    stage: str | None = None  # a video job's: "dream", then "encode"
+    rate: float | None = None  # a video job's frames dreamed per second
+    eta: float | None = None  # a video job's seconds left (its own estimate)
     work: float = 0.0  # pixel-steps (DreamRequest.work), for wait estimates
     cancel: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False  # cancelled because the server stops, not by its client
@@ -428,9 +530,14 @@ class Job:
 
     def view(self, position: int | None = None) -> dict[str, Any]:
         now = time.monotonic()
+        video = self.request.kind == "video"
         progress = 1.0 if self.state == DONE else (self.done / self.total if self.total else 0.0)
+        if video and self.state != DONE:
+            progress = min(progress, 0.99)  # the encode comes after the last frame
         eta = None
-        if self.state == RUNNING and self.started is not None and self.done:
+        if self.state == RUNNING and video:
+            eta = None if self.eta is None else round(self.eta, 1)
+        elif self.state == RUNNING and self.started is not None and self.done:
             eta = round((now - self.started) / self.done * (self.total - self.done), 1)
         elif self.state == DONE:
             eta = 0.0
@@ -444,6 +551,14 @@ class Job:
             "width": self.request.size[0], "height": self.request.size[1],
             "format": self.request.fmt,
         }
+        if video:
+            for key in ("steps_done", "steps_total", "octave", "objective"):
+                del out[key]
+            out.update(kind="video", frames_done=self.done,
+                       frames_total=self.total or self.request.frames,
+                       fps=round(self.rate or 0.0, 3),
+                       stage=self.stage if self.state == RUNNING else None,
+                       frame_rate=round(float(self.request.fps), 3))
         if position is not None:
             out["queue_position"] = position
         if self.error:
@@ -479,12 +594,15 @@ class UnknownJob(JobError):
                          "after it finished)")
 
 
-def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -> bytes:
-    """Dream ``req`` with a model from ``models`` → the encoded image with its provenance.
+def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -> bytes | Path:
+    """Dream ``req`` with a model from ``models`` → the encoded image with its provenance (a
+    video request: the path of the dreamed video, inside the request's own folder).
 
     With a ``job``, progress goes into it and a set ``job.cancel`` stops the dream at the next
     step (:class:`JobCancelled`).
     """
+    if req.kind != "image":  # a video (onnxdream.videojobs.VideoRequest): a file comes back
+        return req.run(models, job)
     from onnxdream.ascent import dream
     from onnxdream.imageio import encode_image
     from onnxdream.provenance import dream_metadata
@@ -494,7 +612,12 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
         raise JobCancelled()
     gm, objective, params = models.get(req.settings)
     rgb, alpha = req.pixels()
-    resolved = resolve(req.settings, rgb.shape[0], rgb.shape[1], gm.info)
+    config = models.config
+    resolved = resolve(req.settings, rgb.shape[0], rgb.shape[1], gm.info, memory=gm.memory,
+                       budget_mb=config.dream_memory_mb)  # MemoryBudgetError: 413
+    if resolved.steps_total > config.max_steps:  # octaves "auto" are known only now
+        raise SettingsError("steps", f"x {resolved.octaves} octaves is {resolved.steps_total} "
+                                     f"steps, more than this server's limit of {config.max_steps}")
     progress = None
     if job is not None:
         job.provider = gm.provider
@@ -506,6 +629,9 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
             job.done, job.total, job.octave = p.done, p.total, p.octave
             job.objective = float(p.objective) if math.isfinite(p.objective) else None
 
+    controls = req.controls
+    if controls is not None:
+        params = controls.params(gm, req.settings, rgb.shape[:2], base=params)
     out = dream(gm, rgb, resolved, progress, params)
     if job is not None:
         if job.cancel.is_set():
@@ -513,7 +639,8 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
         job.done = job.total
     ext = "jpg" if req.fmt in ("jpeg", "jpg") else req.fmt
     meta = dream_metadata(resolved, objective=objective, provider=gm.provider,
-                          image="IMAGE", output=f"dream.{ext}")
+                          image="IMAGE", output=f"dream.{ext}",
+                          hashes=controls.hashes if controls is not None else None)
     return encode_image(out, alpha, req.fmt, metadata=meta)
 
 
@@ -577,6 +704,9 @@ class JobManager:
             for job in self._active:
                 job.shutdown = True
                 job.cancel.set()
+            for job in self._jobs.values():
+                if job.finished is not None:
+                    job.request.release()  # results on disk go with the server
             self._cond.notify_all()
             threads = list(self._threads)
         for t in threads:
@@ -639,13 +769,16 @@ class JobManager:
             return job, position
 
     def cancel(self, job: Job) -> None:
-        """Stop ``job`` at its next step (or before it starts) and forget it."""
+        """Stop ``job`` at its next step (or before it starts) and forget it; a finished job's
+        files (a video's folder) are removed now, a running one's when it stops."""
         with self._cond:
             job.cancel.set()
             self._jobs.pop(job.id, None)
             if job.state == QUEUED and job in self._queue:
                 self._queue.remove(job)
                 self._finish(job, CANCELLED, error="cancelled")
+            elif job.finished is not None:
+                job.request.release()
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -673,10 +806,12 @@ class JobManager:
         for j in finished:
             if now - j.finished > self.config.job_ttl:
                 del self._jobs[j.id]
+                j.request.release()
         finished = sorted((j for j in self._jobs.values() if j.finished is not None),
                           key=lambda j: j.finished)
         for j in finished[:max(0, len(finished) - self.config.max_results)]:
             del self._jobs[j.id]
+            j.request.release()
 
     def _rate(self) -> float | None:
         """Pixel-steps per second of one worker: recent finished dreams, else the progress of
@@ -707,10 +842,20 @@ class JobManager:
         return int(min(3600, max(1, math.ceil(seconds / self.config.workers))))
 
     def _finish(self, job: Job, state: str, *, error: str | None = None,
-                exception: BaseException | None = None, result: bytes | None = None) -> None:
-        job.state, job.error, job.exception, job.result = state, error, exception, result
+                exception: BaseException | None = None,
+                result: bytes | Path | None = None) -> None:
+        job.state, job.error, job.exception = state, error, exception
+        if isinstance(result, Path):
+            job.result_path = result
+        else:
+            job.result = result
         job.finished = self._clock()
-        job.request.image = job.request.alpha = job.request.data = None  # only the result now
+        try:
+            job.request.forget_input()  # only the result now
+            if state != DONE or (job.id not in self._jobs and job.result_path is not None):
+                job.request.release()  # failed, cancelled or forgotten: its files go now
+        except Exception:  # noqa: BLE001 - a bug here must not kill the worker nor the waiter
+            log.exception("job %s: releasing its input failed", job.id)
         if not job.future.done():
             job.future.set_result(job)
 
@@ -727,7 +872,7 @@ class JobManager:
                 self._active.add(job)
                 job.state, job.started = RUNNING, self._clock()
             try:
-                data = run_request(job.request, self.models, job)
+                data = job.request.run(self.models, job)
             except JobCancelled:
                 outcome = dict(state=CANCELLED, error=SHUTDOWN if job.shutdown else "cancelled")
             except OnnxDreamError as exc:

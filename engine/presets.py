@@ -9,7 +9,10 @@ alternatives and takes the first set the model has.
 Scales: onnxdream steps in RGB [0,1] pixel space. The Keras examples step in InceptionV3's
 preprocessed space ``x/127.5 - 1`` ([-1,1], twice as wide), so their step 0.01 is 0.005 here; the
 Caffe and TF notebooks step in 0..255 space, so their 1.5 is 1.5/255 ≈ 0.006. Gradients are
-normalised before the step, so only the step length needs converting.
+normalised before the step, so only the step length needs converting — and a gradient floor
+(``grad_floor``: the Keras examples divide by ``max(mean|g|, eps)``), since a gradient with
+respect to [0,1] pixels is twice the one with respect to [-1,1] values: keras.io's 1e-6 is 2e-6
+here, the classic example's ``K.epsilon()`` (1e-7) is 2e-7.
 
 Known differences from the originals (small, documented rather than hidden):
 
@@ -77,20 +80,26 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in [
         objective="l2",
         border=2,
         settings={"octaves": 3, "octave_scale": 1.4, "steps": 20, "step_size": 0.005,
-                  "jitter": 0, "normalize": "mean-abs", "max_loss": 10.0},
+                  "jitter": 0, "normalize": "mean-abs", "max_loss": 10.0,
+                  # grads / max(mean|grads|, K.epsilon() = 1e-7) in [-1,1] space: 2e-7 here
+                  "grad_floor": 2e-7},
     ),
     Preset(
         name="keras-io",
         description="the keras.io Deep Dream example: InceptionV3, mixed4..mixed7 weighted "
                     "1.0/1.5/2.0/2.5, mean of squares without a 2-pixel border, 3 octaves x 1.4, "
-                    "20 steps of 0.01 in [-1,1] space, stop above loss 15",
+                    "20 steps of 0.01 in [-1,1] space, gradient / max(mean|g|, 1e-6), stop "
+                    "above loss 15",
         model_hint="export InceptionV3 with "
                    "`onnxdream export keras InceptionV3 -o inception_v3.onnx`",
         layers=(("mixed4:1.0", "mixed5:1.5", "mixed6:2.0", "mixed7:2.5"),),
         objective="l2",
         border=2,
         settings={"octaves": 3, "octave_scale": 1.4, "steps": 20, "step_size": 0.005,
-                  "jitter": 0, "normalize": "mean-abs", "max_loss": 15.0},
+                  "jitter": 0, "normalize": "mean-abs", "max_loss": 15.0,
+                  # keras.io: grads / max(mean|grads|, 1e-6) in [-1,1] space, where gradients
+                  # are half as large as in onnxdream's [0,1] space: the same floor is 2e-6 here
+                  "grad_floor": 2e-6},
     ),
     Preset(
         name="caffe-googlenet",

@@ -11,8 +11,9 @@ for ``onnxdream visualize``.
 Validation raises :class:`~onnxdream.errors.SettingsError` naming the *field* (``step_size``);
 the CLI shows it as ``--step-size``, the server as the form field ``step_size``.
 
-What depends on the image and the model (the octave sizes actually used, the tile size, later
-"auto" octaves and a memory budget) is not decided here but by :func:`onnxdream.resolve.resolve`.
+What depends on the image and the model (``octaves="auto"``, the octave sizes actually used,
+the tile size under the memory budget, the step size when None) is not decided here but by
+:func:`onnxdream.resolve.resolve`.
 """
 
 from __future__ import annotations
@@ -27,18 +28,29 @@ import numpy as np
 from onnxdream.errors import SettingsError
 from onnxdream.models.registry import DEFAULT_MODEL
 
-__all__ = ["ASCENT_FIELDS", "DreamSettings", "MIN_OCTAVE_SIDE", "OBJECTIVE_FIELDS",
-           "VISUALIZE_NORMALIZERS", "VisualizeSettings", "describe", "octave_sizes",
-           "random_seed", "require"]
+__all__ = ["ASCENT_FIELDS", "AUTO", "CONTROL_FIELDS", "DEFAULT_STEP_SIZE", "DreamSettings",
+           "MAX_OCTAVES", "MIN_OCTAVE_SIDE", "OBJECTIVE_FIELDS", "VISUALIZE_NORMALIZERS",
+           "VisualizeSettings", "describe", "octave_sizes", "random_seed", "require"]
 
 #: The smallest side an octave may have, in pixels (smaller octaves are dropped).
 MIN_OCTAVE_SIDE = 32
+#: The most octaves a dream may have (``"auto"`` stops here too).
+MAX_OCTAVES = 12
+#: A value the resolver decides from the image and the model (``octaves``).
+AUTO = "auto"
+
+#: The step size of a dream whose settings and model name none (``DreamSettings.step_size`` is
+#: None: the model's recommended step size, else this; see ``resolve.step_size_for``).
+DEFAULT_STEP_SIZE = 0.006
 
 #: DreamSettings fields that say what to amplify (a model's gradient graph depends on these).
 OBJECTIVE_FIELDS = ("model", "layers", "objective", "pre_relu", "border", "preset")
 #: DreamSettings fields of the ascent itself (a preset may set these; the seed is separate).
 ASCENT_FIELDS = ("octaves", "octave_scale", "steps", "step_size", "jitter", "tile_size",
-                 "normalize", "max_loss")
+                 "normalize", "grad_floor", "max_loss")
+#: DreamSettings fields of the creative controls (see onnxdream.controls).
+CONTROL_FIELDS = ("guide", "mask", "mask_layers", "feather", "keep_colors", "init", "size",
+                  "seamless")
 
 #: Gradient normalisations of ``visualize`` (the dream's are ``onnxdream.normalize.NORMALIZERS``).
 VISUALIZE_NORMALIZERS = ("none", "lapnorm")
@@ -93,7 +105,17 @@ class DreamSettings:
     """One dream, fully described. Defaults here are THE defaults (CLI, server, presets, API).
 
     ``layers`` are ``NAME`` or ``NAME:WEIGHT`` specs; empty means the model's recommended
-    layer(s). ``preset`` records the recipe the values came from (see :meth:`from_options`).
+    layer(s). ``step_size`` None means the model's recommended step size, else
+    :data:`DEFAULT_STEP_SIZE` (decided by :func:`onnxdream.resolve.resolve`). ``preset``
+    records the recipe the values came from (see :meth:`from_options`).
+
+    The creative controls (:mod:`onnxdream.controls`): ``guide`` an image file the dream's
+    features move toward (the objective is then ``guide``); ``mask`` an image file, white where
+    to dream, black where to keep the photo, grey for part, its edges feathered inward by
+    ``feather`` pixels; ``mask_layers`` one image file per layer saying where it dreams (one
+    file for two layers: white the first, black the second); ``keep_colors`` the dream changes
+    luminance only; ``init`` ``"noise"`` or ``"grey"`` to dream without a photo, ``size``
+    (width, height) its size; ``seamless`` a tileable result.
     """
 
     # what to amplify
@@ -104,21 +126,45 @@ class DreamSettings:
     border: int = 0
     preset: str | None = None
     # how
-    octaves: int = 4
+    octaves: int | str = AUTO  # "auto": from the image and the model's native size (resolve)
     octave_scale: float = 1.4
     steps: int = 10
-    step_size: float = 0.006
+    step_size: float | None = None  # None: the model's recommendation, else 0.006
     jitter: int = 32
-    tile_size: int = 512
+    tile_size: int = 1024  # the largest tile side; the memory budget may shrink it (resolve)
     seed: int | None = None
     normalize: str = "mean-abs"
+    #: None: the normaliser divides by size + 1e-8; F: by max(size, F) (onnxdream.normalize)
+    grad_floor: float | None = None
     max_loss: float | None = None
+    # creative controls
+    guide: str | None = None
+    mask: str | None = None
+    mask_layers: tuple[str, ...] = ()
+    feather: int = 8
+    keep_colors: bool = False
+    init: str | None = None
+    size: tuple[int, int] | None = None
+    seamless: bool = False
 
     def __post_init__(self):
-        if isinstance(self.layers, str):
-            object.__setattr__(self, "layers", (self.layers,))
-        elif not isinstance(self.layers, tuple):
-            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.octaves, str):  # "auto", or a number from a form or a flag
+            text = self.octaves.strip().lower()
+            object.__setattr__(self, "octaves", int(text) if text.isdigit() else text)
+        for name in ("layers", "mask_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.size, str):
+            from onnxdream.controls import parse_size
+
+            object.__setattr__(self, "size", parse_size(self.size))
+        elif self.size is not None and not isinstance(self.size, tuple):
+            object.__setattr__(self, "size", tuple(self.size))
+        if self.guide and self.objective == "mean":  # a guided dream's objective is the guide
+            object.__setattr__(self, "objective", "guide")
 
     def validate(self) -> DreamSettings:
         """This value, if every field is in range; SettingsError naming the first that is not."""
@@ -133,27 +179,62 @@ class DreamSettings:
              "must be mean, l2, channel:K, neuron:K or class:K"),
             (_is_int(self.border) and self.border >= 0, "border",
              "must be an integer >= 0"),
-            (_is_int(self.octaves) and 1 <= self.octaves <= 12, "octaves",
-             "must be between 1 and 12"),
+            (self.octaves == AUTO or (_is_int(self.octaves) and 1 <= self.octaves <= MAX_OCTAVES),
+             "octaves", f"must be auto or between 1 and {MAX_OCTAVES}"),
             (_is_number(self.octave_scale) and 1.0 < self.octave_scale <= 4.0, "octave_scale",
              "must be > 1 and <= 4"),
             (_is_int(self.steps) and 1 <= self.steps <= 10_000, "steps",
              "must be between 1 and 10000"),
-            (_is_number(self.step_size) and 0.0 < self.step_size <= 10.0, "step_size",
+            (self.step_size is None or (_is_number(self.step_size)
+                                        and 0.0 < self.step_size <= 10.0), "step_size",
              "must be > 0 and <= 10"),
             (_is_int(self.jitter) and 0 <= self.jitter <= 4096, "jitter",
              "must be between 0 and 4096 pixels"),
             (_is_int(self.tile_size) and (self.tile_size == 0 or 64 <= self.tile_size <= 8192),
-             "tile_size", "must be 0 (no tiles) or between 64 and 8192 pixels"),
+             "tile_size", "must be 0 (as large as memory allows) or between 64 and 8192 pixels"),
             (self.normalize in NORMALIZERS, "normalize",
              f"must be one of {', '.join(NORMALIZERS)}"),
+            (self.grad_floor is None or (_is_number(self.grad_floor)
+                                         and math.isfinite(self.grad_floor)
+                                         and self.grad_floor > 0.0), "grad_floor",
+             "must be a finite number > 0"),
             (self.max_loss is None or (_is_number(self.max_loss)
                                        and math.isfinite(self.max_loss)), "max_loss",
              "must be a finite number"),
             (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed",
              "must be between 0 and 2^32-1"),
         ])
+        self._validate_controls()
         return self
+
+    def _validate_controls(self) -> None:
+        from onnxdream.controls import INITS
+
+        guided = self.objective.strip() == "guide"
+        require([
+            (self.guide is None or (isinstance(self.guide, str) and bool(self.guide.strip())),
+             "guide", "must name an image file"),
+            (not guided or bool(self.guide), "guide",
+             "is needed: the objective guide dreams toward an image"),
+            (not self.guide or guided, "objective",
+             "must be guide (or left out) in a guided dream"),
+            (self.mask is None or (isinstance(self.mask, str) and bool(self.mask.strip())),
+             "mask", "must name an image file"),
+            (all(isinstance(m, str) and m.strip() for m in self.mask_layers), "mask_layers",
+             "must name image files"),
+            (len(self.mask_layers) <= 16, "mask_layers", "takes at most 16 masks"),
+            (_is_int(self.feather) and 0 <= self.feather <= 1024, "feather",
+             "must be between 0 and 1024 pixels"),
+            (isinstance(self.keep_colors, bool), "keep_colors", "must be true or false"),
+            (isinstance(self.seamless, bool), "seamless", "must be true or false"),
+            (self.init is None or self.init in INITS, "init",
+             f"must be {' or '.join(INITS)} (or a photo)"),
+            (self.size is None or (len(self.size) == 2 and all(
+                _is_int(v) and 32 <= v <= 8192 for v in self.size)), "size",
+             "must be WIDTHxHEIGHT, each between 32 and 8192 pixels"),
+            (self.size is None or self.init is not None, "size",
+             "applies to a dream from noise or grey (init); a photo has its own size"),
+        ])
 
     def with_seed(self) -> DreamSettings:
         """A copy whose seed is fixed (drawn at random when none was given)."""
@@ -171,20 +252,39 @@ class DreamSettings:
         """The ``onnxdream dream`` command line (without ``onnxdream``) that makes this dream.
 
         Every value is spelled out (no preset), so the command reproduces the dream even when
-        defaults change. Give concrete ``layers`` (not the model's default) for a command that
-        does not depend on the model's metadata either.
+        defaults change. Give concrete ``layers`` and ``step_size`` (not the model's
+        recommendations) for a command that does not depend on the model's metadata either, and
+        concrete octaves and tile size (``ResolvedSettings.concrete()``) for one that does not
+        depend on the resolver's rules or the machine's memory.
         """
-        argv = ["dream", str(image)] + (["-o", str(output)] if output is not None else [])
+        argv = ["dream"] + ([str(image)] if self.init is None else [])
+        argv += ["-o", str(output)] if output is not None else []
         argv += ["--model", self.model]
         argv += [a for spec in self.layers for a in ("--layer", spec)]
         argv += ["--objective", self.objective, "--octaves", str(self.octaves),
-                 "--octave-scale", str(self.octave_scale), "--steps", str(self.steps),
-                 "--step-size", str(self.step_size), "--jitter", str(self.jitter),
-                 "--tile-size", str(self.tile_size), "--normalize", self.normalize]
+                 "--octave-scale", str(self.octave_scale), "--steps", str(self.steps)]
+        argv += ["--step-size", str(self.step_size)] if self.step_size is not None else []
+        argv += ["--jitter", str(self.jitter), "--tile-size", str(self.tile_size),
+                 "--normalize", self.normalize]
         argv += ["--seed", str(self.seed)] if self.seed is not None else []
         argv += ["--pre-relu"] if self.pre_relu else []
         argv += ["--border", str(self.border)] if self.border else []
+        argv += ["--grad-floor", str(self.grad_floor)] if self.grad_floor is not None else []
         argv += ["--max-loss", str(self.max_loss)] if self.max_loss is not None else []
+        return argv + self.control_argv()
+
+    def control_argv(self) -> list[str]:
+        """The creative controls' part of :meth:`to_argv` (empty when none is used)."""
+        argv = ["--guide", self.guide] if self.guide else []
+        argv += ["--mask", self.mask] if self.mask else []
+        argv += [a for m in self.mask_layers for a in ("--mask-layers", m)]
+        if (self.mask or self.mask_layers) and self.feather != DreamSettings.feather:
+            argv += ["--feather", str(self.feather)]
+        argv += ["--keep-colors"] if self.keep_colors else []
+        if self.init is not None:
+            argv += ["--init", self.init]
+            argv += ["--size", f"{self.size[0]}x{self.size[1]}"] if self.size else []
+        argv += ["--seamless"] if self.seamless else []
         return argv
 
     @classmethod
@@ -211,8 +311,11 @@ class DreamSettings:
             raise TypeError(f"defaults may set only {ASCENT_FIELDS}, not "
                             f"{sorted(set(defaults) - set(ASCENT_FIELDS))}")
         given = {k: v for k, v in options.items() if v is not None}
-        if "layers" in given and not given["layers"]:
-            del given["layers"]  # an empty list: not given
+        for name in ("layers", "mask_layers"):
+            if name in given and not given[name]:
+                del given[name]  # an empty list: not given
+        if given.get("guide") and "objective" not in given:
+            given["objective"] = "guide"  # over a preset's objective too
         preset = given.pop("preset", None)
         if preset is None:
             return cls(**{**defaults, **given}).validate()

@@ -109,30 +109,33 @@ class VideoInfo:
         return self.width, self.height
 
 
-def open_container(path: str | os.PathLike[str]):
+def open_container(path: str | os.PathLike[str], *, name: str | None = None):
     """``av.open(path)`` for reading, with VideoError for a missing file, a folder, an empty
-    file or one FFmpeg cannot read."""
+    file or one FFmpeg cannot read. Messages call the file ``name`` (default: its path)."""
     av = import_av()
     p = Path(path)
+    label = name or str(p)
     if not p.exists():
-        raise VideoError(f"{p}: no such file")
+        raise VideoError(f"{label}: no such file")
     if p.is_dir():
-        raise VideoError(f"{p} is a folder, not a video")
+        raise VideoError(f"{label} is a folder, not a video")
     try:
         return av.open(str(p), "r")
     except av.error.EOFError as exc:
-        raise VideoError(f"{p} has no frames (an empty or truncated file)") from exc
+        raise VideoError(f"{label} has no frames (an empty or truncated file)") from exc
     except av.error.FFmpegError as exc:
-        raise VideoError(f"{p} is not a video FFmpeg can read ({ffmpeg_message(exc)})") from exc
+        raise VideoError(f"{label} is not a video FFmpeg can read ({ffmpeg_message(exc)})"
+                         ) from exc
 
 
-def _video_stream(container, p: Path):
+def _video_stream(container, label: str):
     if not container.streams.video:
         if container.streams.audio:
-            raise VideoError(f"{p} has only audio: a video needs pictures")
-        raise VideoError(f"{p} has no video stream (no frames)")
+            raise VideoError(f"{label} has only audio: a video needs pictures")
+        raise VideoError(f"{label} has no video stream (no frames)")
     if _STILL_FORMATS.search(container.format.name.split(",")[0]):
-        raise VideoError(f"{p} is a still image, not a video (use `onnxdream dream` or `zoom`)")
+        raise VideoError(f"{label} is a still image, not a video (use `onnxdream dream` or "
+                         "`zoom`)")
     return container.streams.video[0]
 
 
@@ -147,22 +150,24 @@ def _count_packets(container, vs) -> int:
     return sum(1 for pkt in container.demux(vs) if pkt.size)
 
 
-def probe(path: str | os.PathLike[str]) -> VideoInfo:
-    """The video facts of ``path`` (no pictures decoded).
+def probe(path: str | os.PathLike[str], *, name: str | None = None) -> VideoInfo:
+    """The video facts of ``path`` (no pictures decoded); messages call the file ``name``
+    (default: its path; the server says "the uploaded video").
 
     Raises:
         VideoError: missing file, not a video, audio only, a still image, or no frames.
     """
     p = Path(path)
-    with contextlib.closing(open_container(p)) as c:
-        vs = _video_stream(c, p)
+    label = name or str(p)
+    with contextlib.closing(open_container(p, name=name)) as c:
+        vs = _video_stream(c, label)
         fps = _stream_fps(vs)
         try:
             frames = vs.frames or _count_packets(c, vs)
         except import_av().error.FFmpegError as exc:
-            raise VideoError(f"cannot read {p}: {ffmpeg_message(exc)}") from exc
+            raise VideoError(f"cannot read {label}: {ffmpeg_message(exc)}") from exc
         if frames <= 0 or not vs.codec_context.width:
-            raise VideoError(f"{p} has a video stream with no frames")
+            raise VideoError(f"{label} has a video stream with no frames")
         tb = vs.time_base
         start = float(vs.start_time * tb) if vs.start_time is not None and tb else 0.0
         duration = float(vs.duration * tb) if vs.duration and tb else float(frames / fps)

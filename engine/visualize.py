@@ -153,6 +153,7 @@ class BatchObjective:
         require_dreamable(proto, str(model))
         info = ModelInfo.load(proto)
         self.labels: list[str] | None = info.labels
+        self.info = info
         if layer == LOGITS and not info.has_logits:
             info.require_logits("class objectives do not apply; use --channel or --layer")
         graph = compile_gradient(proto, weighted_channels(layer),
@@ -184,8 +185,11 @@ class BatchObjective:
         try:
             obj, grad = self.session.run([OBJECTIVE, GRAD], {IMAGE: x, CHANNEL_WEIGHTS: weights})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            raise OnnxDreamError(f"the model cannot run at {x.shape[2]}x{x.shape[3]} pixels: "
-                                 f"{first_line(exc)}") from None
+            nh, nw = self.info.native_size
+            why = (f"it has a fixed input size and runs only at {nw}x{nh} pixels"
+                   if not self.info.dynamic_hw else first_line(exc))
+            raise OnnxDreamError(f"the model cannot run at {x.shape[3]}x{x.shape[2]} pixels: "
+                                 f"{why}") from None
         return obj, grad
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from onnxdream import __version__
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError
-from onnxdream.settings import MIN_OCTAVE_SIDE, DreamSettings
+from onnxdream.resolve import MIN_AUTO_OCTAVES, step_size_for
+from onnxdream.settings import MAX_OCTAVES, MIN_OCTAVE_SIDE, DreamSettings
 
 __all__ = ["LIMITS", "MANIFEST_FORMAT", "ORT_DIR_ENV", "ORT_WEB_VERSION", "OrtWebMissingError",
            "SiteResult", "WebLayer", "export_site", "find_ort_dir", "manifest", "objective_of",
@@ -103,12 +104,9 @@ of its package.json and the header of every .min.mjs file.)
 
 
 def limits() -> dict:
-    """:data:`LIMITS`, with ``auto`` on the settings DreamSettings lets the resolver decide."""
+    """:data:`LIMITS`, with ``auto`` on the octaves (the resolver decides them)."""
     out = {k: dict(v) for k, v in LIMITS.items()}
-    for name in ("octaves", "step_size"):
-        with contextlib.suppress(OnnxDreamError, TypeError, ValueError):
-            DreamSettings(**{name: "auto"}).validate()
-            out[name]["auto"] = True
+    out["octaves"]["auto"] = True
     return out
 
 
@@ -227,26 +225,11 @@ def resize_graph_bytes() -> bytes:
 # the manifest
 
 
-def _default_number(name: str, info) -> float | int | str:
-    """A DreamSettings default as the page shows it ("auto" where the resolver decides)."""
-    value = getattr(DreamSettings(), name)
-    if name == "step_size" and not isinstance(value, (int, float)):
-        from onnxdream import resolve as resolver
-
-        pick = getattr(resolver, "resolve_step_size", None)
-        return float(pick(DreamSettings(), info)) if pick else 0.006
-    return value
-
-
 def resolver_rule() -> dict:
     """The resolver's constants the page's octave rule needs (see ``octaveSizes`` in the module).
     ``min_auto_octaves``/``max_octaves`` apply to ``octaves: "auto"``."""
-    from onnxdream import resolve as resolver
-    from onnxdream import settings as settings_mod
-
-    return {"min_octave_side": MIN_OCTAVE_SIDE,
-            "min_auto_octaves": int(getattr(resolver, "MIN_AUTO_OCTAVES", 3)),
-            "max_octaves": int(getattr(settings_mod, "MAX_OCTAVES", 12))}
+    return {"min_octave_side": MIN_OCTAVE_SIDE, "min_auto_octaves": MIN_AUTO_OCTAVES,
+            "max_octaves": MAX_OCTAVES}
 
 
 def manifest(*, model: str, info, layers: Sequence[WebLayer], ort_base: str | None,
@@ -270,7 +253,7 @@ def manifest(*, model: str, info, layers: Sequence[WebLayer], ort_base: str | No
         "ort": {"base": ort_base, "version": ort_version_, "webgpu": bool(webgpu),
                 "available": ort_base is not None, "reason": reason},
         "defaults": {"octaves": d.octaves, "octave_scale": d.octave_scale, "steps": d.steps,
-                     "step_size": _default_number("step_size", info), "jitter": d.jitter,
+                     "step_size": step_size_for(d, info), "jitter": d.jitter,
                      "normalize": d.normalize},
         "resolver": resolver_rule(),
         "limits": limits(),

@@ -6,6 +6,7 @@ use it. The public surface:
 
 - :func:`export_torchvision` — a torchvision classifier by name (``"googlenet"``).
 - :func:`export_keras` — a ``keras.applications`` model by name, or a ``.keras`` / ``.h5`` file.
+- :func:`export_timm` — a timm (PyTorch Image Models) classifier by name (``"convnext_tiny"``).
 - :func:`export_module` — your own PyTorch ``nn.Module`` (see its docstring for an example).
 - :func:`import_onnx` — an ONNX file from anywhere (tf2onnx, paddle2onnx, …), wrapped as it is
   (no framework needed; ``onnxdream import onnx`` on the command line).
@@ -15,7 +16,8 @@ use it. The public surface:
 An export that fails raises a :class:`onnxdream.errors.ModelError` (an :class:`ExportError` when
 the failure was not foreseen) whose message is one line naming the model.
 
-The names are imported lazily: ``import onnxdream.exporters`` needs neither torch nor keras.
+The names are imported lazily: ``import onnxdream.exporters`` needs neither torch, timm nor
+keras.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from onnxdream.exporters.graph.importer import import_onnx
     from onnxdream.exporters.keras import export_keras
+    from onnxdream.exporters.timm import export_timm
     from onnxdream.exporters.torch_export import ExportError, ExportResult, export_module
     from onnxdream.exporters.torchvision import export_torchvision
 
-__all__ = ["ExportError", "ExportResult", "export_keras", "export_module", "export_torchvision",
-           "import_onnx"]
+__all__ = ["ExportError", "ExportResult", "export_keras", "export_module", "export_timm",
+           "export_torchvision", "import_onnx"]
 
 _HOME = {
     "ExportError": "onnxdream.exporters.torch_export",
@@ -38,6 +41,7 @@ _HOME = {
     "export_module": "onnxdream.exporters.torch_export",
     "export_torchvision": "onnxdream.exporters.torchvision",
     "export_keras": "onnxdream.exporters.keras",
+    "export_timm": "onnxdream.exporters.timm",
     "import_onnx": "onnxdream.exporters.graph.importer",
 }
 

@@ -352,6 +352,17 @@ def _default_layers(name: str, layers: dict[str, Any]) -> list[str]:
     return [preferred[len(preferred) * 6 // 10]] if preferred else []
 
 
+def _recommended_layers(layers: dict[str, Any], default: list[str]) -> list[str]:
+    """The blocks' outputs (merges, else activations) spread over the middle of the network,
+    plus the default layers (:func:`~onnxdream.exporters.graph.layers.recommend_layers`)."""
+    from onnxdream.exporters.graph.layers import recommend_layers
+
+    four_d = [n for n, layer in layers.items() if _single_output_rank(layer) == 4]
+    merges = [n for n in four_d if type(layers[n]).__name__ in ("Add", "Concatenate")]
+    acts = [n for n in four_d if type(layers[n]).__name__ in ("Activation", "ReLU")]
+    return recommend_layers(merges or acts or four_d, default, order=list(layers))
+
+
 def _imagenet_labels() -> list[str]:
     from onnxdream.models.labels import imagenet_labels
 
@@ -691,6 +702,7 @@ def _export(km: KerasModel, out: str | os.PathLike[str], opset: int, progress: P
             license=km.license,
             labels=km.labels,
             default_layers=km.default_layers,
+            recommended_layers=_recommended_layers(layers, km.default_layers),
             preprocess=preprocess_fn(km.preprocess),
             layers=layers,
             opset=opset,

@@ -12,7 +12,8 @@ preprocessing inside the graph, its layers named in the metadata. It is produced
    W). The changes are undone afterwards, so a caller's module is left as it was.
 2. ``make_wrapper``: the model's own preprocessing (ImageNet mean/std by default) in front of the
    network, and forward hooks that copy (``clone``) each layer's output into an extra output.
-3. ``torch.onnx.export`` with the TorchScript exporter (fast); dynamo only as a last resort.
+3. ``torch.onnx.export`` with the TorchScript exporter (fast); dynamo when the TorchScript graph
+   does not serve other sizes (it keeps shape-dependent branches symbolic), and as a last resort.
 4. A probe with onnxruntime at the native size and at an odd size; if the odd size fails or does
    not match torch, the model is exported again with a fixed H/W.
 5. The layer outputs are dropped from the graph outputs (the tensors stay, named, inside the graph),
@@ -231,7 +232,8 @@ class ExportResult:
     ``dynamic_hw`` whether it runs at any height and width (else only at its native size);
     ``exporter`` the torch exporter that succeeded (``torchscript`` or ``dynamo``); ``layers``
     maps each layer name to its tensor in the graph; ``default_layers`` are the layers a dream
-    uses when none is named; ``notes`` say, one sentence each, what was tried and did not work.
+    uses when none is named, ``recommended_layers`` the ones worth dreaming (the atlas's);
+    ``notes`` say, one sentence each, what was tried and did not work.
     """
 
     path: Path
@@ -240,6 +242,7 @@ class ExportResult:
     layers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     default_layers: list[str] = field(default_factory=list)
+    recommended_layers: list[str] = field(default_factory=list)
 
     def __fspath__(self) -> str:
         return os.fspath(self.path)
@@ -283,6 +286,58 @@ def default_layer(model: Any, layer_paths: Sequence[str], fraction: float = 0.6)
     return layer_paths[len(layer_paths) * 6 // 10] if layer_paths else None
 
 
+def trunk_blocks(model: Any, layer_paths: Sequence[str]) -> list[tuple[str, int]]:
+    """The trunk's blocks with their weights, in order: descend the trunk as
+    :func:`default_layer` does; a sequential child (Sequential, ModuleList) holding two or more
+    layers with weights (a ResNet stage, a stage of MBConv blocks, VGG's features) counts as
+    its layers. Pools are left out; only ``layer_paths`` are returned."""
+    torch = import_torch()
+    known = set(layer_paths)
+    sequential = (torch.nn.Sequential, torch.nn.ModuleList)
+
+    def weight(module: Any) -> int:
+        return sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+
+    prefix, node = "", model
+    while True:
+        children = [(f"{prefix}{n}", c) for n, c in node.named_children()]
+        if not children:
+            return []
+        weights = [weight(c) for _, c in children]
+        heaviest = max(range(len(children)), key=lambda i: weights[i])
+        path, child = children[heaviest]
+        if weights[heaviest] >= 0.8 * (sum(weights) or 1) and any(True for _ in child.children()):
+            prefix, node = path + ".", child
+            continue
+        break
+    def pool(module: Any) -> bool:  # a pool's output is its input, smaller
+        return "Pool" in type(module).__name__
+
+    blocks: list[tuple[str, int]] = []
+    children = [(p, c) for p, c in children if not pool(c)]
+    for path, child in children:
+        inner = [(f"{path}.{n}", weight(c)) for n, c in child.named_children()
+                 if f"{path}.{n}" in known and not pool(c)]
+        if isinstance(child, sequential) and sum(w > 0 for _, w in inner) >= 2:
+            blocks += inner
+        elif path in known:
+            blocks.append((path, weight(child)))
+    return blocks
+
+
+def recommended_layers(model: Any, layer_paths: Sequence[str], default: Sequence[str],
+                       order: Sequence[str] = ()) -> list[str]:
+    """The recommended layers of an exported module: its trunk's blocks (those of
+    ``layer_paths``, which should be the feature maps) spread over the middle of the network
+    (:func:`~onnxdream.exporters.graph.layers.recommend_layers`) plus the default layers, in
+    network ``order``."""
+    from onnxdream.exporters.graph.layers import recommend_layers
+
+    blocks = trunk_blocks(model, layer_paths)
+    return recommend_layers([p for p, _ in blocks], default, weights=[w for _, w in blocks],
+                            order=order)
+
+
 def _export_module(
     module: Any,
     out: Path,
@@ -293,6 +348,7 @@ def _export_module(
     license: str,
     labels: Sequence[str] | None,
     default_layers: Sequence[str] | None,
+    recommended: Sequence[str] | None,
     preprocess: Callable[[Any], Any],
     layers: Mapping[str, Any],
     opset: int,
@@ -348,7 +404,10 @@ def _export_module(
 
         attempts: list[tuple[str, bool, bool]] = []  # (label, dynamic_hw, dynamo)
         if can_odd:
-            attempts.append(("torchscript, dynamic H/W", True, False))
+            # dynamo second: it keeps shape-dependent branches symbolic (timm's ViTs resample
+            # their position embedding only while torch.export runs) but is slower
+            attempts += [("torchscript, dynamic H/W", True, False),
+                         ("dynamo, dynamic H/W", True, True)]
         attempts += [("torchscript, fixed H/W", False, False), ("dynamo, fixed H/W", False, True)]
         notes: list[str] = []
         if dynamic and not can_odd:
@@ -383,15 +442,19 @@ def _export_module(
     if default_layers is None:
         guess = default_layer(module, captured)
         default_layers = [guess] if guess else []
+    if recommended is None:  # in the order layers finish in a forward pass (a stage last)
+        maps = [p for p in captured if len(shapes[p]) == 4]  # feature maps, not vectors
+        recommended = recommended_layers(module, maps, default_layers, order=list(shapes))
+    recommended = [p for p in recommended if p in layer_map]  # those that output a tensor
     metadata = model_metadata(name=name, source=source, license=license, input_size=(ih, iw),
                               dynamic_hw=dyn, layers=layer_map, default_layers=default_layers,
-                              labels=labels)
+                              recommended_layers=recommended, labels=labels)
     metadata.update(extra_metadata or {})
     finalize(model, layer_map, metadata, output_name)
     say(progress, f"writing {out}")
     save_atomic(model, out)
     exporter = label.split(",")[0]
-    return ExportResult(out, dyn, exporter, layer_map, notes, list(default_layers))
+    return ExportResult(out, dyn, exporter, layer_map, notes, list(default_layers), recommended)
 
 
 def _resolve_layers(module: Any, layers: Any, name: str) -> dict[str, Any]:
@@ -423,6 +486,7 @@ def export_module(
     labels: Sequence[str] | None = None,
     input_size: int | tuple[int, int] = 224,
     default_layers: Sequence[str] | None = None,
+    recommended_layers: Sequence[str] | None = None,
     name: str | None = None,
     source: str = "",
     license: str = "",
@@ -451,7 +515,8 @@ def export_module(
     - ``labels``: the class names, one per logit (for ``predict`` and ``class:K`` objectives).
     - ``input_size``: the native size to trace and check at: an int (square) or (H, W).
     - ``default_layers``: the layers a dream uses when none is named (default: a layer ~60% into
-      the network's trunk).
+      the network's trunk). The recommended layers (``onnxdream atlas``) are the trunk's blocks
+      at 30, 45, 60 and 75% of its depth plus these, unless ``recommended_layers`` says.
     - ``name``, ``source``, ``license``: written into the model's metadata (``name`` defaults to
       the module's class name and appears in messages).
     - ``dynamic``: try symbolic height and width first, kept only if onnxruntime matches torch at
@@ -492,11 +557,13 @@ def export_module(
             raise ModelError(f"input_size must be a positive int or (height, width), not "
                              f"{input_size!r}")
         resolved = _resolve_layers(module, layers, label)
-        for layer in default_layers or ():
-            if layer not in resolved:
-                near = closest(str(layer), list(resolved))
-                hint = f"; did you mean {', '.join(near)}?" if near else ""
-                raise ModelError(f"default layer {layer!r} is not one of {label}'s layers{hint}")
+        for what, names in (("default", default_layers), ("recommended", recommended_layers)):
+            for layer in names or ():
+                if layer not in resolved:
+                    near = closest(str(layer), list(resolved))
+                    hint = f"; did you mean {', '.join(near)}?" if near else ""
+                    raise ModelError(f"{what} layer {layer!r} is not one of {label}'s "
+                                     f"layers{hint}")
         if isinstance(preprocess, str):
             described = f"{preprocess}: {PREPROCESSING.get(preprocess, '')} (inside the graph)"
             preprocess = preprocess_fn(preprocess)
@@ -513,6 +580,7 @@ def export_module(
             license=license,
             labels=labels,
             default_layers=default_layers,
+            recommended=recommended_layers,
             preprocess=preprocess,
             layers=resolved,
             opset=opset,

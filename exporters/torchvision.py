@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from onnxdream.exporters.torch_export import (
     say,
 )
 from onnxdream.exporters.tracing import import_torch
+from onnxdream.exporters.weights import load_weights_file
 
 __all__ = ["build_torchvision", "export_torchvision", "torchvision_models"]
 
@@ -107,69 +107,10 @@ def _skip_weight_loading() -> Iterator[None]:
         torch.nn.Module.load_state_dict = original_load  # type: ignore[method-assign]
 
 
-def _read_state_dict(path: Path) -> OrderedDict[str, Any]:
-    """The tensors of a state_dict file, with its ``_metadata`` (module versions) kept."""
-    torch = import_torch()
-    if not path.is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist")
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, pickle refused, truncated file …
-        raise ModelError(
-            f"could not read {path.name!r} as a PyTorch state_dict saved by torch.save "
-            f"({first_line(exc, 160)})"
-        ) from exc
-    for key in ("state_dict", "model_state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
-            data = data[key]
-            break
-    if not isinstance(data, Mapping) or not data:
-        raise ModelError(
-            f"{path.name!r} does not hold a state_dict (a dict of parameter name → tensor), "
-            f"but a {type(data).__name__}"
-        )
-    tensors = OrderedDict((k, v) for k, v in data.items() if isinstance(v, torch.Tensor))
-    if not tensors:
-        raise ModelError(f"{path.name!r} holds a dict without tensors, not a state_dict")
-    # torch.save keeps each module's version in state_dict()._metadata; versioned loaders need
-    # it (MNASNet refuses a state dict without one)
-    metadata = dict(getattr(data, "_metadata", None) or {})
-    if all(k.startswith("module.") for k in tensors):  # saved from DataParallel/DDP
-        tensors = OrderedDict((k[len("module."):], v) for k, v in tensors.items())
-        metadata = {k[len("module."):]: v for k, v in metadata.items()
-                    if k.startswith("module.")} | {"": metadata.get("module", {})}
-    tensors._metadata = metadata  # type: ignore[attr-defined]
-    return tensors
-
-
 def _load_file_weights(model: Any, name: str, path: Path) -> None:
-    state = _read_state_dict(path)
-    own = model.state_dict()
     # keys of modules the pretrained layout drops (GoogLeNet's aux1/aux2 are None)
-    unexpected = [
-        k for k in state if k not in own and getattr(model, k.split(".")[0], 0) is not None
-    ]
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    wrong = [
-        f"{k} {list(state[k].shape)} (needs {list(own[k].shape)})"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) such as {', '.join(missing[:3])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) such as {', '.join(unexpected[:3])}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es) such as {', '.join(wrong[:2])}")
-    if problems:
-        raise ModelError(
-            f"weights file {path.name!r} does not fit torchvision's {name}: " + "; ".join(problems)
-        )
-    fitting = OrderedDict((k, v) for k, v in state.items() if k in own)
-    # the file's module versions where it has them, the model's own for the rest
-    fitting._metadata = {**own._metadata, **state._metadata}  # type: ignore[attr-defined]
-    model.load_state_dict(fitting, strict=False)
+    load_weights_file(model, f"torchvision's {name}", path,
+                      ignore=lambda k: getattr(model, k.split(".")[0], 0) is None)
 
 
 def _download_error(name: str, exc: BaseException) -> OnnxDreamError:
@@ -204,7 +145,7 @@ def build_torchvision(
 
     The module is configured as torchvision's DEFAULT (or named) weights expect, whatever
     ``weights`` is: "DEFAULT" or a weights name such as "IMAGENET1K_V2" (downloaded by torchvision),
-    "none" (random init) or a path to a ``torch.save``'d state_dict.
+    "none" (random init) or a path to a ``torch.save``'d state_dict or a ``.safetensors`` file.
     """
     tv = _import_torchvision()
     name = _check_name(name)

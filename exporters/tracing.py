@@ -223,7 +223,7 @@ def probe(
             'probing the exported model needs onnxruntime; install onnxdream[cpu]'
         ) from exc
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failing case is returned as the reason, not logged
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable this way"

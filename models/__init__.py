@@ -45,6 +45,8 @@ def build_zoo_model(name: str):
         input_size=entry.input_size,
         labels=imagenet_labels(),
         default_layers=entry.default_layers,
+        recommended_layers=entry.recommended_layers,
+        step_size=entry.step_size,
         license=entry.license,
     )
 
@@ -55,7 +57,9 @@ def zoo_model_path(name: str) -> Path:
     from onnxdream.models.efficientnet_lite import BUILDER_VERSION
 
     entry = get_entry(name)
-    digest = checkpoint_digest(entry.checkpoint_path(), BUILDER_VERSION, entry.name)
+    # the registry's recommendations are in the model's metadata: a change rebuilds it
+    digest = checkpoint_digest(entry.checkpoint_path(), f"{BUILDER_VERSION}\0{entry.recipe}",
+                               entry.name)
 
     def build() -> bytes:
         import onnx

@@ -130,8 +130,13 @@ def build_efficientnet_lite(
     labels: Sequence[str],
     default_layers: Sequence[str],
     license: str = "Apache-2.0",
+    recommended_layers: Sequence[str] = (),
+    step_size: float | None = None,
 ) -> onnx.ModelProto:
-    """The dreamable ONNX model (opset 18) of an EfficientNet-Lite state dict."""
+    """The dreamable ONNX model (opset 18) of an EfficientNet-Lite state dict.
+
+    ``recommended_layers`` (default: the default layers) and ``step_size`` go into the
+    metadata (see the contract)."""
     sd = state_dict
     blocks = describe_architecture(sd)
     g = GraphBuilder(OPSET, taken={IMAGE})
@@ -184,9 +189,9 @@ def build_efficientnet_lite(
 
     if len(labels) != n_classes:
         raise ModelError(f"{name} has {n_classes} classes but {len(labels)} labels were given")
-    unknown = [layer for layer in default_layers if layer not in layers]
+    unknown = [layer for layer in (*default_layers, *recommended_layers) if layer not in layers]
     if unknown:
-        raise ModelError(f"default layers {unknown} are not layers of {name}")
+        raise ModelError(f"default or recommended layers {unknown} are not layers of {name}")
 
     graph = helper.make_graph(
         g.nodes,
@@ -204,6 +209,7 @@ def build_efficientnet_lite(
     )
     model.ir_version = IR_VERSION
     return write_metadata(model, name=name, layers=layers, default_layers=default_layers,
-                          source=source, license=license, labels=labels,
+                          recommended_layers=recommended_layers or default_layers,
+                          step_size=step_size, source=source, license=license, labels=labels,
                           input_size=int(input_size), dynamic_hw=True,
                           builder_version=BUILDER_VERSION)

@@ -173,3 +173,32 @@ def compare(module, sizes, objective="l2", layers=("y",), torch_fn=None, batch=2
         np.testing.assert_allclose(got_obj, obj.detach().numpy(), rtol=1e-4, atol=1e-5)
         worst = max(worst, relative_error(got_grad, x.grad.numpy()))
     return worst
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity (a copy, so that later in-place ops may modify it) whose backward makes the
+    incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+@contextlib.contextmanager
+def contiguous_batchnorm_grads(model: torch.nn.Module):
+    """Work around a torch bug in the reference: on the CPU (torch 2.14), an eval-mode
+    BatchNorm's backward is wrong (relative error ~1) for a batch of one when the gradient
+    reaching its output is not contiguous, as after ``flatten(2).transpose(1, 2)`` into tokens
+    (XCiT's patch embedding). Each BatchNorm's output passes its gradient on contiguous while
+    this lasts."""
+    handles = [m.register_forward_hook(lambda _m, _i, out: _ContiguousGrad.apply(out))
+               for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -5,10 +5,13 @@ checks every response: no 5xx, status codes, content types, headers and bodies a
 Bounded and reproducible: a fixed number of examples per operation and mode (valid data, then
 data that breaks the schema), derandomized (Hypothesis derives the examples from the test, so
 every run sends the same requests), no example database; against a real `onnxdream serve`
-process, stopped in `finally`. About 10-20 s.
+process, stopped in `finally`; a real dream, job and (with PyAV) video job pass the same checks.
+About 15-25 s.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
@@ -66,6 +69,36 @@ def _exercise(op, mode, examples: int, url: str, checks, ran: dict[str, int]) ->
             raise  # an operation without parameters has no invalid requests to make
 
 
+def _video_job(by_label, url: str, checks, tmp_path) -> None:
+    """A video job (issue 13.4) passes the same checks: queued, its view in frames, its file."""
+    import time
+
+    from videoclip import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", seconds=1.0).read_bytes()
+    case = by_label["POST /jobs"].Case(
+        body={"video": clip, "steps": 1, "octaves": 1, "seed": 3, "format": "webm"},
+        media_type="multipart/form-data")
+    response = case.call(base_url=url, timeout=60)
+    assert response.status_code == 202, response.text
+    case.validate_response(response, checks=checks)
+    job_id = response.json()["id"]
+    deadline = time.monotonic() + 60
+    while True:
+        case = by_label["GET /jobs/{job_id}"].Case(path_parameters={"job_id": job_id})
+        response = case.call(base_url=url, timeout=30)
+        case.validate_response(response, checks=checks)
+        if response.json()["state"] == "done":
+            break
+        assert response.json()["state"] in ("queued", "running"), response.text
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    case = by_label["GET /jobs/{job_id}/result"].Case(path_parameters={"job_id": job_id})
+    response = case.call(base_url=url, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"] == ["video/webm"]
+    case.validate_response(response, checks=checks)
+
+
 @pytest.mark.timeout(120)
 def test_the_api_holds_its_schema_under_generated_requests(model_home, tmp_path):
     from schemathesis import GenerationMode
@@ -92,6 +125,8 @@ def test_the_api_holds_its_schema_under_generated_requests(model_home, tmp_path)
             response = case.call(base_url=srv.url, timeout=60)
             assert response.status_code == status, response.text
             case.validate_response(response, checks=checks)
+        if importlib.util.find_spec("av") and importlib.util.find_spec("cv2"):
+            _video_job(by_label, srv.url, checks, tmp_path)
         assert srv.alive() and "Traceback" not in srv.log(), srv.log()
     finally:
         srv.stop()

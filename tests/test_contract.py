@@ -197,7 +197,7 @@ def test_tiles_cut_spatial_parameters_like_the_image():
     assert graph_params(masked_graph())[MASK].spatial
     gm = GradientModel.__new__(GradientModel)
     gm.session = create_session(masked_graph().SerializeToString(), device="cpu", threads=1)
-    gm.params, gm.border = {MASK: mask}, 0
+    gm.params, gm.border, gm.info = {MASK: mask}, 0, ModelInfo.load(masked_graph())
     gm.objective, gm.tile_info = mean("any"), TileInfo(1, 1)
     want = mask[0] * img / (3 * h * w)
     for shift in [(0, 0), (5, -7), (33, 41)]:

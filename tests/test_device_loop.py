@@ -29,8 +29,10 @@ def test_step_graph_is_standard_onnx(gm):
     step = step_graph(proto)
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
-    # the step's own inputs, then the gradient graph's objective parameters, passed through
-    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "weights"]
+    # the step's own inputs, the gradient graph's objective parameters (passed through), then
+    # the step's per-pixel scale
+    assert [i.name for i in step.graph.input] == ["x", "shift", "step_size", "grad_floor",
+                                                  "weights", "mask", "step_mask"]
     assert [o.name for o in step.graph.output] == ["objective", "image_out"]
 
 
@@ -77,10 +79,11 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
     """On CUDA, ascend() hands untiled mean-abs steps to the step graph (IO binding)."""
     import dataclasses
 
-    calls = []
+    calls, floors = [], []
 
     class Fake:
-        def run(self, img, steps, step_size, shifts, on_step, params=None):
+        def run(self, img, steps, step_size, shifts, on_step, params=None, grad_floor=None):
+            floors.append(grad_floor)
             calls.append((img.shape, steps, step_size, next(shifts)))
             return img + 1
 
@@ -91,6 +94,8 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
                  np.random.default_rng(0), 3)
     assert calls == [((3, 97, 131), 3, 0.01, (0, 0))]
     assert np.allclose(out, img + 1)
+    ascend(gm, img.copy(), DreamSettings(steps=1, grad_floor=2e-6), np.random.default_rng(0), 1)
+    assert floors == [None, 2e-6]
     # big images are tiled on the host instead
     calls.clear()
     ascend(gm, img.copy(), DreamSettings(steps=1, tile_size=64), np.random.default_rng(0), 1)
@@ -120,7 +125,8 @@ def test_static_step_graph_is_standard_onnx_with_a_fixed_shape(gm):
     step = static_step_graph(_proto(gm), (1, 3, 97, 131))
     onnx.checker.check_model(step, full_check=True)
     assert {n.domain for n in step.graph.node} <= {""}
-    assert [i.name for i in step.graph.input] == list(STATIC_INPUTS) + ["weights"]
+    assert [i.name for i in step.graph.input] == list(STATIC_INPUTS) + ["weights", "mask",
+                                                                      "step_mask"]
     dims = [d.dim_value for d in step.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 97, 131]
     assert not any(n.op_type == "Slice" and n.output[0].startswith("step/")
@@ -139,7 +145,17 @@ def test_static_steps_equal_the_numpy_loop(gm, steps):
     got = runner.run(img.copy(), steps, 0.01, _shifts(np.random.default_rng(seed), 30),
                      lambda i, o: objectives.append(o))
     assert len(objectives) == steps
-    assert np.abs(got - expected).max() < (1e-5 if steps == 1 else 1e-3)
+    if steps == 1:
+        assert np.abs(got - expected).max() < 1e-5
+    else:
+        # after the first step, float32 rounding (6e-8 here) meets Lite0's ReLU6 ceilings: a
+        # unit that flips moves the next gradient by ~1e-3 of its maximum (see test_dream's
+        # torch comparison), so the loops part by up to 1e-2 in a few pixels; the dynamic step
+        # graph does the same arithmetic as the static one and must agree exactly
+        dynamic = DeviceAscent(_proto(gm), device="cpu", static_shapes=False).run(
+            img.copy(), steps, 0.01, _shifts(np.random.default_rng(seed), 30))
+        assert np.abs(got - dynamic).max() < 1e-6
+        assert np.abs(got - expected).mean() < 1e-4 and np.abs(got - expected).max() < 0.05
     # a second image through the same runner starts from its own pixels
     again = runner.run(img.copy(), 1, 0.01, _shifts(np.random.default_rng(seed), 30))
     first = ascend(gm, img.copy(), DreamSettings(octaves=1, steps=1, step_size=0.01, jitter=30),
@@ -155,7 +171,8 @@ def test_device_ascent_keeps_a_few_shapes(gm):
         small = np.ascontiguousarray(img[:, : 64 + k, : 64 + k])
         out = dev.run(small, 1, 0.01, _shifts(None, 0))
         assert out.shape == small.shape
-    assert len(dev._static) == STATIC_CACHE and (1, 3, 64, 64) not in dev._static
+    # keyed by shape and the parameters' names and shapes
+    assert len(dev._static) == STATIC_CACHE and (1, 3, 64, 64) not in {k[0] for k in dev._static}
     assert dev.static_shapes and dev.fallback_reason is None
 
 

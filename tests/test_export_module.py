@@ -92,6 +92,54 @@ def test_export_module_defaults_and_a_callable_preprocess(tmp_path):
     assert meta["onnxdream.name"] == "Net" and "onnxdream.labels" not in meta
 
 
+def test_recommended_layers_spread_over_the_middle(tmp_path):
+    """Blocks of a sequential stage count one by one; vectors and pools are never chosen; the
+    default layer is among them; a given list is kept (checked against the layers)."""
+    nn = torch.nn
+
+    def block(c_in, c_out, stride=1):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.ReLU())
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = block(3, 8, 2)
+            self.stage1 = nn.Sequential(*[block(8, 8) for _ in range(4)])
+            self.stage2 = nn.Sequential(block(8, 16, 2), *[block(16, 16) for _ in range(3)])
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.pool(self.stage2(self.stage1(self.stem(x)))).flatten(1))
+
+    result = export_module(Deep(), tmp_path / "d.onnx", input_size=32)
+    # nine blocks (stem, 4 + 4) of weight 1: 30, 45, 60 and 75% of them, then the default
+    assert result.default_layers == ["stage2"]
+    assert result.recommended_layers == ["stage1.1", "stage1.3", "stage2.0", "stage2.1", "stage2"]
+    meta = metadata(result.path)
+    assert json.loads(meta["onnxdream.recommended_layers"]) == result.recommended_layers
+    result = export_module(Deep(), tmp_path / "e.onnx", input_size=32, default_layers=["stem"],
+                           recommended_layers=["stem", "stage2"])
+    assert result.recommended_layers == ["stem", "stage2"]
+    with pytest.raises(ModelError, match="recommended layer 'stage9'"):
+        export_module(Deep(), tmp_path / "f.onnx", recommended_layers=["stage9"])
+
+
+def test_recommend_layers_rule():
+    from onnxdream.exporters.graph.layers import recommend_layers
+
+    names = [f"b{i}" for i in range(10)]
+    assert recommend_layers(names) == ["b2", "b4", "b5", "b7"]  # 30, 45, 60, 75% of ten
+    assert recommend_layers(names, ["b9"]) == ["b2", "b4", "b5", "b7", "b9"]
+    # weights: a heavy block counts for more depth; an unweighted layer after one is preferred
+    assert recommend_layers(["a", "act", "b", "c"], weights=[1, 0, 8, 1],
+                            depths=(0.1, 0.5)) == ["act", "b"]
+    assert recommend_layers([], ["x"]) == ["x"]
+    # order places defaults that are not candidates
+    assert recommend_layers(["s.0", "s.1"], ["s"], order=["s.0", "s.1", "s"],
+                            depths=(0.5,)) == ["s.0", "s"]
+
+
 def test_export_module_argument_errors(tmp_path):
     out = tmp_path / "x.onnx"
     with pytest.raises(ModelError, match=r"no submodule 'blok'.*did you mean block"):

@@ -153,6 +153,9 @@ def test_metadata(exported):
     assert meta["onnxdream.input_size"] == "224"
     assert meta["onnxdream.dynamic_hw"] == "1"
     assert json.loads(meta["onnxdream.default_layers"]) == ["inception4c"]
+    # the recommended layers: inception modules spread over the middle, the default among them
+    assert json.loads(meta["onnxdream.recommended_layers"]) == [
+        "inception4a", "inception4b", "inception4c", "inception4d", "inception4e"]
     labels = json.loads(meta["onnxdream.labels"])
     assert len(labels) == 1000 and labels[0] == "tench"
     layers = json.loads(meta["onnxdream.layers"])

@@ -35,6 +35,13 @@ def conv(*a, **k):
     return c
 
 
+def _assign_rows(x, c):
+    """``y[:, :, 1:] = f(y[:, :, 1:])`` on a copy: exported as ScatterND."""
+    y = c(x).clone()
+    y[:, 1:3, 1:] = torch.tanh(y[:, 1:3, 1:] * 2) + y[:, :2, :-1]
+    return y * y
+
+
 CASES = {
     "conv_stride2_odd": Lambda(lambda x, c: c(x), conv(3, 5, 3, stride=2, padding=1)),
     "conv_stride2_k4_pad0": Lambda(lambda x, c: c(x), conv(3, 4, 4, stride=2)),
@@ -94,6 +101,16 @@ CASES = {
     "einsum": Lambda(lambda x, c, d: torch.einsum("bchw,bdhw->bcd", c(x), d(x)).unsqueeze(-1)
                      + torch.einsum("bchw->bhwc", c(x)).mean((1, 2))[..., None, None],
                      conv(3, 4, 3), conv(3, 5, 3)),
+    "pixel_shuffle_depth_to_space_crd": Lambda(
+        lambda x, c, d: d(F.pixel_shuffle(c(x), 2) * F.pixel_shuffle(c(x), 2).mean(1, True)),
+        conv(3, 8, 3, padding=1), conv(2, 3, 3, stride=2)),
+    "slice_assignment_scatter_nd": Lambda(_assign_rows, conv(3, 4, 3, padding=1)),
+    # x[..., -1:] and x[..., :1] have size 1 though the sliced axis is dynamic: their
+    # gradients must be summed over the broadcast (EfficientViT's linear attention)
+    "last_column_broadcast": Lambda(
+        lambda x, c: (c(x)[..., :-1] / (c(x)[..., -1:] ** 2 + 1)
+                      + c(x)[:, :, :1, 1:] * c(x)[..., 1:]),
+        conv(3, 4, 3, padding=1)),
     "logsoftmax_sum_maximum": Lambda(
         lambda x, c: torch.log_softmax(c(x), 1) * torch.maximum(c(x), x.sum(1, keepdim=True)),
         conv(3, 4, 3, padding=1)),
@@ -236,3 +253,49 @@ def test_control_flow_on_the_path_is_an_error_not_a_dropped_path():
     m = Lambda(lambda x, c: F.local_response_norm(c(x), 5), conv(3, 8, 1))
     with pytest.raises(UnsupportedOpError, match=r"no gradient rule for op If .*layer 'y'"):
         compile_gradient(export(m), ["y"])
+
+
+def test_depth_to_space_dcr_space_to_depth_gather_nd_native():
+    """DepthToSpace in DCR mode (TensorFlow's), SpaceToDepth and GatherND, written as ONNX,
+    against the same rearrangements in torch."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(12, 3, 3, 3)).astype(np.float32)
+    idx = np.array([[1, 0], [0, 2], [1, 2], [1, 0]], np.int64)  # (n, c) pairs, one twice
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("DepthToSpace", ["c"], ["d"], blocksize=2, mode="DCR"),
+        helper.make_node("SpaceToDepth", ["d"], ["s"], blocksize=2),
+        helper.make_node("Mul", ["s", "c"], ["sc"]),
+        helper.make_node("GatherND", ["sc", "idx"], ["y"]),
+    ]
+    model = _onnx_model(nodes, [numpy_helper.from_array(w, "w"),
+                                numpy_helper.from_array(idx, "idx")])
+
+    def ref(x):
+        c = F.conv2d(x, torch.from_numpy(w), padding=1)
+        n, ch, h, wd = c.shape
+        d = c.view(n, 2, 2, ch // 4, h, wd).permute(0, 3, 4, 1, 5, 2).reshape(n, ch // 4, 2 * h,
+                                                                              2 * wd)
+        s = d.view(n, ch // 4, h, 2, wd, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, ch, h, wd)
+        sc = s * c
+        return sc[torch.from_numpy(idx[:, 0]), torch.from_numpy(idx[:, 1])]
+
+    assert compare(None, ODD, model=model, torch_fn=ref) < TOL
+
+
+def test_batchnorm_then_tokens_against_fixed_autograd():
+    """BatchNorm, then flatten + transpose into tokens (XCiT's patch embedding). torch's own
+    eval-mode BatchNorm backward gets this wrong on the CPU for a batch of one (the incoming
+    gradient is then channels-last; torch 2.14): the reference passes it on contiguous."""
+    from gradcheck import contiguous_batchnorm_grads
+
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+    weights = torch.randn(4)
+    m = Lambda(lambda x, c, bn: torch.tanh(bn(c(x)).flatten(2).transpose(1, 2)) * weights,
+               conv(3, 4, 3, stride=2), bn)
+    with contiguous_batchnorm_grads(m):
+        assert compare(m, ODD, objective="l2", batch=1) < TOL

@@ -29,6 +29,16 @@ def test_keras_io_recipe():
     plan = resolve_preset("keras-io", INCEPTION_LAYERS)
     assert plan.layers == ["mixed4:1.0", "mixed5:1.5", "mixed6:2.0", "mixed7:2.5"]
     assert plan.settings["max_loss"] == 15.0 and plan.border == 2
+    # keras.io divides by max(mean|g|, 1e-6) in [-1,1] space: 2e-6 for [0,1] gradients
+    assert plan.dream_settings().grad_floor == pytest.approx(2e-6)
+    assert resolve_preset("keras-io", INCEPTION_LAYERS, grad_floor=1e-3).settings[
+        "grad_floor"] == 1e-3
+    # the classic example's K.epsilon() (1e-7) likewise; the notebooks add 1e-8 instead
+    assert resolve_preset("keras-classic", INCEPTION_LAYERS).settings["grad_floor"] == \
+        pytest.approx(2e-7)
+    assert all(resolve_preset(name, INCEPTION_LAYERS + ["inception4c", "inception4d.branch2.0"]
+                              ).dream_settings().grad_floor is None
+               for name in PRESETS if not name.startswith("keras"))
 
 
 def test_explicit_values_override_the_preset():
@@ -158,6 +168,8 @@ def test_cli_preset_with_override(keras_inception, model_home, tmp_path):
     assert json.loads(meta["onnxdream:layers"]) == ["mixed2", "mixed3", "mixed4", "mixed5"]
     assert meta["onnxdream:border"] == "2"
     assert meta["onnxdream:steps"] == "2" and meta["onnxdream:octaves"] == "1"  # overridden
+    assert meta["onnxdream:grad_floor"] == "2e-07"  # the preset's
+    assert "--grad-floor 2e-07" in meta["onnxdream:command"]
     assert float(meta["onnxdream:step_size"]) == pytest.approx(0.005)  # the preset's
     assert meta["onnxdream:max_loss"] == "10.0"
     assert "--border 2" in meta["onnxdream:command"]

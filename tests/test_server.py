@@ -226,7 +226,7 @@ def test_dreams_bad_input_and_the_server_lives_on(server, small, chelsea, tmp_pa
     _check_error(_dream(c, small, layer="blocks.99"), 400, "unknown layer")
     _check_error(_dream(c, small, objective="banana"), 400, "bad objective")
     _check_error(_dream(c, small, objective="channel:x"), 400, "objective")
-    _check_error(_dream(c, small, octaves=0), 400, "octaves must be between 1 and 12")
+    _check_error(_dream(c, small, octaves=0), 400, "octaves must be auto or between 1 and 12")
     _check_error(_dream(c, small, steps=-1), 400, "steps")
     _check_error(_dream(c, small, steps="many"), 400, "must be an integer")
     _check_error(_dream(c, small, step_size="nan"), 400, "finite number")

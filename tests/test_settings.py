@@ -35,14 +35,20 @@ from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
 
 def test_one_default_step_size_everywhere():
     from onnxdream.presets import resolve_preset
+    from onnxdream.resolve import resolve
+    from onnxdream.settings import DEFAULT_STEP_SIZE
 
-    assert DreamSettings().step_size == 0.006
-    assert resolve_preset(None).dream_settings().step_size == 0.006
-    assert DreamSettings.from_options(step_size=None).step_size == 0.006
+    # None: the model's recommended step size, else DEFAULT_STEP_SIZE (decided by the resolver)
+    assert DreamSettings().step_size is None and DEFAULT_STEP_SIZE == 0.006
+    assert resolve_preset(None).dream_settings().step_size is None
+    assert DreamSettings.from_options(step_size=None).step_size is None
+    assert resolve(DreamSettings(), 64, 64).step_size == 0.006
     from onnxdream.cli import app
 
     result = CliRunner().invoke(app, ["dream", "--help"], env={"COLUMNS": "200"})
-    assert "[default: 0.006]" in result.output
+    text = " ".join(result.output.replace("│", " ").split())  # unwrapped
+    assert "[default: the model's recommendation (`onnxdream models` shows it), else 0.006]" \
+        in text
 
 
 def test_server_form_defaults_are_the_settings_defaults():
@@ -59,7 +65,9 @@ def test_server_form_defaults_are_the_settings_defaults():
 @pytest.mark.parametrize("kwargs,field", [
     ({"step_size": 0}, "step_size"), ({"octaves": 13}, "octaves"), ({"tile_size": 10}, "tile_size"),
     ({"normalize": "l1"}, "normalize"), ({"seed": -1}, "seed"), ({"border": -1}, "border"),
-    ({"layers": ("",)}, "layers"),
+    ({"layers": ("",)}, "layers"), ({"grad_floor": 0.0}, "grad_floor"),
+    ({"grad_floor": -1e-6}, "grad_floor"), ({"grad_floor": float("inf")}, "grad_floor"),
+    ({"grad_floor": float("nan")}, "grad_floor"), ({"grad_floor": "1e-6"}, "grad_floor"),
 ])
 def test_validation_raises_settings_error_with_field(kwargs, field):
     with pytest.raises(SettingsError) as info:
@@ -72,6 +80,7 @@ def test_validation_raises_settings_error_with_field(kwargs, field):
     (["dream", "x.png", "--step-size", "0"], "error: --step-size must be > 0 and <= 10"),
     (["dream", "x.png", "--octave-scale", "9"], "error: --octave-scale must be > 1 and <= 4"),
     (["dream", "x.png", "--preset", "keras-clasic"], "did you mean 'keras-classic'"),
+    (["dream", "x.png", "--grad-floor", "0"], "error: --grad-floor must be a finite number > 0"),
     (["visualize", "--class", "1", "--param", "dct"], "error: --param must be one of fft, pixel"),
 ])
 def test_cli_names_the_flag(argv, needle, tmp_path):
@@ -82,6 +91,28 @@ def test_cli_names_the_flag(argv, needle, tmp_path):
     assert result.exit_code == 2, out
     assert needle in out and "Traceback" not in out
     assert not (tmp_path / "o.png").exists()
+
+
+def test_server_form_takes_grad_floor():
+    pytest.importorskip("fastapi")
+    from onnxdream.server import ApiError, ServerConfig, build_settings, parse_fields
+
+    fields, _, _ = parse_fields([("image", _upload()), ("grad-floor", "1e-6")])
+    assert fields == {"grad_floor": 1e-6}
+    assert build_settings(fields, [], ServerConfig()).grad_floor == 1e-6
+    with pytest.raises(ApiError, match="'grad_floor' must be a finite number"):
+        parse_fields([("image", _upload()), ("grad_floor", "inf")])
+    with pytest.raises(SettingsError) as info:
+        build_settings({"grad_floor": -1.0}, [], ServerConfig())
+    assert info.value.field == "grad_floor"
+
+
+def _upload():
+    import io
+
+    from fastapi import UploadFile
+
+    return UploadFile(io.BytesIO(b"x"), filename="x.png")
 
 
 def test_server_names_the_form_field():
@@ -218,6 +249,7 @@ def _parse_dream(argv: list[str]) -> DreamSettings:
     DreamSettings(model="my.onnx", layers=("a:0.5", "b"), objective="l2", pre_relu=True, border=2,
                   octaves=3, octave_scale=1.7, steps=7, step_size=1.5 / 255, jitter=0,
                   tile_size=0, seed=0, normalize="lapnorm", max_loss=10.0),
+    DreamSettings(seed=1, grad_floor=2e-6, normalize="std"),
 ])
 def test_to_argv_parses_back_to_the_same_settings(settings):
     argv = settings.to_argv("in put.png", "out.png")
@@ -261,7 +293,9 @@ def test_resolver_reproduces_the_octave_rule(h, w, octaves, scale):
     assert list(r.octave_sizes) == _old_octave_sizes(h, w, octaves, scale)
     assert octave_sizes(h, w, octaves, scale) == _old_octave_sizes(h, w, octaves, scale)
     assert r.steps_total == len(r.octave_sizes) * 3 and r.octaves == len(r.octave_sizes)
-    assert (r.tile_size, r.jitter, r.step_size) == (s.tile_size, s.jitter, s.step_size)
+    # no memory profile: the tile as asked, none (0) where the image fits in one
+    tile = 0 if max(h, w) <= s.tile_size else s.tile_size
+    assert (r.tile_size, r.jitter, r.step_size) == (tile, s.jitter, 0.006)
     meta = json.loads(r.to_metadata()["onnxdream:resolved"])
     assert meta["octave_sizes"] == [list(x) for x in r.octave_sizes]
 
@@ -279,7 +313,8 @@ def test_digest_covers_what_decides_the_result():
     assert d == resolve(DreamSettings(seed=1), 100, 120).digest() and len(d) == 64
     for other in (resolve(DreamSettings(seed=2), 100, 120), resolve(s, 100, 121),
                   resolve(DreamSettings(seed=1, layers=("blocks.9",)), 100, 120),
-                  resolve(DreamSettings(seed=1, step_size=0.01), 100, 120)):
+                  resolve(DreamSettings(seed=1, step_size=0.01), 100, 120),
+                  resolve(DreamSettings(seed=1, grad_floor=1e-6), 100, 120)):
         assert other.digest() != d
 
 
@@ -299,7 +334,7 @@ def test_dream_metadata_keys_and_command():
     from onnxdream.provenance import dream_metadata
     from onnxdream.resolve import resolve
 
-    s = DreamSettings(seed=9, max_loss=3.0)
+    s = DreamSettings(seed=9, max_loss=3.0, octaves=4)
     objective = Objective.build(["blocks.5"], "mean")  # what the model's default layer gives
     meta = dream_metadata(resolve(s, 64, 80), objective=objective, provider="CPU",
                           image="a b.png", output="o.png")
@@ -309,13 +344,20 @@ def test_dream_metadata_keys_and_command():
     assert meta["onnxdream:step_size"] == "0.006" and meta["onnxdream:max_loss"] == "3.0"
     assert meta["onnxdream:seed"] == "9" and meta["onnxdream:preset"] == ""
     assert json.loads(meta["onnxdream:resolved"])["octaves"] == 3  # 64, 46, 33 px
+    assert meta["onnxdream:octaves"] == "3"  # as it ran; what was asked is kept apart
+    assert json.loads(meta["onnxdream:requested"])["octaves"] == 4
     command = meta["onnxdream:command"]
     assert command.startswith("onnxdream dream 'a b.png' -o o.png --model efficientnet-lite0 "
                               "--layer blocks.5:1 ")
     import shlex
 
-    assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(
-        layers=("blocks.5:1",), seed=9, max_loss=3.0)
+    assert _parse_dream(shlex.split(command)[1:]) == DreamSettings(  # the step size as used
+        layers=("blocks.5:1",), seed=9, max_loss=3.0, octaves=3, step_size=0.006)
+    assert meta["onnxdream:grad_floor"] == ""  # none: mean|g| + 1e-8
+    floored = dream_metadata(resolve(DreamSettings(seed=9, grad_floor=2e-6), 64, 80),
+                             objective=objective, provider="CPU")
+    assert floored["onnxdream:grad_floor"] == "2e-06"
+    assert "--grad-floor 2e-06" in floored["onnxdream:command"]
 
 
 # -- the atomic writer ------------------------------------------------------------------------

@@ -157,7 +157,6 @@ export function checkSettings(manifest, given = {}) {
                              (lim.auto ? ' (or "auto")' : "") + `, got ${JSON.stringify(given[k] ?? s[k])}`);
     s[k] = v;
   }
-  if (s.step_size === "auto") s.step_size = d.step_size === "auto" ? 0.006 : d.step_size;  // the model's
   if (!manifest.layers.some((l) => l.name === s.layer)) {
     throw new Error(`layer '${s.layer}' is not in this export (layers: ${manifest.layers.map((l) => l.name).join(", ")})`);
   }

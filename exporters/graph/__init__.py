@@ -3,7 +3,7 @@
 The model contract is in contract.py.
 """
 
-from onnxdream.exporters.graph.compiler import compile_gradient, save_model
+from onnxdream.exporters.graph.compiler import compile_features, compile_gradient, save_model
 from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model
 from onnxdream.exporters.graph.layers import LayerInfo, list_layers
 from onnxdream.exporters.graph.objective import (
@@ -12,6 +12,7 @@ from onnxdream.exporters.graph.objective import (
     Term,
     channel,
     class_logit,
+    guide,
     l2,
     mean,
     neuron,
@@ -21,6 +22,6 @@ from onnxdream.exporters.graph.objective import (
 
 __all__ = [
     "LayerInfo", "LayerSpec", "ModelInfo", "Objective", "Term", "channel", "class_logit",
-    "compile_gradient", "graph_params", "l2", "list_layers", "load_model", "mean", "neuron",
-    "parse_objective", "save_model", "weighted_channels",
+    "compile_features", "compile_gradient", "graph_params", "guide", "l2", "list_layers",
+    "load_model", "mean", "neuron", "parse_objective", "save_model", "weighted_channels",
 ]

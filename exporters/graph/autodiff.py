@@ -67,6 +67,71 @@ def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelPr
         return light
 
 
+_SLICE_TO_END = 1 << 31  # an end at least this large runs to the end of the axis
+
+
+def _unit_slice_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
+    """The axes along which ``node`` (a Slice) keeps exactly one element whatever the input's
+    extent: ``x[..., -1:]`` (start -1 to the end) or ``x[..., k:k+1]`` (k >= 0), step 1. Axes
+    may be negative; None when the slice's parameters are not constants."""
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    starts, ends = constants.get(ins[1]), constants.get(ins[2])
+    if starts is None or ends is None:
+        return None
+    starts, ends = starts.reshape(-1).tolist(), ends.reshape(-1).tolist()
+    axes = (constants.get(ins[3]) if ins[3] else np.arange(len(starts)))
+    steps = (constants.get(ins[4]) if ins[4] else np.ones(len(starts), np.int64))
+    if axes is None or steps is None:
+        return None
+    out = []
+    for start, end, axis, step in zip(starts, ends, axes.reshape(-1).tolist(),
+                                      steps.reshape(-1).tolist()):
+        unit = (start == -1 and end >= _SLICE_TO_END) or (0 <= start and end == start + 1)
+        if step == 1 and unit:
+            out.append(int(axis))
+    return out
+
+
+def _with_unit_slices(inferred: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
+    """Shape inference that knows ``x[..., -1:]`` has size 1 along a dynamic axis.
+
+    onnx infers such a slice's extent only when the input's extent is static; a symbolic one
+    makes it symbolic too, and the rules take a symbolic extent for a real (non-broadcast)
+    one, so a gradient flowing into a broadcast ``x[..., -1:]`` would not be summed. The unit
+    extents are written into the value infos and inference runs again, so they propagate to the
+    ops downstream.
+    """
+    g = inferred.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in g.initializer
+                 if i.data_type == onnx.TensorProto.INT64}
+    for node in g.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    slices = [(n, axes) for n in g.node if n.op_type == "Slice"
+              for axes in [_unit_slice_axes(n, constants)] if axes]
+    for _ in range(rounds):
+        infos = {vi.name: vi for vi in g.value_info}
+        changed = False
+        for node, axes in slices:
+            vi = infos.get(node.output[0])
+            if vi is None or not vi.type.tensor_type.HasField("shape"):
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            for axis in axes:
+                if -len(dims) <= axis < len(dims) and not dims[axis].HasField("dim_value"):
+                    dims[axis].Clear()
+                    dims[axis].dim_value = 1
+                    changed = True
+        if not changed:
+            break
+        try:
+            inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
+        except Exception:  # noqa: BLE001 - keep what we have
+            break
+        g = inferred.graph
+    return inferred
+
+
 def _copy_without(model: onnx.ModelProto, dst: onnx.ModelProto, big) -> None:
     """Copy ``model`` into ``dst`` without serialising its large initializers."""
     names = {i.name for i in big}
@@ -93,7 +158,7 @@ class GraphInfo:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> GraphInfo:
-        inferred = infer_shapes(model)
+        inferred = _with_unit_slices(infer_shapes(model))
         shapes: dict[str, tuple | None] = {}
         dtypes: dict[str, int] = {}
         g = inferred.graph

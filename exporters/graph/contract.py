@@ -26,7 +26,6 @@ line naming the import command that would wrap it.
 **Metadata** (``metadata_props``; strings, JSON where noted), written by :func:`write_metadata`
 (or :func:`model_metadata` for the exporters that finish the model themselves):
 
-=============================  ==================================================================
 key                            value
 =============================  ==================================================================
 ``onnxdream.format``           contract version, ``"1"`` (:data:`FORMAT_VERSION`)
@@ -47,10 +46,37 @@ key                            value
                                layer tensors, ``pre_relu``, ``border`` and the op profile
                                ``target`` (``default``/``portable``, see the compiler)
 =============================  ==================================================================
+=======
+=================================  ================================================================
+key                                value
+=================================  ================================================================
+``onnxdream.format``               contract version, ``"1"`` (:data:`FORMAT_VERSION`)
+``onnxdream.name``                 the model's name (``googlenet``, ``efficientnet-lite0``)
+``onnxdream.source``               where the weights came from (shown to users, kept in provenance)
+``onnxdream.license``              the weights' licence
+``onnxdream.input_size``           native side in pixels, an int (the larger side if not square)
+``onnxdream.input_hw``             ``"HxW"`` when the native size is not square
+``onnxdream.dynamic_hw``           ``"1"`` if any H/W runs, ``"0"`` if only the native size
+``onnxdream.layers``               JSON ``{layer name: tensor name}``, in network order
+``onnxdream.default_layers``       JSON list of the layers a dream uses when none is named
+``onnxdream.recommended_layers``   JSON list of the layers worth dreaming, shallow to deep (the
+                                   atlas's cells, the page's thumbnails); includes the default
+``onnxdream.step_size``            the step size a dream uses when none is given (a float; else
+                                   the engine's default, 0.006)
+``onnxdream.labels``               JSON list of class names, one per logit (optional)
+``onnxdream.layer_layouts``        JSON ``{layer: "NHWC"}`` for channels-last layers (default NCHW)
+``onnxdream.preprocess``           what the in-graph preprocessing does (informative)
+``onnxdream.framework``            the framework and version that exported it (informative)
+``onnxdream.builder_version``      the zoo builder's version (zoo models)
+``onnxdream.compiled``             on *compiled* graphs only: JSON of the objective, its terms, the
+                                   layer tensors, ``pre_relu``, ``border`` and the op profile
+                                   ``target`` (``default``/``portable``, see the compiler)
+=================================  ================================================================
 
 :class:`ModelInfo` reads all of it back (``ModelInfo.load(path_or_proto)``): the layer table,
-default layers, labels, native size ``(h, w)``, fixed or dynamic H/W, layouts, whether there are
-logits.
+default and recommended layers, the recommended step size, labels, native size ``(h, w)``,
+fixed or dynamic H/W, layouts, whether there are logits. A model written before the recommended
+layers existed reads back its default layers as its recommended ones.
 
 **A compiled gradient graph** (:func:`onnxdream.exporters.graph.compile_gradient`) keeps the
 model's metadata, adds ``onnxdream.compiled``, and has
@@ -75,12 +101,21 @@ columns): the tiler cuts it per tile like the image and the jitter rolls it with
   C]`` for NHWC ones): per-image channel weights of a ``weighted_channels`` term, whose value is
   ``sum_c channel_weights[n, c] * mean(layer[n, c])`` (feature visualisation: a one-hot row is
   a channel or a class, ``1/C`` everywhere the whole layer). Default ``1/C`` (the layer mean).
-- reserved: ``guide.<t>`` (``[M, C]``, guide features for term ``t``, not spatial), ``mask``
-  (``[1 or N, T or 1, H, W]`` at image resolution, spatial, default ones ``[1, 1, 1, 1]``) and,
-  on the step graph, ``step_mask`` (spatial, default ones).
+- ``guide.<t>`` float32 ``[M, C]``: the guide features of guide term ``t`` (M feature vectors
+  of the guide image at the term's layer, C its channels), not spatial, and **no default**: a
+  graph with a guide term needs them (``onnxdream.guide`` computes them with
+  :func:`~onnxdream.exporters.graph.compiler.compile_features`'s graph).
+- ``mask`` float32 ``[1 or N, 1 or T, H, W]`` at image resolution, spatial, default ones
+  ``[1, 1, 1, 1]``: region masks. Term ``t`` reads channel ``t mod T`` (one mask for all terms,
+  or one per term), resized in the graph to its layer (antialiased linear), and weights the
+  layer's positions by it before averaging them (terms that average positions of a 4-D layer:
+  mean, l2, channel, guide, weighted_channels; a graph has ``mask`` when one of its terms does).
+- on the step graph, ``step_mask`` (``[1 or N, 1, H, W]``, spatial, default ones): the per-pixel
+  scale of the step, in the image's frame (0 keeps a pixel as it is).
 
 **The step graph** (:mod:`onnxdream.exporters.graph.step`) wraps a compiled graph into one ascent
-step: inputs ``x``, ``shift``, ``step_size`` and the gradient graph's parameters (passed
+step: inputs ``x``, ``shift``, ``step_size``, ``grad_floor`` (default 0: the normaliser divides
+by ``mean|g| + 1e-8``; F > 0: by ``max(mean|g|, F)``) and the gradient graph's parameters (passed
 through); outputs ``image_out`` and ``objective``.
 """
 
@@ -120,6 +155,8 @@ INPUT_HW_KEY = "onnxdream.input_hw"
 DYNAMIC_HW_KEY = "onnxdream.dynamic_hw"
 LAYERS_KEY = "onnxdream.layers"
 DEFAULT_LAYERS_KEY = "onnxdream.default_layers"
+RECOMMENDED_LAYERS_KEY = "onnxdream.recommended_layers"
+STEP_SIZE_KEY = "onnxdream.step_size"
 LABELS_KEY = "onnxdream.labels"
 LAYOUTS_KEY = "onnxdream.layer_layouts"
 PREPROCESS_KEY = "onnxdream.preprocess"
@@ -247,7 +284,7 @@ def _json(meta: Mapping[str, str], key: str, default: Any) -> Any:
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     """The model's one input that is not an initializer (nor an objective parameter)."""
     inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    inputs = [i for i in model.graph.input if i.name not in inits and not is_param(i.name)]
     if len(inputs) != 1:
         raise ModelError(f"a dreamable model has exactly one input, this one has {len(inputs)}: "
                          + ", ".join(i.name for i in inputs))
@@ -337,6 +374,20 @@ def _dynamic_hw(model: onnx.ModelProto, meta: Mapping[str, str]) -> bool:
     return not (len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"))
 
 
+def _step_size(meta: Mapping[str, str]) -> float | None:
+    text = meta.get(STEP_SIZE_KEY, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 10.0:  # nan fails too
+        raise ModelError(f"the model's {STEP_SIZE_KEY} metadata {text[:20]!r} is not a step size "
+                         "(a number > 0 and <= 10)")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the contract says about one model (see the module docstring)."""
@@ -354,6 +405,10 @@ class ModelInfo:
     preprocess: str | None = None
     compiled: dict | None = None  # on compiled gradient graphs
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the layers worth dreaming, shallow to deep (the default layers if the model names none)
+    recommended_layers: list[str] = field(default_factory=list)
+    #: the step size a dream uses when none is given (None: the engine's default)
+    step_size: float | None = None
 
     @classmethod
     def load(cls, model: str | os.PathLike | onnx.ModelProto) -> ModelInfo:
@@ -377,6 +432,9 @@ class ModelInfo:
             preprocess=meta.get(PREPROCESS_KEY),
             compiled=_json(meta, COMPILED_KEY, None),
             metadata=meta,
+            recommended_layers=list(_json(meta, RECOMMENDED_LAYERS_KEY, None)
+                                    or _json(meta, DEFAULT_LAYERS_KEY, [])),
+            step_size=_step_size(meta),
         )
 
     @property
@@ -420,8 +478,13 @@ def model_metadata(
     preprocess: str | None = None,
     framework: str | None = None,
     builder_version: str | None = None,
+    recommended_layers: Sequence[str] | None = None,
+    step_size: float | None = None,
 ) -> dict[str, str]:
-    """The metadata of a dreamable model, keys in a fixed order (see the module docstring)."""
+    """The metadata of a dreamable model, keys in a fixed order (see the module docstring).
+
+    ``recommended_layers`` default to ``default_layers``; ``step_size`` is written only when
+    given (a reader then uses the engine's default)."""
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     meta = {
         FORMAT_KEY: FORMAT_VERSION,
@@ -432,7 +495,10 @@ def model_metadata(
         DYNAMIC_HW_KEY: "1" if dynamic_hw else "0",
         LAYERS_KEY: json.dumps(dict(layers)),
         DEFAULT_LAYERS_KEY: json.dumps(list(default_layers)),
+        RECOMMENDED_LAYERS_KEY: json.dumps(list(recommended_layers or default_layers)),
     }
+    if step_size is not None:
+        meta[STEP_SIZE_KEY] = f"{float(step_size):g}"
     if h != w:
         meta[INPUT_HW_KEY] = f"{int(h)}x{int(w)}"
     if labels is not None:
@@ -489,13 +555,13 @@ PARAMS: dict[str, ParamSpec] = {p.name: p for p in (
               "term t's value is multiplied by weights[t]"),
     ParamSpec(CHANNEL_WEIGHTS, "[N,C], [N,C,1,1] (NCHW) or [N,1,1,C] (NHWC)", False, "1/C",
               "per-image channel weights of the weighted_channels term"),
-    ParamSpec(MASK, "[1 or N, T or 1, H, W]", True, "ones [1,1,1,1]",
-              "where each term counts, at image resolution (reserved)"),
+    ParamSpec(MASK, "[1 or N, 1 or T, H, W]", True, "ones [1,1,1,1]",
+              "region masks at image resolution: channel t mod T weights term t's positions"),
     ParamSpec(STEP_MASK, "[1 or N, 1, H, W]", True, "ones [1,1,1,1]",
-              "the step graph's per-pixel step scale (reserved)"),
+              "the step graph's per-pixel step scale (0 keeps a pixel)"),
 )}
-GUIDE = ParamSpec(GUIDE_PREFIX + "<t>", "[M,C]", False, "none",
-                  "guide features of term t (reserved)")
+GUIDE = ParamSpec(GUIDE_PREFIX + "<t>", "[M,C]", False, "none (required)",
+                  "guide features of guide term t")
 
 
 def param_spec(name: str) -> ParamSpec:

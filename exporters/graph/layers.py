@@ -6,6 +6,7 @@ Loading and the name → tensor table are the contract's (:mod:`.contract`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -129,3 +130,46 @@ def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
         out.append(LayerInfo(name, tensor, src.op_type if src is not None else "input",
                              shapes.get(tensor)))
     return out
+
+
+#: Where a network's recommended layers sit, as fractions of its depth: the middle, where dreams
+#: go from edges and colour fringes to patterns, eyes and parts (measured on the zoo models:
+#: benchmarks/README.md, "Recommended layers").
+RECOMMENDED_DEPTHS = (0.3, 0.45, 0.6, 0.75)
+
+
+def recommend_layers(candidates: Sequence[str], default: Sequence[str] = (), *,
+                     weights: Sequence[float] | None = None, order: Sequence[str] = (),
+                     depths: Sequence[float] = RECOMMENDED_DEPTHS) -> list[str]:
+    """Layers spread over the middle of a network: the rule for models nobody chose layers for.
+
+    ``candidates`` are the layers worth dreaming (block outputs), in network order; the one at
+    each of ``depths`` (a fraction of the cumulative ``weights``, default one each; a
+    candidate of weight 0 right after the chosen one, like an activation after its conv, is
+    taken instead) joins the ``default`` layers. Returned once each, in network order:
+    ``order`` (all layer names, in network order) places defaults that are not candidates.
+    """
+    names = list(candidates)
+    w = [1.0] * len(names) if weights is None else [max(0.0, float(v)) for v in weights]
+    if len(w) != len(names):
+        raise ValueError("one weight per candidate")
+    total = sum(w)
+    chosen: list[str] = []
+    if names and total > 0:
+        cumulative, acc = [], 0.0
+        for v in w:
+            acc += v
+            cumulative.append(acc)
+        for f in depths:
+            i = next(k for k, c in enumerate(cumulative) if c >= f * total - 1e-9)
+            while i + 1 < len(names) and w[i + 1] == 0:
+                i += 1
+            chosen.append(names[i])
+    picked = list(dict.fromkeys([*chosen, *default]))
+    rank = {n: i for i, n in enumerate(order or names)}
+    missing = len(rank)
+    for n in picked:  # a name that is in neither list keeps its place after the known ones
+        if n not in rank:
+            rank[n] = missing
+            missing += 1
+    return sorted(picked, key=rank.__getitem__)

@@ -10,6 +10,14 @@ same. The term weights are the defaults of the compiled graph's ``weights`` inpu
 ``weighted_channels(layer)`` (Python only) is ``sum_c channel_weights[n, c] * mean(layer[n, c])``
 with the per-image ``channel_weights`` a graph input: feature visualisation's one target per
 image (a one-hot row is a channel or a class, ``1/C`` everywhere the whole layer).
+
+``guide`` (``guide(layer)``) is the Caffe notebook's guided dream: at each position p of the
+layer, the dot product of its feature vector x_p with the best-matching guide feature vector g_j,
+``mean_p max_j <x_p, g_j>``; the guide features ``[M, C]`` are the graph input ``guide.<t>``
+(the guide image's activations at the same layer), so one compiled graph serves every guide.
+
+Every term on a 4-D feature map reads the compiled graph's region ``mask`` (see
+:mod:`.contract`): its positions count in proportion to the mask, resized to the layer.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from onnxdream.exporters.graph.builder import GraphBuilder
 #: sets the terms' proportions; beyond this a weighted value risks overflowing float32 (3.4e38).
 MAX_WEIGHT = 1e6
 
-_SPEC = re.compile(r"^(mean|l2|channel|neuron|class)(?::(-?\d+))?$")
+_SPEC = re.compile(r"^(mean|l2|channel|neuron|class|guide)(?::(-?\d+))?$")
+#: Term kinds a region mask applies to (on 4-D feature maps): those that average positions.
+MASKED_KINDS = ("mean", "l2", "channel", "guide", "weighted_channels")
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,12 @@ def class_logit(k: int) -> Objective:
     return Objective((Term("logits", "class", int(k)),))
 
 
+def guide(layer: str) -> Objective:
+    """``mean_p max_j <layer[p], guide[j]>``: the guide features are the graph input
+    ``guide.<t>`` (see :mod:`.contract`)."""
+    return Objective((Term(layer, "guide"),))
+
+
 def weighted_channels(layer: str) -> Objective:
     """``sum_c channel_weights[n, c] * mean(layer[n, c])``, per image (a graph input)."""
     return Objective((Term(layer, "weighted_channels"),))
@@ -199,10 +215,10 @@ def _unused(known: Collection[str], *spellings: str) -> str:
 def parse_objective(spec: str) -> tuple[str, int | None]:
     m = _SPEC.match(spec.strip())
     if not m:
-        raise ObjectiveError(f"bad objective '{spec}': use mean, l2, channel:K, neuron:K or "
-                             "class:K (K a non-negative integer)")
+        raise ObjectiveError(f"bad objective '{spec}': use mean, l2, channel:K, neuron:K, "
+                             "class:K (K a non-negative integer) or guide")
     kind, k = m.group(1), m.group(2)
-    if kind in ("mean", "l2") and k is not None:
+    if kind in ("mean", "l2", "guide") and k is not None:
         raise ObjectiveError(f"bad objective '{spec}': {kind} takes no index")
     if kind in ("channel", "neuron", "class"):
         if k is None:
@@ -233,13 +249,27 @@ def channel_weights_shape(term: Term, shape: tuple | None, batch, layout: str = 
     return [batch] + [c if a == axis else 1 for a in range(1, rank)]
 
 
+def guide_channels(term: Term, shape: tuple | None, layout: str = "NCHW") -> int:
+    """The channel count C of a guide term's layer (its ``guide.<t>`` input is ``[M, C]``)."""
+    rank = len(shape) if shape is not None else 0
+    c = shape[_channel_axis(rank, layout)] if rank >= 2 else None
+    if not isinstance(c, int):
+        raise ObjectiveError(f"layer '{term.layer}' has shape {shape}: a guided dream needs a "
+                             "layer with a known channel count")
+    return c
+
+
 def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
-              border: int = 0, layout: str = "NCHW", channel_weights: str | None = None) -> str:
+              border: int = 0, layout: str = "NCHW", channel_weights: str | None = None,
+              guide: str | None = None, mask: str | None = None) -> str:
     """Nodes computing one term's value per image ([N]), unweighted; returns the tensor name.
 
     ``layout`` is the layer's axis order, "NCHW" (default) or "NHWC" (channels last).
-    ``channel_weights`` names the input a weighted_channels term reads. The compiler multiplies
-    the result by the term's entry of the ``weights`` input.
+    ``channel_weights`` names the input a weighted_channels term reads, ``guide`` the guide
+    features ``[M, C]`` a guide term reads. ``mask``: the region mask at the layer's resolution
+    (``[B, 1, h, w]``, or ``[B, h, w, 1]`` for NHWC), multiplying a 4-D layer's positions
+    before the reduction (terms of :data:`MASKED_KINDS`). The compiler multiplies the result by
+    the term's entry of the ``weights`` input.
     """
     if shape is None:
         raise ObjectiveError(f"the rank of layer '{term.layer}' is unknown")
@@ -248,6 +278,28 @@ def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
     if border and rank == 4:
         spatial = [1, 2] if layout == "NHWC" else [2, 3]
         t = b.slice(t, [border, border], [-border, -border], spatial)
+        if mask is not None:
+            mask = b.slice(mask, [border, border], [-border, -border], spatial)
+    if mask is not None and rank == 4 and term.kind in MASKED_KINDS and term.kind != "l2":
+        # linear in x (guide: max_j <m x, g_j> = m max_j <x, g_j> for m >= 0)
+        t = b.mul(t, mask)
+    if term.kind == "guide":
+        if guide is None:
+            raise ObjectiveError("a guide term needs its guide features input")
+        # x as [N, C, P] (P positions); guide [M, C] @ x = [N, M, P]: max over M, mean over P
+        if rank == 4 and layout == "NHWC":
+            t = b.op("Transpose", [t], perm=[0, 3, 1, 2])
+        if rank == 4:
+            t = b.op("Reshape", [t, b.ints([0, 0, -1])])
+        elif rank == 3:
+            t = b.op("Transpose", [t], perm=[0, 2, 1])
+        elif rank == 2:
+            t = b.unsqueeze(t, [2])
+        else:
+            raise ObjectiveError(f"layer '{term.layer}' has shape {shape}: a guided dream needs "
+                                 "[N,C], [N,L,C] or a feature map")
+        best = b.op("ReduceMax", [b.op("MatMul", [guide, t]), b.ints([1])], keepdims=0)
+        return b.reduce_mean(best, [1], keepdims=0)
     if term.kind == "weighted_channels":
         # C * mean over (C, H, W) of weights * layer = sum_c weights[n, c] * mean_hw(layer[n, c])
         if channel_weights is None:
@@ -276,6 +328,8 @@ def emit_term(b: GraphBuilder, term: Term, tensor: str, shape: tuple | None,
             rank = 1
     elif term.kind == "l2":
         t = b.mul(t, t)
+        if mask is not None and rank == 4:
+            t = b.mul(t, mask)
     if rank > 1:
         t = b.reduce_mean(b.op("Flatten", [t], axis=1), [1], keepdims=0)
     return t

@@ -335,3 +335,53 @@ def _gather(ctx, dys):
     if moved:
         out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(to_front)])
     return [out, None]
+
+
+@rule("DepthToSpace")
+def _depth_to_space(ctx, dys):
+    """The inverse rearrangement: SpaceToDepth for mode DCR; for CRD (torch's pixel_shuffle)
+    SpaceToDepth orders the channels (b1, b2, C), so they are regrouped to (C, b1, b2)."""
+    b = ctx.b
+    size = int(ctx.attr("blocksize"))
+    g = b.op("SpaceToDepth", [dys[0]], blocksize=size)
+    if ctx.attr("mode", "DCR") == "DCR":
+        return [g]
+    shape = ctx.shape(ctx.outputs[0])
+    channels = shape[1] if shape is not None else None
+    if not isinstance(channels, int):
+        raise ctx.fail("mode CRD needs a static channel count")
+    g = b.op("Reshape", [g, b.ints([0, size * size, channels, -1])])
+    g = b.op("Transpose", [g], perm=[0, 2, 1, 3])
+    return [b.reshape_like(g, ctx.inputs[0])]
+
+
+@rule("SpaceToDepth")
+def _space_to_depth(ctx, dys):
+    return [ctx.b.op("DepthToSpace", [dys[0]], blocksize=int(ctx.attr("blocksize")),
+                     mode="DCR")]
+
+
+@rule("ScatterND")
+def _scatter_nd(ctx, dys):
+    """y = data with ``updates`` written at ``indices`` (``x[..., 1:] = f(x)`` in torch): the
+    written places take their gradient from updates, the others from data."""
+    b = ctx.b
+    data, indices, updates = ctx.inputs
+    reduction = ctx.attr("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise ctx.fail(f"reduction '{reduction}' is not supported (only none and add)")
+    d_data = None
+    if ctx.needs(0):
+        d_data = dys[0] if reduction == "add" else b.op(
+            "ScatterND", [dys[0], indices, b.zeros_like(updates)])
+    d_updates = b.op("GatherND", [dys[0], indices]) if ctx.needs(2) else None
+    return [d_data, None, d_updates]
+
+
+@rule("GatherND")
+def _gather_nd(ctx, dys):
+    b = ctx.b
+    if int(ctx.attr("batch_dims", 0)) != 0:
+        raise ctx.fail("batch_dims other than 0 is not supported")
+    x, indices = ctx.inputs
+    return [b.op("ScatterND", [b.zeros_like(x), indices, dys[0]], reduction="add"), None]

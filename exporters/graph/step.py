@@ -5,7 +5,10 @@ the device between steps::
 
     rolled = roll(x, shift)                         (the jitter)
     g      = unroll(grad(rolled), shift)
-    x_out  = clip(x + step_size * g / (mean|g| + 1e-8), 0, 1)
+    x_out  = clip(x + step_mask * step_size * g / d, 0, 1)
+    d      = mean(|g| step_mask) / mean(step_mask) + 1e-8            if grad_floor <= 0 (default)
+             max(mean(|g| step_mask) / mean(step_mask), grad_floor)  otherwise (keras.io's
+                                                     normaliser: onnxdream.normalize)
 
 :func:`step_graph` serves every image size: the roll is ``Slice`` + ``Concat`` by the ``shift``
 input. :func:`static_step_graph` is for one fixed shape: the roll is a ``Gather`` by index vectors
@@ -13,9 +16,12 @@ that are *inputs* (``rows``/``cols`` and their inverses), so every step launches
 on the same buffers, which a CUDA graph capture needs.
 
 Inputs: ``x`` (the image, float32 [1,3,H,W] in [0,1]), the roll (``shift`` int64 [2], or
-``rows``/``cols``/``unrows``/``uncols``), ``step_size`` float32 [1], then the gradient graph's
-objective parameters, passed through with their defaults (see :mod:`.contract`); spatial ones
-are rolled with the image. Outputs: ``objective`` and ``image_out``.
+``rows``/``cols``/``unrows``/``uncols``), ``step_size`` float32 [1], ``grad_floor`` float32 [1]
+(default 0: no floor; an input with a default, so a caller may leave it out), then the gradient
+graph's objective parameters, passed through with their defaults (see :mod:`.contract`); spatial
+ones are rolled with the image; last ``step_mask`` ([1 or N, 1, H, W] or a broadcastable shape,
+default ones), the per-pixel scale of the step (a region mask: 0 keeps a pixel as it is), in the
+image's own frame. Outputs: ``objective`` and ``image_out``.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import onnx
 from onnx import helper
 
 from onnxdream.exporters.graph.builder import INT64, GraphBuilder
-from onnxdream.exporters.graph.contract import GRAD, IMAGE, graph_params
+from onnxdream.exporters.graph.contract import GRAD, IMAGE, STEP_MASK, graph_params, param_input
 
-DYNAMIC_INPUTS = ("x", "shift", "step_size")
-STATIC_INPUTS = ("x", "rows", "cols", "unrows", "uncols", "step_size")
+DYNAMIC_INPUTS = ("x", "shift", "step_size", "grad_floor")
+STATIC_INPUTS = ("x", "rows", "cols", "unrows", "uncols", "step_size", "grad_floor")
 OUTPUT = "image_out"
+#: The step input that floors the normaliser's divisor (0, its default: mean|g| + 1e-8).
+GRAD_FLOOR = "grad_floor"
 
 
 class _Wrap:
@@ -54,7 +62,8 @@ class _Wrap:
         self.spatial = [p.name for p in graph_params(m).values() if p.spatial]
         g = m.graph
         taken = {o for n in g.node for o in n.output} | {n.name for n in g.node}
-        taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {"x", OUTPUT}
+        taken |= {i.name for i in g.initializer} | {i.name for i in g.input}
+        taken |= {"x", OUTPUT, GRAD_FLOOR, STEP_MASK}
         self.b = GraphBuilder(prefix="step", taken=taken)
         self.g = ""  # the unrolled gradient, set by the caller before finish()
 
@@ -70,16 +79,28 @@ class _Wrap:
         """Nodes: ``before``, the gradient graph's, then the builder's since; the step's tail."""
         b, g = self.b, self.graph
         eps, lo, hi = b.scalar(1e-8), b.scalar(0.0), b.scalar(1.0)
-        denom = b.op("Add", [b.op("ReduceMean", [b.op("Abs", [self.g])], keepdims=0), eps])
+        # mean |g| where the step mask dreams: mean(|g| m) / mean(m) (m in x's frame: never
+        # rolled; the default ones make it mean |g|)
+        weighted = b.op("ReduceMean", [b.op("Mul", [b.op("Abs", [self.g]), STEP_MASK])],
+                        keepdims=0)
+        area = b.op("Max", [b.op("ReduceMean", [STEP_MASK], keepdims=0), b.scalar(1e-12)])
+        size = b.op("Div", [weighted, area], hint="mean_abs")
+        b.initializer(np.zeros([1], np.float32), name=GRAD_FLOOR)  # the input's default
+        floored = b.op("Greater", [GRAD_FLOOR, lo], hint="floored")
+        denom = b.where(floored, b.op("Max", [size, GRAD_FLOOR]), b.op("Add", [size, eps]))
         delta = b.op("Mul", [self.g, b.op("Div", ["step_size", denom])])
+        delta = b.op("Mul", [delta, STEP_MASK])
         b.op("Clip", [b.op("Add", ["x", delta]), lo, hi], out=OUTPUT)
         after = b.nodes[len(before):]
         nodes = list(g.node)
         del g.node[:]
         g.node.extend(before + nodes + after)
-        g.initializer.extend(b.initializers)
+        mask, default = param_input(STEP_MASK, np.ones((1, 1, 1, 1), np.float32),
+                                    ["step_mask_batch", 1, "step_mask_height", "step_mask_width"])
+        g.initializer.extend(b.initializers + [default])
         del g.input[:]
-        g.input.extend(list(inputs) + self.params)
+        floor = helper.make_tensor_value_info(GRAD_FLOOR, onnx.TensorProto.FLOAT, [1])
+        g.input.extend(list(inputs) + [floor] + self.params + [mask])
         out = onnx.ValueInfoProto()
         out.CopyFrom(self.x)
         out.name = OUTPUT
@@ -176,5 +197,5 @@ def resize_graph(opset: int = 18) -> onnx.ModelProto:
                              producer_name="onnxdream", ir_version=8)
 
 
-__all__ = ["DYNAMIC_INPUTS", "OUTPUT", "STATIC_INPUTS", "resize_graph", "static_step_graph",
-           "step_graph"]
+__all__ = ["DYNAMIC_INPUTS", "GRAD_FLOOR", "OUTPUT", "STATIC_INPUTS", "resize_graph",
+           "static_step_graph", "step_graph"]
