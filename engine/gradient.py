@@ -52,8 +52,8 @@ from onnxdream.session import Session, create_session
 # 10: term weights are the graph's `weights` input (the cache key leaves them out);
 # 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
 # 13: region masks block-averaged on the layer's stride; 14: constant Gathers scatter without
-# a reduction
-COMPILER_VERSION = "14"
+# a reduction; 15: the portable target fits region masks without an antialiased Resize
+COMPILER_VERSION = "15"
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:

@@ -21,10 +21,16 @@ from typing import Any
 
 from onnxdream import __version__
 from onnxdream.resolve import ResolvedSettings
-from onnxdream.settings import ASCENT_FIELDS, CONTROL_FIELDS, VisualizeSettings, describe
+from onnxdream.settings import (
+    ASCENT_FIELDS,
+    CONTROL_FIELDS,
+    DreamSettings,
+    VisualizeSettings,
+    describe,
+)
 
-__all__ = ["PREFIX", "atlas_metadata", "channel_atlas_metadata", "command", "dream_metadata",
-           "visualize_metadata"]
+__all__ = ["PREFIX", "atlas_metadata", "channel_atlas_metadata", "command", "control_metadata",
+           "dream_metadata", "visualize_metadata"]
 
 PREFIX = "onnxdream:"
 
@@ -65,13 +71,19 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
         "command": command(concrete.to_argv(image, output)),
     })
     meta.update(_keys(describe(concrete, (*ASCENT_FIELDS, "seed"))))
-    controls = describe(settings, CONTROL_FIELDS)
-    controls["mask_layers"] = json.dumps(list(settings.mask_layers))
-    controls["size"] = "x".join(map(str, settings.size)) if settings.size else ""
-    meta.update(_keys(controls))
+    meta.update(control_metadata(settings))
     meta.update(_keys({f"{k}_sha256": v for k, v in (hashes or {}).items()}))
     meta.update(resolved.to_metadata())
     return meta
+
+
+def control_metadata(settings: DreamSettings) -> dict[str, str]:
+    """The creative controls' keys of :func:`dream_metadata` (``onnxdream:guide`` ...), as set in
+    ``settings`` (the browser's page, which has none, writes those of ``DreamSettings()``)."""
+    controls = describe(settings, CONTROL_FIELDS)
+    controls["mask_layers"] = json.dumps(list(settings.mask_layers))
+    controls["size"] = "x".join(map(str, settings.size)) if settings.size else ""
+    return _keys(controls)
 
 
 def visualize_metadata(settings: VisualizeSettings, *, model: str, provider: str,

@@ -108,7 +108,8 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
     @app.get("/web/manifest.json", include_in_schema=False)
     async def web_manifest(request: Request):
         settings, target = _query(request)
-        info, known = await run_in_threadpool(models.info, settings.model)
+        info = await run_in_threadpool(models.info, settings.model)
+        known = await run_in_threadpool(models.layer_names, settings.model)
         objective = await run_in_threadpool(models.objective, settings)
         for term in objective.terms:  # an unknown layer: 400 now, not when the graph is fetched
             if term.layer != LOGITS and term.layer not in known:

@@ -40,8 +40,9 @@ from pathlib import Path
 
 from onnxdream import __version__
 from onnxdream.errors import DependencyError, ModelError, OnnxDreamError
-from onnxdream.resolve import MIN_AUTO_OCTAVES, step_size_for
-from onnxdream.settings import MAX_OCTAVES, MIN_OCTAVE_SIDE, DreamSettings
+from onnxdream.provenance import control_metadata
+from onnxdream.resolve import BATCH_PIXELS, MIN_AUTO_OCTAVES, step_size_for
+from onnxdream.settings import ASCENT_FIELDS, MAX_OCTAVES, MIN_OCTAVE_SIDE, DreamSettings
 
 __all__ = ["LIMITS", "MANIFEST_FORMAT", "ORT_DIR_ENV", "ORT_WEB_VERSION", "OrtWebMissingError",
            "SiteResult", "WebLayer", "export_site", "find_ort_dir", "manifest", "objective_of",
@@ -229,7 +230,7 @@ def resolver_rule() -> dict:
     """The resolver's constants the page's octave rule needs (see ``octaveSizes`` in the module).
     ``min_auto_octaves``/``max_octaves`` apply to ``octaves: "auto"``."""
     return {"min_octave_side": MIN_OCTAVE_SIDE, "min_auto_octaves": MIN_AUTO_OCTAVES,
-            "max_octaves": MAX_OCTAVES}
+            "max_octaves": MAX_OCTAVES, "batch_pixels": BATCH_PIXELS}
 
 
 def manifest(*, model: str, info, layers: Sequence[WebLayer], ort_base: str | None,
@@ -256,6 +257,10 @@ def manifest(*, model: str, info, layers: Sequence[WebLayer], ort_base: str | No
                      "step_size": step_size_for(d, info), "jitter": d.jitter,
                      "normalize": d.normalize},
         "resolver": resolver_rule(),
+        # provenance the page writes as it is: the ascent fields (their order) and the creative
+        # controls' keys, which the page does not offer
+        "ascent_fields": list(ASCENT_FIELDS),
+        "controls_metadata": control_metadata(d),
         "limits": limits(),
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import subprocess
@@ -146,7 +147,7 @@ def site_page(browser, site_url):
     w = Watched(browser, site_url)
     try:
         w.page.goto(site_url + "/")
-        w.page.wait_for_function("window.onnxdream !== undefined")
+        w.page.wait_for_function("() => window.onnxdream !== undefined")
         w.page.evaluate("window.onnxdream.ready.then(() => true)")
         yield w
     finally:
@@ -191,9 +192,11 @@ def test_site_jitter_follows_the_clis_random_rolls(site, site_page):
     r = site_page.page.evaluate("window.onnxdream.dream('test.png', "
                                 "{octaves: 2, steps: 3, jitter: 32, seed: 4})")
     got, meta = png_of(r["png"])
-    assert meta["onnxdream:resolved"] == ('{"jitter": 32, "octave_sizes": [[96, 128], [69, 91]], '
-                                          '"octaves": 2, "step_size": 0.006, "tile_size": 0}')
-    want, _ = python_dream(site / "test.png", octaves=2, steps=3, jitter=32, seed=4)
+    assert json.loads(meta["onnxdream:resolved"]) == {
+        "batch_pixels": 512 * 512, "jitter": 32, "octave_sizes": [[96, 128], [69, 91]],
+        "octaves": 2, "step_size": 0.006, "tile": [0, 0], "tile_size": 0}
+    want, want_meta = python_dream(site / "test.png", octaves=2, steps=3, jitter=32, seed=4)
+    assert meta["onnxdream:resolved"] == want_meta["onnxdream:resolved"]
     other, _ = python_dream(site / "test.png", octaves=2, steps=3, jitter=32, seed=5)
     db, db_other = psnr(got, want), psnr(got, other)
     print(f"\nbrowser vs Python, 2 octaves x 3 steps, jitter 32, seed 4: {db:.1f} dB "
@@ -262,7 +265,7 @@ def test_server_page_dreams_in_this_browser(browser, model_home, tmp_path):
         page = w.page
         page.goto(srv.url + "/")
         page.wait_for_selector("#layer option[value='blocks.5']", state="attached")
-        page.wait_for_function("window.onnxdream !== undefined")  # the module is up
+        page.wait_for_function("() => window.onnxdream !== undefined")  # the module is up
         assert page.is_enabled("#where_browser") and page.text_content("#where_note") == ""
         assert page.evaluate("self.crossOriginIsolated")
         page.set_input_files("#image", str(src))
@@ -327,7 +330,7 @@ def _dream_on_webgpu(pw, root: Path, url: str) -> None:
     try:
         w = Watched(b, url.rstrip("/"))
         w.page.goto(url)
-        w.page.wait_for_function("window.onnxdream !== undefined")
+        w.page.wait_for_function("() => window.onnxdream !== undefined")
         w.page.evaluate("window.onnxdream.ready.then(() => true)")
         if not w.page.evaluate("async () => !!(navigator.gpu && "
                                "await navigator.gpu.requestAdapter())"):

@@ -97,7 +97,7 @@ def test_server_form_takes_grad_floor():
     pytest.importorskip("fastapi")
     from onnxdream.server import ApiError, ServerConfig, build_settings, parse_fields
 
-    fields, _, _ = parse_fields([("image", _upload()), ("grad-floor", "1e-6")])
+    fields = parse_fields([("image", _upload()), ("grad-floor", "1e-6")]).fields
     assert fields == {"grad_floor": 1e-6}
     assert build_settings(fields, [], ServerConfig()).grad_floor == 1e-6
     with pytest.raises(ApiError, match="'grad_floor' must be a finite number"):
@@ -108,11 +108,9 @@ def test_server_form_takes_grad_floor():
 
 
 def _upload():
-    import io
+    from onnxdream.formstream import FilePart
 
-    from fastapi import UploadFile
-
-    return UploadFile(io.BytesIO(b"x"), filename="x.png")
+    return FilePart("image", "x.png", "image/png", 1, bytearray(b"x"))
 
 
 def test_server_names_the_form_field():

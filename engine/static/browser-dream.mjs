@@ -162,6 +162,9 @@ export function checkSettings(manifest, given = {}) {
   }
   if (!["wasm", "webgpu"].includes(s.backend)) throw new Error(`backend must be wasm or webgpu, got '${s.backend}'`);
   if (s.seed === null) s.seed = crypto.getRandomValues(new Uint32Array(1))[0];
+  // what was asked (provenance's "requested"): a step size not given is the model's
+  const asked = given.step_size;
+  s.requested_step_size = asked === undefined || asked === null || asked === "" ? null : s.step_size;
   return s;
 }
 
@@ -169,9 +172,10 @@ export function checkSettings(manifest, given = {}) {
 // tile_size is 0 (the browser never tiles): the recorded command makes the same image on the CLI.
 export function provenance(manifest, s, sizes, provider, image = "IMAGE", output = null) {
   const layer = manifest.layers.find((l) => l.name === s.layer);
-  const asc = {octaves: s.octaves, octave_scale: s.octave_scale, steps: s.steps, step_size: s.step_size,
-               jitter: s.jitter, tile_size: 0, normalize: manifest.defaults.normalize ?? "mean-abs",
-               max_loss: null};
+  const values = {octaves: sizes.length, octave_scale: s.octave_scale, steps: s.steps, step_size: s.step_size,
+                  jitter: s.jitter, tile_size: 0, normalize: manifest.defaults.normalize ?? "mean-abs",
+                  grad_floor: null, max_loss: null};
+  const asc = Object.fromEntries(manifest.ascent_fields.map((k) => [k, values[k]]));
   const argv = ["dream", image, ...(output !== null ? ["-o", output] : []), "--model", manifest.model.name,
     ...layer.argv_layers.flatMap((l) => ["--layer", l]), "--objective", manifest.objective,
     "--octaves", pyStr(asc.octaves, false), "--octave-scale", pyStr(asc.octave_scale, true),
@@ -185,9 +189,12 @@ export function provenance(manifest, s, sizes, provider, image = "IMAGE", output
   ];
   for (const k of Object.keys(asc)) meta.push([k, pyStr(asc[k], FLOATS.has(k))]);
   meta.push(["seed", String(s.seed)]);
-  const resolved = {octaves: sizes.length, octave_sizes: sizes, tile_size: 0, jitter: s.jitter, step_size: s.step_size};
+  const resolved = {octaves: sizes.length, octave_sizes: sizes, tile_size: 0, tile: [0, 0],
+                    batch_pixels: manifest.resolver.batch_pixels, jitter: s.jitter, step_size: s.step_size};
   meta.push(["resolved", pyJson(resolved, new Set(["step_size"]))]);
-  return meta.map(([k, v]) => ["onnxdream:" + k, v]);
+  const requested = {...asc, octaves: s.octaves, step_size: s.requested_step_size ?? null};
+  meta.push(["requested", pyJson(requested, FLOATS)]);
+  return meta.map(([k, v]) => ["onnxdream:" + k, v]).concat(Object.entries(manifest.controls_metadata));
 }
 
 // ---- PNG (8-bit RGB/RGBA, Paeth rows, zlib by CompressionStream) with tEXt/iTXt chunks -----------

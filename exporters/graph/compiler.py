@@ -12,6 +12,10 @@ providers lack, with the same values (up to float rounding; ``tests/test_web.py`
   WebGPU provider has no ``Indices``; OpenVINO runs them slowly): strided pools get the
   mask-based phase backward (:func:`.fast_adjoints.emit_maxpool_backward`) that the default
   profile uses only at stride 1 (it costs CPU time at large sizes).
+- The antialiased Resize that fits a region mask to its layer (WebGPU has no ``antialias``):
+  a plain linear Resize after the block average on the layer's stride, which has already
+  brought the mask to the layer's size wherever the stride is known (the default mask, all
+  ones, is the same either way).
 
 ScatterND(add), which OpenVINO refuses, is avoided by every target where it can be: a Gather
 with constant, distinct indices scatters its gradient without a reduction (``rules_shape.py``).
@@ -154,7 +158,8 @@ def compile_gradient(
                 [f"guide{k}_vectors", guide_channels(t, shape, layout)]), None))
         if _masked(t, shape):
             rf = receptive_field(proto, tensor, image.name)
-            mask = _region_mask(fwd_builder, k, tensor, layout, rf[1] if rf else None)
+            mask = _region_mask(fwd_builder, k, tensor, layout, rf[1] if rf else None,
+                                antialias=target != "portable")
         value = emit_term(fwd_builder, t, tensor, shape, border if t.kind != "class" else 0,
                           layout, cw, guide, mask)
         weight = fwd_builder.op("Gather", [WEIGHTS, fwd_builder.const(k, np.int64)], axis=0,
@@ -223,6 +228,8 @@ def portability_problems(model: onnx.ModelProto) -> list[str]:
         reduction = next((a.s for a in n.attribute if a.name == "reduction"), b"none")
         if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]:
             out.append(f"MaxPool's Indices output (node {n.name})")
+        elif n.op_type == "Resize" and any(a.name == "antialias" and a.i for a in n.attribute):
+            out.append(f"an antialiased Resize (node {n.name})")
         elif n.op_type in ("ScatterElements", "ScatterND") and reduction != b"none":
             out.append(f"{n.op_type} with reduction {reduction.decode()} (node {n.name})")
     return out
@@ -255,12 +262,14 @@ def _masked(term, shape: tuple | None) -> bool:
     return term.kind in MASKED_KINDS and shape is not None and len(shape) == 4
 
 
-def _region_mask(b: GraphBuilder, k: int, tensor: str, layout: str, stride: int | None) -> str:
+def _region_mask(b: GraphBuilder, k: int, tensor: str, layout: str, stride: int | None, *,
+                 antialias: bool = True) -> str:
     """Term ``k``'s region mask at ``tensor``'s resolution: channel ``k mod T`` of the ``mask``
     input (one mask for every term, or one per term); ``[B, 1, h, w]``, or ``[B, h, w, 1]`` for
     NHWC. A layer of known ``stride`` s averages each s x s block of pixels (its position's
     own block, whatever the tile it is cut from: tiles start on the stride), then a Resize
-    (antialiased linear; an identity where the sizes agree) makes it the layer's size."""
+    (linear, antialiased unless ``antialias`` is false: the portable target; an identity where
+    the sizes agree) makes it the layer's size."""
     index = b.op("Mod", [b.ints([k]), b.dim(MASK, 1)])
     mask = b.op("Gather", [MASK, index], axis=1, hint="term_mask")
     if stride is not None and stride > 1:
@@ -269,8 +278,8 @@ def _region_mask(b: GraphBuilder, k: int, tensor: str, layout: str, stride: int 
                     hint="block_mask")
     hw = [1, 3] if layout == "NHWC" else [2, 4]
     size = b.slice(b.shape(tensor), [hw[0]], [hw[1]], [0])
-    mask = b.op("Resize", [mask, "", "", size], axes=[2, 3], mode="linear", antialias=1,
-                hint="layer_mask")
+    mask = b.op("Resize", [mask, "", "", size], axes=[2, 3], mode="linear",
+                antialias=int(antialias), hint="layer_mask")
     if layout == "NHWC":
         mask = b.op("Transpose", [mask], perm=[0, 2, 3, 1])
     return mask
