@@ -57,6 +57,7 @@ from onnxdream.batch_inputs import (
     videos_available,
 )
 from onnxdream.errors import BatchError, OnnxDreamError, SettingsError, first_line
+from onnxdream.framedream import file_fingerprint
 from onnxdream.settings import DreamSettings, require
 
 __all__ = ["BACKENDS", "BatchError", "BatchItem", "Dreamer", "HASH_KEY", "IMAGE_SUFFIXES",
@@ -170,19 +171,6 @@ def plan(sources: Sequence[Source], output_dir: str | os.PathLike, settings: Dre
                                      "rename one or give them separate folders", field="inputs")
                 items.append(BatchItem(str(src.path), str(target), src.kind, label, s, model_id))
     return items
-
-
-def _fingerprint(path: str | os.PathLike) -> str:
-    """A cheap content fingerprint of a file (size, first and last MiB)."""
-    p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(p, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if size > 2 << 20:
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 def _hash(*parts: Any) -> str:
@@ -357,7 +345,7 @@ class Dreamer:
         gm = self.model(item.settings)
         h, w = loaded.rgb.shape[:2]
         resolved = resolve(item.settings, h, w, gm.info)
-        digest = image_hash(resolved, item.model_id, _fingerprint(item.input))
+        digest = image_hash(resolved, item.model_id, file_fingerprint(item.input))
         result = dream(gm, loaded.rgb, resolved)
         meta = dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
                               image=item.input, output=item.output)
@@ -371,7 +359,7 @@ class Dreamer:
         from onnxdream.video import dream_video, frame_settings
 
         gm = self.model(item.settings)
-        digest = video_hash(item, _fingerprint(item.input))
+        digest = video_hash(item, file_fingerprint(item.input))
 
         def dream_frame(rgb, params):
             return dream(gm, rgb, frame_settings(item.settings, params))
@@ -386,12 +374,12 @@ def expected_hash(item: BatchItem, model_info) -> str | None:
     """The settings hash ``item``'s output would have (None: the input cannot be read)."""
     try:
         if item.kind == "video":
-            return video_hash(item, _fingerprint(item.input))
+            return video_hash(item, file_fingerprint(item.input))
         from onnxdream.resolve import resolve
 
         h, w = _image_size(item.input)
         return image_hash(resolve(item.settings, h, w, model_info), item.model_id,
-                          _fingerprint(item.input))
+                          file_fingerprint(item.input))
     except (OnnxDreamError, OSError):
         return None
 
@@ -531,7 +519,7 @@ def run(inputs: Iterable[str | os.PathLike], settings: DreamSettings | None = No
 
         resolve_providers(device)  # an unknown device, or cuda without CUDA: before any work
     settings, model_path = _model_file(settings)
-    model_id = _fingerprint(model_path)
+    model_id = file_fingerprint(model_path)
     from onnxdream.exporters.graph.contract import ModelInfo
 
     label = _default_label(settings, ModelInfo.load(model_path))

@@ -10,33 +10,15 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="the browser test needs Playwright: pip install playwright")
-
+from chromium import RECORD_STATUS, Watched, launch, sync_api  # noqa: E402, F401 - skips
 from conftest import photo  # noqa: E402
 from test_server import Server  # noqa: E402
-
-CHROMIUM = os.environ.get("ONNXDREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium "
-                "(or set ONNXDREAM_CHROMIUM)", allow_module_level=True)
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-RECORD_STATUS = """() => {
-  window.__statuses = [];
-  new MutationObserver(() => window.__statuses.push(document.getElementById('status').textContent))
-    .observe(document.getElementById('status'),
-             {childList: true, characterData: true, subtree: true});
-}"""
 
 
 def test_upload_dream_and_download_in_the_browser(model_home, tmp_path):
@@ -46,19 +28,10 @@ def test_upload_dream_and_download_in_the_browser(model_home, tmp_path):
     srv = Server(model_home, tmp_path / "server.log")
     try:
         with sync_api.sync_playwright() as pw:
+            browser = launch(pw)
             try:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-            except sync_api.Error as exc:
-                pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(exc).splitlines()[0]}")
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 760},
-                                        accept_downloads=True)
-                problems: list[str] = []
-                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-                page.on("console", lambda m: problems.append(f"console: {m.text}")
-                        if m.type == "error" else None)
-                page.on("request", lambda r: problems.append(f"external request: {r.url}")
-                        if not r.url.startswith((srv.url, "blob:", "data:")) else None)
+                watched = Watched(browser, srv.url, viewport=(1280, 760))
+                page = watched.page
 
                 page.goto(srv.url + "/")
                 # the page fills the model and layer lists from the API
@@ -96,7 +69,7 @@ def test_upload_dream_and_download_in_the_browser(model_home, tmp_path):
                 assert download.suggested_filename == "dream-4.png"
                 with Image.open(io.BytesIO(Path(download.path()).read_bytes())) as out:
                     assert out.format == "PNG" and out.size == size
-                assert not problems, problems
+                assert not watched.issues(), watched.issues()
             finally:
                 browser.close()
         # the page deletes its job once it has the image

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from chromium import ARGS, Watched, launch, sync_api  # noqa: F401 - skips without Chromium
 from conftest import REPO, photo
-from test_browser import ARGS, CHROMIUM, sync_api  # noqa: F401 - skips like test_browser
 
 ORT_DIR = Path(os.environ.get("ONNXDREAM_ORT_DIR") or REPO / ".cache" / "onnxruntime-web"
                / "package")
@@ -110,36 +110,11 @@ def playwright():
 
 @pytest.fixture(scope="module")
 def browser(playwright):
-    try:
-        b = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-    except sync_api.Error as exc:
-        pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(exc).splitlines()[0]}")
+    b = launch(playwright)
     try:
         yield b
     finally:
         b.close()
-
-
-class Watched:
-    """A page that records every request, console error and page error."""
-
-    def __init__(self, browser, origin: str):
-        self.page = browser.new_page(viewport={"width": 1200, "height": 720},
-                                     accept_downloads=True)
-        self.page.set_default_timeout(45_000)
-        self.requests: list[str] = []
-        self.problems: list[str] = []
-        self.page.on("request", lambda r: self.requests.append(r.url))
-        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
-        self.page.on("console", lambda m: self.problems.append(f"console: {m.text}")
-                     if m.type == "error" else None)
-        self.origin = origin
-
-    def external(self) -> list[str]:
-        return [u for u in self.requests if not u.startswith((self.origin + "/", "blob:", "data:"))]
-
-    def close(self):
-        self.page.close()
 
 
 @pytest.fixture
@@ -324,9 +299,7 @@ def test_site_dreams_on_webgpu_where_offered(playwright, model_home, tmp_path):
 def _dream_on_webgpu(pw, root: Path, url: str) -> None:
     from conftest import skip_ok
 
-    b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                           args=[a for a in ARGS if a != "--disable-gpu"]
-                           + ["--enable-unsafe-webgpu"])
+    b = launch(pw, [a for a in ARGS if a != "--disable-gpu"] + ["--enable-unsafe-webgpu"])
     try:
         w = Watched(b, url.rstrip("/"))
         w.page.goto(url)

@@ -14,10 +14,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 pytest.importorskip("av", reason="video needs the [video] extra (PyAV)")
 pytest.importorskip("cv2", reason="video needs the [video] extra (OpenCV)")
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="the browser test needs Playwright: pip install playwright")
 
-from test_browser import ARGS, CHROMIUM, RECORD_STATUS  # noqa: E402 (skips without Chromium)
+from chromium import RECORD_STATUS, Watched, launch, sync_api  # noqa: E402 (skips without Chromium)
 from test_server import Server  # noqa: E402
 from videoclip import SIZE, make_clip  # noqa: E402
 
@@ -29,19 +27,10 @@ def test_a_clip_is_dreamed_with_progress_in_frames_and_plays(model_home, tmp_pat
                                                            str(tmp_path / "jobs")})
     try:
         with sync_api.sync_playwright() as pw:
+            browser = launch(pw)
             try:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-            except sync_api.Error as exc:
-                pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(exc).splitlines()[0]}")
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 760},
-                                        accept_downloads=True)
-                problems: list[str] = []
-                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-                page.on("console", lambda m: problems.append(f"console: {m.text}")
-                        if m.type == "error" else None)
-                page.on("request", lambda r: problems.append(f"external request: {r.url}")
-                        if not r.url.startswith((srv.url, "blob:", "data:")) else None)
+                watched = Watched(browser, srv.url, viewport=(1280, 760))
+                page = watched.page
 
                 page.goto(srv.url + "/")
                 page.wait_for_selector("#layer option[value='blocks.5']", state="attached")
@@ -78,7 +67,7 @@ def test_a_clip_is_dreamed_with_progress_in_frames_and_plays(model_home, tmp_pat
                 with page.expect_download() as info:
                     page.click("#download")
                 assert info.value.suggested_filename == "dream-4.webm"
-                assert not problems, problems
+                assert not watched.issues(), watched.issues()
             finally:
                 browser.close()
         # the page deletes its job once it has the video; the job's folder goes with it

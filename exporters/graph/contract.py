@@ -26,27 +26,6 @@ line naming the import command that would wrap it.
 **Metadata** (``metadata_props``; strings, JSON where noted), written by :func:`write_metadata`
 (or :func:`model_metadata` for the exporters that finish the model themselves):
 
-key                            value
-=============================  ==================================================================
-``onnxdream.format``           contract version, ``"1"`` (:data:`FORMAT_VERSION`)
-``onnxdream.name``             the model's name (``googlenet``, ``efficientnet-lite0``)
-``onnxdream.source``           where the weights came from (shown to users, kept in provenance)
-``onnxdream.license``          the weights' licence
-``onnxdream.input_size``       native side in pixels, an int (the larger side if not square)
-``onnxdream.input_hw``         ``"HxW"`` when the native size is not square
-``onnxdream.dynamic_hw``       ``"1"`` if any H/W runs, ``"0"`` if only the native size
-``onnxdream.layers``           JSON ``{layer name: tensor name}``, in network order
-``onnxdream.default_layers``   JSON list of the layers a dream uses when none is named
-``onnxdream.labels``           JSON list of class names, one per logit (optional)
-``onnxdream.layer_layouts``    JSON ``{layer: "NHWC"}`` for channels-last layers (default NCHW)
-``onnxdream.preprocess``       what the in-graph preprocessing does (informative)
-``onnxdream.framework``        the framework and version that exported it (informative)
-``onnxdream.builder_version``  the zoo builder's version (zoo models)
-``onnxdream.compiled``         on *compiled* graphs only: JSON of the objective, its terms, the
-                               layer tensors, ``pre_relu``, ``border`` and the op profile
-                               ``target`` (``default``/``portable``, see the compiler)
-=============================  ==================================================================
-=======
 =================================  ================================================================
 key                                value
 =================================  ================================================================
