@@ -44,7 +44,8 @@ def main() -> None:
     rgb.resize((2048, 2048 * rgb.height // rgb.width), Image.Resampling.LANCZOS).save(big)
     panels = [
         ("512 px, defaults", dream(small, work / "d512.png")),
-        ("2048 px, --octaves 4 (the old default)", dream(big, work / "d2048-4.png", "--octaves", "4")),
+        ("2048 px, --octaves 4 (the old default)",
+         dream(big, work / "d2048-4.png", "--octaves", "4")),
         ("2048 px, defaults (--octaves auto: 8)", dream(big, work / "d2048-auto.png")),
     ]
     h = PANEL * rgb.height // rgb.width
