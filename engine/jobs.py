@@ -1,11 +1,12 @@
-"""Dreams as jobs: configuration, a shared model cache, and a bounded queue of worker threads.
+"""Dreams as jobs: a bounded queue of worker threads over a shared model cache.
 
 No web framework here: the HTTP server (:mod:`onnxdream.server`) and a batch runner both build on
-it. :class:`ServerConfig` says what is allowed and how much runs at once (from options and
-``ONNXDREAM_*`` variables); :class:`ModelCache` holds one GradientModel (one onnxruntime session)
-per objective *structure* (layers and kinds, not weights), shared by every job, each dream
-feeding its own weights; :class:`JobManager` runs :class:`DreamRequest`\\ s on a fixed pool of
-threads over a bounded FIFO, with progress, cancellation and expiry. A front end takes a place
+it. :class:`~onnxdream.server_config.ServerConfig` says what is allowed and how much runs at once
+(from options and ``ONNXDREAM_*`` variables); :class:`~onnxdream.model_cache.ModelCache` holds
+one GradientModel (one onnxruntime session) per objective *structure* (layers and kinds, not
+weights), shared by every job, each dream feeding its own weights; :class:`JobManager` runs
+:class:`DreamRequest`\\ s on a fixed pool of threads over a bounded FIFO, with progress,
+cancellation and expiry. A front end takes a place
 in the queue (:meth:`JobManager.admit`) before it reads, decodes or compiles anything; queued
 requests hold the encoded image, which the worker decodes when the dream starts.
 
@@ -26,20 +27,20 @@ import concurrent.futures
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 
-from onnxdream.errors import ModelError, OnnxDreamError, SettingsError, did_you_mean
-from onnxdream.memory import budget_from_env as memory_budget_from_env
-from onnxdream.settings import DreamSettings, require
+from onnxdream.errors import OnnxDreamError, SettingsError
+from onnxdream.model_cache import Loaded, ModelCache, ModelKey
+from onnxdream.server_config import MB, ServerConfig
+from onnxdream.settings import DreamSettings
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "SHUTDOWN", "Admission",
            "DreamRequest", "Job", "JobCancelled", "JobError", "JobManager", "Loaded", "ModelCache",
@@ -47,349 +48,7 @@ __all__ = ["CANCELLED", "DONE", "FAILED", "MB", "QUEUED", "RUNNING", "SHUTDOWN",
 
 log = logging.getLogger("onnxdream.jobs")
 
-MB = 1024 * 1024
 SHUTDOWN = "the server is shutting down; retry in a moment"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-def _env_int(name: str, default: int | None, minimum: int = 1) -> int | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise OnnxDreamError(f"{name} must be an integer >= {minimum}, got {text!r}")
-    return value
-
-
-def _check_device(device: str) -> None:
-    """Fail at start-up, not on the first request: onnxruntime missing, or no CUDA for cuda."""
-    from onnxdream.errors import DeviceError
-    from onnxdream.session import available_devices
-
-    if device == "cuda" and "cuda" not in available_devices():
-        raise DeviceError("device cuda: this onnxruntime has no CUDA provider; install "
-                          "onnxdream[gpu] and a CUDA driver, or use the cpu device",
-                          field="device")
-
-
-def _default_workers(device: str) -> int:
-    from onnxdream.session import available_devices, default_threads
-
-    if device == "cuda" or (device == "auto" and "cuda" in available_devices()):
-        return 2  # one overlaps the host-side work (resize, normalise) of the other
-    return 1 if default_threads() < 8 else 2
-
-
-def _ort_dir(given: str | os.PathLike | None) -> Path | None:
-    """onnxruntime-web's files for the browser path: ``given`` or ``$ONNXDREAM_ORT_DIR`` (checked
-    now: a wrong folder fails at start), else None (the page's browser path is off)."""
-    from onnxdream.web import ORT_DIR_ENV, find_ort_dir
-
-    if given is None and not os.environ.get(ORT_DIR_ENV, "").strip():
-        return None
-    return find_ort_dir(given)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the server allows and how much it does at once."""
-
-    device: str = "auto"
-    workers: int = 1
-    max_queue: int = 16
-    max_pixels: int = 16_000_000
-    max_body: int = 32 * MB
-    max_steps: int = 1000
-    job_ttl: float = 600.0
-    cache_size: int = 4
-    cache_mb: int = 512  # the compiled-graph cache's disk budget (graph_cache.DEFAULT_BUDGET_MB)
-    max_results: int = 64  # finished jobs kept at most, whatever their TTL
-    threads: int | None = None
-    model_paths: dict[str, Path] = field(default_factory=dict)  # name (file stem) -> file
-    trusted_hosts: tuple[str, ...] = ()  # Host headers accepted ("*.example.com"); () = any
-    docs: bool = False  # serve the Swagger UI at /docs (it loads scripts from a CDN)
-    health_ttl: float = 10.0  # seconds a /health self-check result is reused
-    # video jobs (onnxdream.videojobs): 0 seconds turns them off
-    max_video_seconds: float = 60.0  # longest clip (the selected part) a job may dream
-    max_video_body: int = 256 * MB  # largest request body carrying a video
-    max_video_disk: int = 4096 * MB  # disk all video jobs together may hold
-    jobs_dir: Path | None = None  # where video jobs keep their files (default: <home>/jobs)
-    # onnxruntime-web's dist/ folder: the page's "dream in this browser" (onnxdream.web); None: off
-    ort_dir: Path | None = None
-    max_memory_mb: int = 4096  # for all the dreams running at once (ONNXDREAM_MAX_MEMORY_MB)
-
-    @property
-    def dream_memory_mb(self) -> int:
-        """The memory budget of one dream: the server's, shared by its workers."""
-        return max(1, self.max_memory_mb // self.workers)
-
-    @classmethod
-    def from_env(cls, *, workers: int | None = None, max_queue: int | None = None,
-                 max_pixels: int | None = None, max_body_mb: float | None = None,
-                 max_steps: int | None = None, job_ttl: float | None = None,
-                 cache_size: int | None = None, cache_mb: int | None = None,
-                 device: str | None = None,
-                 model_paths: list[str | os.PathLike] | None = None,
-                 trusted_hosts: list[str] | None = None,
-                 docs: bool = False, ort_dir: str | os.PathLike | None = None,
-                 max_memory_mb: int | None = None,
-                 max_video_seconds: float | None = None, max_video_mb: float | None = None,
-                 max_video_disk_mb: float | None = None,
-                 jobs_dir: str | os.PathLike | None = None) -> ServerConfig:
-        """Explicit arguments first, then ``ONNXDREAM_*`` environment variables, then defaults."""
-        from onnxdream.graph_cache import budget_from_env
-
-        device = (device or os.environ.get("ONNXDREAM_DEVICE", "").strip() or "auto").lower()
-        if device not in ("auto", "cpu", "cuda"):
-            raise SettingsError("device", f"must be auto, cpu or cuda, got {device!r}")
-        _check_device(device)
-        env_paths = [p for p in os.environ.get("ONNXDREAM_MODEL_PATHS", "").split(os.pathsep) if p]
-        body_mb = max_body_mb if max_body_mb is not None else _env_int("ONNXDREAM_MAX_BODY_MB", 32)
-        if not math.isfinite(body_mb) or body_mb <= 0:
-            raise SettingsError("max_body", f"must be a positive number of MB, got {body_mb}")
-        if job_ttl is not None and not math.isfinite(job_ttl):
-            raise SettingsError("job_ttl", "must be a finite number of seconds")
-        hosts = trusted_hosts or [h.strip() for h in os.environ.get(
-            "ONNXDREAM_TRUSTED_HOSTS", "").split(",") if h.strip()]
-        video_s = _first(max_video_seconds, _env_int("ONNXDREAM_MAX_VIDEO_SECONDS", 60, 0))
-        video_mb = _first(max_video_mb, _env_int("ONNXDREAM_MAX_VIDEO_MB", 256))
-        disk_mb = _first(max_video_disk_mb, _env_int("ONNXDREAM_MAX_VIDEO_DISK_MB", 4096))
-        for name, value in (("max_video_seconds", video_s), ("max_video_body", video_mb),
-                            ("max_video_disk", disk_mb)):
-            if not math.isfinite(value) or value < 0:
-                raise SettingsError(name, f"must be a finite number >= 0, got {value}")
-        jobs_dir = jobs_dir or os.environ.get("ONNXDREAM_JOBS_DIR", "").strip() or None
-        cfg = cls(
-            device=device,
-            workers=workers or _env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
-            max_queue=(max_queue if max_queue is not None
-                       else _env_int("ONNXDREAM_MAX_QUEUE", 16, 0)),
-            max_pixels=max_pixels or _env_int("ONNXDREAM_MAX_PIXELS", 16_000_000),
-            max_body=int(float(body_mb) * MB),
-            max_steps=max_steps or _env_int("ONNXDREAM_MAX_STEPS", 1000),
-            job_ttl=float(job_ttl if job_ttl is not None else _env_int("ONNXDREAM_JOB_TTL", 600)),
-            cache_size=cache_size or _env_int("ONNXDREAM_CACHE_SIZE", 4),
-            cache_mb=cache_mb if cache_mb is not None else budget_from_env(),
-            model_paths=_allowed_models(list(model_paths or []) + env_paths),
-            trusted_hosts=tuple(hosts),
-            docs=bool(docs),
-            ort_dir=_ort_dir(ort_dir),
-            max_memory_mb=max_memory_mb or memory_budget_from_env(),
-            max_video_seconds=float(video_s),
-            max_video_body=int(float(video_mb) * MB),
-            max_video_disk=int(float(disk_mb) * MB),
-            jobs_dir=Path(jobs_dir).expanduser() if jobs_dir else None,
-        )
-        return cfg.validate()
-
-    def validate(self) -> ServerConfig:
-        require([
-            (1 <= self.workers <= 64, "workers", "must be between 1 and 64"),
-            (0 <= self.max_queue <= 10_000, "max_queue", "must be between 0 and 10000"),
-            (self.max_pixels >= 1, "max_pixels", "must be a positive integer"),
-            (self.max_body >= 1024, "max_body", "must be at least 1 KB"),
-            (self.max_steps >= 1, "max_steps", "must be a positive integer"),
-            (self.job_ttl > 0, "job_ttl", "must be positive"),
-            (self.cache_size >= 1, "cache_size", "must be at least 1 (sessions kept loaded)"),
-            (self.cache_mb >= 1, "cache_mb", "must be at least 1 (MB of compiled graphs)"),
-            (all(h and " " not in h and "/" not in h for h in self.trusted_hosts),
-             "trusted_hosts", "must be host names like example.com or *.example.com"),
-            (self.health_ttl >= 0, "health_ttl", "must be >= 0 seconds"),
-            (self.max_memory_mb >= 1, "max_memory_mb", "must be a positive number of MB"),
-            (self.max_video_seconds >= 0, "max_video_seconds", "must be >= 0 (0: no videos)"),
-            (self.max_video_body >= 1024, "max_video_body", "must be at least 1 KB"),
-            (self.max_video_disk >= MB, "max_video_disk", "must be at least 1 MB"),
-        ])
-        return self
-
-
-def _first(value, default):
-    return value if value is not None else default
-
-
-def _allowed_models(paths: list[str | os.PathLike]) -> dict[str, Path]:
-    """Operator-allowed model files → {file stem: resolved path}; checked at start-up."""
-    from onnxdream.models import ZOO
-
-    allowed: dict[str, Path] = {}
-    for p in paths:
-        path = Path(p).expanduser().resolve()
-        if not path.is_file():
-            raise ModelError(f"model path {p} is not a file (expected a dreamable .onnx model)",
-                             field="model_paths")
-        name = path.stem
-        if name in ZOO:
-            raise ModelError(f"model path {p}: its name '{name}' is a zoo model's; rename the "
-                             "file", field="model_paths")
-        if name in allowed and allowed[name] != path:
-            raise ModelError(f"model path {p}: two allowed models are named '{name}'; rename one",
-                             field="model_paths")
-        allowed[name] = path
-    return allowed
-
-
-# ---------------------------------------------------------------------------------------------
-# Sessions: loaded once, shared, bounded
-
-
-#: What a loaded GradientModel depends on: (model, the objective's structure (layer, kind,
-#: index per term), pre_relu, border). Not the weights: one model serves every weighting.
-ModelKey = tuple[str, tuple[tuple[str, str, "int | None"], ...], bool, int]
-
-
-class Loaded(NamedTuple):
-    """A shared GradientModel and what one dream feeds it: its objective and parameters."""
-
-    model: Any  # GradientModel
-    objective: Any  # the dream's Objective (its weights, for provenance)
-    params: dict[str, np.ndarray]  # gm.params_for(objective): the dream's own, never gm's
-
-
-class ModelCache:
-    """GradientModels keyed by :data:`ModelKey`; thread-safe, bounded LRU.
-
-    The key leaves out the term weights (they are the compiled graph's ``weights`` input): a
-    dream with other weights gets the same model and its own parameters (:class:`Loaded`), and
-    nothing shared is changed by a request. Compiled graphs go to ``compiled`` (a
-    :class:`~onnxdream.graph_cache.CompiledCache` with the configured disk budget).
-
-    One model is built at a time (a compile holds a few hundred MB while it runs); lookups of
-    loaded models never wait for a build. A model dropped from the cache while a dream uses it
-    lives until that dream ends. Models are named by zoo name or by the file stem of a model
-    the operator allowed, never by a path from a request.
-    """
-
-    def __init__(self, config: ServerConfig):
-        from onnxdream.graph_cache import CompiledCache
-
-        self.config = config
-        self.compiled = CompiledCache(budget_mb=config.cache_mb)
-        self._lock = threading.Lock()
-        self._build_lock = threading.Lock()
-        self._models: collections.OrderedDict[ModelKey, Any] = collections.OrderedDict()
-        self._infos: dict[str, tuple[Any, dict[str, str]]] = {}  # name -> (ModelInfo, names)
-
-    def source(self, name: str) -> str:
-        """The zoo name or allowed file for ``name``; ModelError for anything else."""
-        from onnxdream.models import ZOO
-
-        if name in ZOO:
-            return name
-        if name in self.config.model_paths:
-            return str(self.config.model_paths[name])
-        names = list(ZOO) + list(self.config.model_paths)
-        raise ModelError(f"unknown model '{name[:100]}': this server offers "
-                         f"{', '.join(names)}{did_you_mean(name[:100], names)}", field="model")
-
-    def _read(self, name: str) -> tuple[Any, dict[str, str]]:
-        """(ModelInfo, its layer and tensor names) of model ``name``, read once."""
-        with self._lock:
-            if name in self._infos:
-                return self._infos[name]
-        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
-        from onnxdream.exporters.graph.layers import layer_names
-        from onnxdream.gradient import resolve_model_path
-
-        with self._build_lock:
-            path = resolve_model_path(self.source(name))
-            proto = load_model(path)
-            require_dreamable(proto, path.name)  # a raw ONNX file: say how to import it
-            info = ModelInfo.load(proto)
-            result = (info, layer_names(proto, info.layers))
-        with self._lock:
-            return self._infos.setdefault(name, result)
-
-    def info(self, name: str):
-        """The contract's :class:`~onnxdream.exporters.graph.contract.ModelInfo` of model
-        ``name`` (read once)."""
-        return self._read(name)[0]
-
-    def layer_names(self, name: str) -> dict[str, str]:
-        """Every name a layer of model ``name`` may be given by (the layer table's and the
-        tensors') → its tensor, for parsing ``layer`` fields (read once)."""
-        return self._read(name)[1]
-
-    def objective(self, settings: DreamSettings):
-        """The dream's Objective (layer names checked against the model, weights in range)."""
-        from onnxdream.gradient import objective_for
-
-        info, known = self._read(settings.model)
-        return objective_for(info, known, list(settings.layers),
-                             settings.objective).check_weights()
-
-    def key(self, settings: DreamSettings, objective=None) -> ModelKey:
-        objective = objective or self.objective(settings)
-        return (settings.model, tuple(map(tuple, objective.structure())),
-                bool(settings.pre_relu), int(settings.border))
-
-    def get(self, settings: DreamSettings, *, keep: bool = True) -> Loaded:
-        """The shared GradientModel for ``settings`` (built, and cached, on first use) and the
-        parameters of this dream's weighting. ``keep=False`` builds one without caching it
-        (atlas thumbnails: used once, they must not push the dreams' sessions out), unless it
-        is cached already."""
-        objective = self.objective(settings)
-        key = self.key(settings, objective)
-        with self._lock:
-            gm = self._models.get(key)
-            if gm is not None:
-                self._models.move_to_end(key)
-                return Loaded(gm, objective, gm.params_for(objective))
-        with self._build_lock:
-            with self._lock:
-                gm = self._models.get(key)
-            if gm is None:
-                gm = self._build(key, objective)
-                if not keep:
-                    return Loaded(gm, objective, gm.params_for(objective))
-            with self._lock:
-                self._models[key] = gm
-                self._models.move_to_end(key)
-                while len(self._models) > self.config.cache_size:
-                    self._models.popitem(last=False)
-        return Loaded(gm, objective, gm.params_for(objective))
-
-    def _build(self, key: ModelKey, objective):
-        from onnxdream.gradient import GradientModel
-
-        model, _, pre_relu, border = key
-        t0 = time.perf_counter()
-        gm = GradientModel(self.source(model), objective, pre_relu=pre_relu, border=border,
-                           device=self.config.device, threads=self.config.threads,
-                           cache=self.compiled)
-        if gm.session.fallback_warning:
-            log.warning("%s", gm.session.fallback_warning)
-        log.info("loaded %s %s on %s in %.1fs", model, gm.objective.describe(), gm.provider,
-                 time.perf_counter() - t0)
-        return gm
-
-    def layers(self, name: str) -> tuple[list[str], list[str]]:
-        """(all layer names, default layers) of model ``name``."""
-        info = self.info(name)
-        return list(info.layers), list(info.default_layers)
-
-    def loaded(self) -> list[dict[str, Any]]:
-        with self._lock:
-            items = list(self._models.items())
-        return [{"model": k[0], "objective": " + ".join(f"{kind}({layer})" if index is None
-                                                        else f"{kind}:{index}({layer})"
-                                                        for layer, kind, index in k[1]),
-                 "pre_relu": k[2], "provider": gm.provider} for k, gm in items]
-
-    def provider(self) -> str:
-        with self._lock:
-            for gm in self._models.values():
-                return gm.provider
-        from onnxdream.session import resolve_providers
-
-        first = resolve_providers(self.config.device)[0]
-        return first[0] if isinstance(first, tuple) else first
 
 
 # ---------------------------------------------------------------------------------------------

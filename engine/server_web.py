@@ -30,6 +30,7 @@ from onnxdream.errors import ModelError
 from onnxdream.exporters.graph.contract import LOGITS
 from onnxdream.exporters.graph.layers import resolve_layer
 from onnxdream.jobs import ModelCache, ServerConfig
+from onnxdream.server_form import ApiError
 from onnxdream.settings import DreamSettings
 from onnxdream.web import (
     ORT_FILES,
@@ -52,14 +53,10 @@ def _query(request: Request) -> tuple[DreamSettings, str]:
     q = request.query_params
     unknown = set(q) - {"model", "layer", "objective", "target"}
     if unknown:
-        from onnxdream.server import ApiError
-
         raise ApiError(400, f"unknown parameter '{sorted(unknown)[0][:40]}' (parameters: model, "
                             "layer, objective, target)")
     target = q.get("target", "default")
     if target not in ("default", "portable"):
-        from onnxdream.server import ApiError
-
         raise ApiError(400, f"target must be default or portable, got {target[:20]!r}")
     settings = DreamSettings.from_options(model=q.get("model") or None,
                                           layers=q.getlist("layer") or None,
@@ -128,8 +125,6 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
     async def web_step(request: Request):
         settings, target = _query(request)
         if ort_dir is None:
-            from onnxdream.server import ApiError
-
             raise ApiError(404, off)
         found = await run_in_threadpool(step_file, settings, target)
         if isinstance(found, Path):
@@ -149,8 +144,6 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
     @app.get("/web/ort/{name}", include_in_schema=False)
     async def web_ort(name: str):
         if name not in served:
-            from onnxdream.server import ApiError
-
             raise ApiError(404, off or f"no runtime file '{name[:60]}' here")
         if name == "LICENSE":
             from onnxdream.web import ORT_LICENSE

@@ -469,7 +469,7 @@ class VideoRequest(Work):
         return VideoError(text) if isinstance(exc, VideoError) and text != str(exc) else exc
 
     def run(self, models, job=None) -> Path:
-        """Dream the clip with the shared ``models`` (a :class:`~onnxdream.jobs.ModelCache`);
+        """Dream the clip with the shared ``models`` (a :class:`~onnxdream.model_cache.ModelCache`);
         progress in frames goes into ``job``, whose ``cancel`` stops it at the next step.
         Returns the output file (in the job's folder); the frames and upload are removed."""
         from onnxdream.video import dream_video
