@@ -83,10 +83,18 @@ def test_gif_and_frames_drop_the_sound_with_a_note(tmp_path, clip, model_home):
     assert notes == ["note: audio dropped: GIF cannot hold sound"]
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT's default action, so that Python installs its Ctrl-C handler even
+    where this test run inherited SIGINT ignored (as a shell's background job does: Python then
+    keeps ignoring it, and the interruption below would never arrive)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(home: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "ONNXDREAM_HOME": str(home), "COLUMNS": "120"}
     return subprocess.Popen([sys.executable, "-c", NO_FRAMEWORKS, *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def test_ctrl_c_then_resume_redoes_no_finished_frame(tmp_path, clip, model_home):
