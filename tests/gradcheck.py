@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from onnxdream.exporters.graph import compile_gradient
@@ -202,3 +203,16 @@ def contiguous_batchnorm_grads(model: torch.nn.Module):
     finally:
         for h in handles:
             h.remove()
+
+
+class Lambda(nn.Module):
+    """A module computing ``fn(x, *mods)``: a one-op network for the per-op tests, its
+    parameters (``mods``) registered so that torch.onnx exports them."""
+
+    def __init__(self, fn, *mods):
+        super().__init__()
+        self.fn = fn
+        self.mods = nn.ModuleList(mods)
+
+    def forward(self, x):
+        return self.fn(x, *self.mods)

@@ -10,22 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from gradcheck import compare
+from gradcheck import Lambda, compare
 from onnxdream.exporters.graph import compile_gradient
 
 torch.manual_seed(0)
 ODD = [(17, 19), (23, 30)]
 TOL = 1e-4
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn, *mods):
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleList(mods)
-
-    def forward(self, x):
-        return self.fn(x, *self.mods)
 
 
 def conv(*a, **k):

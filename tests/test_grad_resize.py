@@ -18,22 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from gradcheck import compare, relative_error, session
+from gradcheck import Lambda, compare, relative_error, session
 from onnxdream.errors import UnsupportedOpError
 from onnxdream.exporters.graph import compile_gradient
 
 SIZES = [(9, 11), (8, 6)]
 TOL = 1e-4
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn, *mods):
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleList(mods)
-
-    def forward(self, x):
-        return self.fn(x, *self.mods)
 
 
 def conv(cin, cout, k=3, **kw):
