@@ -46,6 +46,13 @@ KEYS_HELP = ("Keyframes: FRAME:VALUE or SECONDSs:VALUE, comma-separated (numbers
              "keys).")
 
 
+#: --work-dir of video and zoom
+WorkDirOpt = Annotated[Path | None, typer.Option(
+    help="Keep the dreamed frames here, also after success. Default: .OUT.onnxdream beside "
+    "OUT, removed after success. Either way the same command resumes from it.",
+    show_default=False)]
+
+
 def _require_video_extra(command: str) -> None:
     """DependencyError naming the [video] extra unless PyAV and OpenCV both import."""
     from onnxdream.flow import import_cv2
@@ -232,10 +239,7 @@ def video(
         help="Dream this many seconds.  \\[default: to the end]", show_default=False)] = None,
     every: Annotated[int, typer.Option(
         help="Take every N-th frame (the output's frame rate is IN's divided by N).")] = 1,
-    work_dir: Annotated[Path | None, typer.Option(
-        help="Keep the dreamed frames here, also after success. Default: .OUT.onnxdream beside "
-        "OUT, removed after success. Either way the same command resumes from it.",
-        show_default=False)] = None,
+    work_dir: WorkDirOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ):
@@ -301,10 +305,7 @@ def zoom_cmd(
     width: Annotated[int | None, typer.Option(
         help="Resize IMAGE to this width first (height follows; both made even).  "
         "\\[default: the image's]", show_default=False)] = None,
-    work_dir: Annotated[Path | None, typer.Option(
-        help="Keep the dreamed frames here, also after success. Default: .OUT.onnxdream beside "
-        "OUT, removed after success. Either way the same command resumes from it.",
-        show_default=False)] = None,
+    work_dir: WorkDirOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ):
