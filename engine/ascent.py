@@ -81,13 +81,13 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
            params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """``steps`` ascent steps on img ([3,H,W] float32 in [0,1]), in place; returns img.
 
-    Reads the tile, ``jitter``, ``step_size``, ``normalize`` and ``grad_floor`` from
-    ``settings`` (resolved values; a DreamSettings is resolved here for img's size and ``gm``'s
-    model), and ``seamless`` (the image is a tile of a periodic plane: see
-    ``GradientModel.gradient``'s ``wrap``). One gradient buffer is reused across steps; jitter
-    rolls the network's view, not the image. ``params``: the objective parameters at img's size (default ``gm.params``;
-    see :meth:`GradientModel.params_for`), and ``step_mask`` ([1, 1, H, W], the per-pixel scale
-    of each step: 0 keeps a pixel). A non-finite objective or gradient stops the ascent with
+    Reads the tile, ``jitter``, ``step_size``, ``normalize`` and ``grad_floor`` from ``settings``
+    (resolved values; a DreamSettings is resolved here for img's size and ``gm``'s model), and
+    ``seamless`` (the image is a tile of a periodic plane: see ``GradientModel.gradient``'s
+    ``wrap``). One gradient buffer is reused across steps; jitter rolls the network's view, not the
+    image. ``params``: the objective parameters at img's size (default ``gm.params``; see
+    :meth:`GradientModel.params_for`), and ``step_mask`` ([1, 1, H, W], the per-pixel scale of each
+    step: 0 keeps a pixel). A non-finite objective or gradient stops the ascent with
     :class:`NonFiniteError`.
     """
     _, h, w = img.shape
