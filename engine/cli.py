@@ -53,7 +53,7 @@ CREATIVE = "Creative controls"
 @app.command()
 @with_dream_options
 def dream(
-    image: Annotated[Path | None, typer.Argument(
+    image: Annotated[Path | None, typer.Argument(metavar="IMAGE",
         help="The photo to dream on (PNG, JPEG, WebP, …); leave it out with --init noise or "
         "grey.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
@@ -174,7 +174,7 @@ def dream(
 
 @app.command()
 def predict(
-    image: Annotated[Path, typer.Argument(help="The photo to classify.")],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The photo to classify.")],
     model: ModelOpt = DreamSettings.model,
     top: Annotated[int, typer.Option(help="How many classes to show.", min=1, max=1000)] = 5,
     as_json: Annotated[bool, typer.Option(
@@ -232,7 +232,7 @@ def models(as_json: JsonOpt = False):
 
 @app.command()
 def layers(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     as_json: JsonOpt = False,
 ):
     """List a model's layers with their op types and output shapes (at its native size)."""
@@ -263,7 +263,7 @@ def layers(
 
 @app.command("compile")
 def compile_cmd(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     output: Annotated[Path, typer.Option("-o", "--output", help="The gradient graph to write.")],
     layer: LayersOpt = None,
     objective: Annotated[str, typer.Option(help=OBJECTIVE_HELP)] = DreamSettings.objective,
@@ -303,7 +303,7 @@ def compile_cmd(
 
 @export_app.command("torchvision")
 def export_torchvision_cmd(
-    name: Annotated[str, typer.Argument(
+    name: Annotated[str, typer.Argument(metavar="NAME",
         help="A torchvision classifier, e.g. googlenet, resnet50.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
     weights: Annotated[str, typer.Option(
@@ -322,7 +322,7 @@ def export_torchvision_cmd(
 
 @export_app.command("timm")
 def export_timm_cmd(
-    name: Annotated[str, typer.Argument(
+    name: Annotated[str, typer.Argument(metavar="NAME",
         help="A timm model: resnet50, convnext_tiny, vit_small_patch16_224, … "
         "(timm.list_models()); NAME.TAG picks a pretrained config, like --pretrained-cfg.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
@@ -353,7 +353,7 @@ def export_timm_cmd(
 
 @export_app.command("keras")
 def export_keras_cmd(
-    model: Annotated[str, typer.Argument(
+    model: Annotated[str, typer.Argument(metavar="MODEL",
         help="A keras.applications model (InceptionV3, VGG16, MobileNetV2, EfficientNetB0, …) "
         "or a .keras / .h5 model file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],

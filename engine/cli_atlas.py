@@ -30,7 +30,7 @@ def _slug(text: str) -> str:
 @app.command()
 @with_dream_options
 def atlas(
-    photo: Annotated[Path | None, typer.Argument(
+    photo: Annotated[Path | None, typer.Argument(metavar="PHOTO",
         help="The photo every cell dreams on (its centre square). Default: the bundled "
         "example, a cat.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(

@@ -62,7 +62,7 @@ def _folded_console(log: Path):
 @app.command()
 @with_dream_options
 def batch(
-    inputs: Annotated[list[str], typer.Argument(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS",
         help="Images, videos, folders (searched recursively; sub-folders are mirrored in the "
         "output), glob patterns ('photos/**/*.jpg', quoted) or .txt files listing them.",
         show_default=False)],

@@ -19,7 +19,7 @@ app.add_typer(import_app, name="import")
 
 @import_app.command("onnx")
 def import_onnx_cmd(
-    model: Annotated[Path, typer.Argument(
+    model: Annotated[Path, typer.Argument(metavar="MODEL",
         help="The .onnx file: any image classifier or feature extractor (tf2onnx, "
         "paddle2onnx, torch.onnx, …).", show_default=False)],
     output: Annotated[Path, typer.Option(

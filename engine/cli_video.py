@@ -283,7 +283,7 @@ def video(
 @app.command("zoom")
 @with_dream_options(defaults=ZOOM_DEFAULTS, schedules=KEYFRAMED)
 def zoom_cmd(
-    image: Annotated[Path, typer.Argument(help="The picture to start from.",
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The picture to start from.",
                                           show_default=False)],
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Where to write, by extension: .mp4, .webm, .gif, or a folder "

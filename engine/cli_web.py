@@ -69,7 +69,8 @@ def export_cmd(
 
 @web_app.command("serve")
 def serve_cmd(
-    site: Annotated[Path, typer.Argument(help="A folder written by `onnxdream web export`.")],
+    site: Annotated[Path, typer.Argument(
+        metavar="SITE", help="A folder written by `onnxdream web export`.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free one).", min=0,
                                       max=65535)] = 8080,
