@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxdream.atlas import dream_atlas, start_image
-from onnxdream.imageio import save_image
+from onnxdream.imagewrite import save_image
 from onnxdream.settings import DreamSettings
 from onnxdream.visualize import grid
 

@@ -28,7 +28,8 @@ import numpy as np
 from onnxdream.ascent import dream
 from onnxdream.atlas import feature_layers
 from onnxdream.gradient import GradientModel, resolve_model_path
-from onnxdream.imageio import load_image, resize, save_image
+from onnxdream.imageio import load_image, resize
+from onnxdream.imagewrite import save_image
 from onnxdream.settings import DreamSettings
 from onnxdream.visualize import grid
 

@@ -130,7 +130,7 @@ class AtlasRequest(Work):
     def run(self, models: ModelCache, job: Job | None = None) -> bytes:
         from onnxdream.atlas import EXAMPLE, dream_atlas, start_image
         from onnxdream.atomic import write_atomic
-        from onnxdream.imageio import encode_image
+        from onnxdream.imagewrite import encode_image
         from onnxdream.provenance import atlas_metadata
         from onnxdream.resolve import resolve
 

@@ -337,7 +337,8 @@ class Dreamer:
 
     def _image(self, item: BatchItem) -> str:
         from onnxdream.ascent import dream
-        from onnxdream.imageio import load_image, save_image
+        from onnxdream.imageio import load_image
+        from onnxdream.imagewrite import save_image
         from onnxdream.provenance import dream_metadata
         from onnxdream.resolve import resolve
 

@@ -111,7 +111,8 @@ def dream(
         from onnxdream.controls import Controls, init_image
         from onnxdream.errors import SettingsError
         from onnxdream.gradient import GradientModel
-        from onnxdream.imageio import check_output_path, load_image, save_image
+        from onnxdream.imageio import load_image
+        from onnxdream.imagewrite import check_output_path, save_image
         from onnxdream.memory import budget_from_env
         from onnxdream.provenance import dream_metadata
         from onnxdream.resolve import resolve

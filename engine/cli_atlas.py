@@ -74,7 +74,7 @@ def atlas(
     """
     with user_errors():
         from onnxdream.errors import ObjectiveError
-        from onnxdream.imageio import check_output_path, save_image
+        from onnxdream.imagewrite import check_output_path, save_image
         from onnxdream.visualize import grid
 
         if init not in INITS:
@@ -96,7 +96,7 @@ def atlas(
 def _layers(photo, layers, every, cell, init, columns, options, output, device, quiet):
     from onnxdream.atlas import atlas_layers, dream_atlas, start_image
     from onnxdream.gradient import resolve_model_path
-    from onnxdream.imageio import check_output_path
+    from onnxdream.imagewrite import check_output_path
     from onnxdream.provenance import atlas_metadata
 
     settings = options.settings().with_seed()
@@ -143,7 +143,7 @@ def _layers(photo, layers, every, cell, init, columns, options, output, device, 
 
 def _channels(layer, count, cell, columns, options, output, device, quiet):
     from onnxdream.atlas import channel_atlas
-    from onnxdream.imageio import check_output_path
+    from onnxdream.imagewrite import check_output_path
     from onnxdream.provenance import channel_atlas_metadata
     from onnxdream.settings import VisualizeSettings
 

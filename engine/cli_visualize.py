@@ -68,7 +68,7 @@ def visualize(
         import re
 
         from onnxdream.errors import ObjectiveError
-        from onnxdream.imageio import check_output_path, save_image
+        from onnxdream.imagewrite import check_output_path, save_image
         from onnxdream.provenance import visualize_metadata
         from onnxdream.visualize import (
             BatchObjective,

@@ -263,7 +263,7 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
     if req.kind != "image":  # a video (onnxdream.videojobs.VideoRequest): a file comes back
         return req.run(models, job)
     from onnxdream.ascent import dream
-    from onnxdream.imageio import encode_image
+    from onnxdream.imagewrite import encode_image
     from onnxdream.provenance import dream_metadata
     from onnxdream.resolve import resolve
 

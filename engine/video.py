@@ -236,7 +236,8 @@ class _FrameStore:
 
     def save(self, i: int, rgb: np.ndarray, metadata: Mapping[str, str]) -> np.ndarray:
         """Write frame i; returns it as uint8 (what the next frame builds on)."""
-        from onnxdream.imageio import save_image, to_uint8
+        from onnxdream.imageio import to_uint8
+        from onnxdream.imagewrite import save_image
 
         q = to_uint8(rgb)
         save_image(self.path(i), q.astype(np.float32) / 255.0, metadata=metadata)

@@ -19,15 +19,14 @@ from onnxdream import imageio
 from onnxdream.errors import ImageError, OnnxDreamError
 from onnxdream.imageio import (
     LoadedImage,
-    check_output_path,
     load_image,
     load_image_bytes,
     read_metadata,
     read_png_metadata,
     resize,
-    save_image,
     to_uint8,
 )
+from onnxdream.imagewrite import check_output_path, save_image
 
 
 def _gradient_rgb(h: int = 24, w: int = 32) -> np.ndarray:

@@ -437,7 +437,8 @@ def test_remove_stale_temps(tmp_path):
 def test_encode_image_matches_save_image(tmp_path):
     import numpy as np
 
-    from onnxdream.imageio import encode_image, read_metadata, save_image
+    from onnxdream.imageio import read_metadata
+    from onnxdream.imagewrite import encode_image, save_image
 
     rgb = np.random.default_rng(0).random((20, 30, 3), dtype=np.float32)
     alpha = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
