@@ -30,6 +30,7 @@ from onnxdream.cli_common import (
     with_dream_options,
 )
 from onnxdream.errors import SettingsError
+from onnxdream.fdredirect import output_to
 
 #: Exit code when some items failed.
 SOME_FAILED = 3
@@ -39,23 +40,12 @@ SOME_FAILED = 3
 def _folded_console(log: Path):
     """Everything written to fds 1 and 2 (Ray's C++ logs, its "(raylet)" messages, warnings)
     goes to ``log``; yields a text file on the real terminal for our own bar and lines."""
-    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
     term = os.fdopen(os.dup(2), "w", buffering=1)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
     try:
-        yield term
+        with output_to(log):
+            yield term
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
         term.close()
 
 

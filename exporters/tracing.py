@@ -8,14 +8,13 @@ lazily: importing this module does not need it.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from onnxdream.errors import DependencyError, first_line
+from onnxdream.fdredirect import output_to
 
 __all__ = [
     "import_torch",
@@ -129,26 +128,6 @@ def odd_size(size: int) -> tuple[int, int]:
     return odd(size * 0.8), odd(size * 0.94)
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence what the exporters print (C++ logs included) by pointing fds 1 and 2 elsewhere."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "w") as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
 def run_exporter(
     wrapper: Any,
     example: Any,
@@ -167,7 +146,7 @@ def run_exporter(
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with warnings.catch_warnings(), _quiet():
+        with warnings.catch_warnings(), output_to(os.devnull):  # C++ logs too
             warnings.simplefilter("ignore")
             if not dynamo:
                 torch.onnx.export(
