@@ -64,7 +64,13 @@ def random_keras_model(name: str):
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(weights=None, include_top=False,
                                                input_shape=(None, None, 3))
-    rng = np.random.default_rng(0)
+    randomise_batchnorm(model)
+    return model
+
+
+def randomise_batchnorm(model, seed=0):
+    """Non-trivial BatchNorm statistics and affines (the default ones make BN an identity)."""
+    rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             for v in layer.weights:
@@ -72,7 +78,6 @@ def random_keras_model(name: str):
                 low, high = {"gamma": (0.5, 1.5), "beta": (-0.5, 0.5),
                              "moving_mean": (-0.5, 0.5), "moving_variance": (0.5, 2.0)}[kind]
                 v.assign(rng.uniform(low, high, v.shape).astype("float32"))
-    return model
 
 
 @contextlib.contextmanager

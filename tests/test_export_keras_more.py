@@ -21,18 +21,13 @@ import pytest
 from gradcheck import onnx_decisions, relative_error, session  # noqa: E402
 from onnxdream.exporters.graph import compile_gradient  # noqa: E402
 from onnxdream.exporters.keras import export_keras, load_keras  # noqa: E402
-from test_export_keras import keras, keras_gradient, keras_shared_decisions, torch  # noqa: F401
-
-
-def randomise_batchnorm(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            for v in layer.weights:
-                kind = v.path.rsplit("/", 1)[-1]
-                low, high = {"gamma": (0.5, 1.5), "beta": (-0.5, 0.5),
-                             "moving_mean": (-0.5, 0.5), "moving_variance": (0.5, 2.0)}[kind]
-                v.assign(rng.uniform(low, high, v.shape).astype("float32"))
+from test_export_keras import (  # noqa: F401
+    keras,
+    keras_gradient,
+    keras_shared_decisions,
+    randomise_batchnorm,
+    torch,
+)
 
 
 def check(km, tmp_path, checks, size, export_size, preprocess="tf", edge_pads=True):
