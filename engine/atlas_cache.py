@@ -111,11 +111,7 @@ class AtlasRequest(Work):
     #: again and queues the rest behind that work), so thumbnails never hold up a dream long
     yield_to: Callable[[], bool] | None = None
     fmt: str = "png"
-    image: np.ndarray | None = None
-    alpha: np.ndarray | None = None
     size: tuple[int, int] = field(init=False)
-
-    data: bytes | None = None
 
     def __post_init__(self):
         self.size = (self.cell, self.cell)

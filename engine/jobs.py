@@ -253,15 +253,12 @@ class UnknownJob(JobError):
                          "after it finished)")
 
 
-def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -> bytes | Path:
-    """Dream ``req`` with a model from ``models`` → the encoded image with its provenance (a
-    video request: the path of the dreamed video, inside the request's own folder).
+def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -> bytes:
+    """Dream ``req`` with a model from ``models`` → the encoded image with its provenance.
 
     With a ``job``, progress goes into it and a set ``job.cancel`` stops the dream at the next
     step (:class:`JobCancelled`).
     """
-    if req.kind != "image":  # a video (onnxdream.videojobs.VideoRequest): a file comes back
-        return req.run(models, job)
     from onnxdream.ascent import dream
     from onnxdream.imagewrite import encode_image
     from onnxdream.provenance import dream_metadata

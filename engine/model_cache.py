@@ -82,6 +82,9 @@ class ModelCache:
         from onnxdream.gradient import resolve_model_path
 
         with self._build_lock:
+            with self._lock:  # read by another request while this one waited
+                if name in self._infos:
+                    return self._infos[name]
             path = resolve_model_path(self.source(name))
             proto = load_model(path)
             require_dreamable(proto, path.name)  # a raw ONNX file: say how to import it
@@ -152,11 +155,6 @@ class ModelCache:
         log.info("loaded %s %s on %s in %.1fs", model, gm.objective.describe(), gm.provider,
                  time.perf_counter() - t0)
         return gm
-
-    def layers(self, name: str) -> tuple[list[str], list[str]]:
-        """(all layer names, default layers) of model ``name``."""
-        info = self.info(name)
-        return list(info.layers), list(info.default_layers)
 
     def loaded(self) -> list[dict[str, Any]]:
         with self._lock:

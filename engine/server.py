@@ -416,21 +416,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     def respond(err: ApiError) -> JSONResponse:
         return error(err.status, err.message, err.headers)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return respond(exc)
+    async def _refused(request, exc: Exception):
+        return respond(refusal(exc))  # an ApiError as it is; the others by their type
 
-    @app.exception_handler(OnnxDreamError)
-    async def _user_error(request, exc: OnnxDreamError):
-        return respond(refusal(exc))
-
-    @app.exception_handler(JobError)
-    async def _job_error(request, exc: JobError):
-        return respond(refusal(exc))
-
-    @app.exception_handler(FormError)
-    async def _form_error(request, exc: FormError):
-        return respond(refusal(exc))
+    for refused in (ApiError, OnnxDreamError, JobError, FormError):
+        app.add_exception_handler(refused, _refused)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
@@ -536,20 +526,20 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         ext = job.request.fmt
         return FileResponse(path, media_type=VIDEO_FORMATS[ext],
                             filename=f"dream-{job.id[:8]}.{ext}", content_disposition_type="inline",
-                            headers={"X-Onnxdream-Seed": str(job.request.settings.seed),
-                                     "X-Onnxdream-Provider": job.provider or "",
-                                     "X-Onnxdream-Seconds":
-                                         f"{(job.finished or 0) - (job.started or 0):.2f}",
-                                     "Cache-Control": "no-store"})
+                            headers=result_headers(job))
 
     def image_response(job: Job) -> Response:
         media, ext = FORMATS[job.request.fmt]
         headers = {"Content-Disposition": f'inline; filename="dream-{job.id[:8]}.{ext}"',
-                   "X-Onnxdream-Seed": str(job.request.settings.seed),
-                   "X-Onnxdream-Provider": job.provider or "",
-                   "X-Onnxdream-Seconds": f"{(job.finished or 0) - (job.started or 0):.2f}",
-                   "Cache-Control": "no-store"}
+                   **result_headers(job)}
         return Response(job.result, media_type=media, headers=headers)
+
+    def result_headers(job: Job) -> dict[str, str]:
+        """What every dream's response says of it: its seed, provider and seconds (no caching)."""
+        return {"X-Onnxdream-Seed": str(job.request.settings.seed),
+                "X-Onnxdream-Provider": job.provider or "",
+                "X-Onnxdream-Seconds": f"{(job.finished or 0) - (job.started or 0):.2f}",
+                "Cache-Control": "no-store"}
 
     def failed_response(job: Job) -> JSONResponse:
         if job.state == CANCELLED:

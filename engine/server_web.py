@@ -38,6 +38,7 @@ from onnxdream.web import (
     ort_hint,
     ort_version,
     resize_graph_bytes,
+    step_graph_for,
     web_layer,
 )
 from onnxdream.web import manifest as build_manifest
@@ -77,9 +78,7 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
     def step_file(settings: DreamSettings, target: str) -> Path | bytes:
         """The cached step graph's file (compiled now if missing), or its bytes when the cache
         cannot take it."""
-        from onnxdream.exporters.graph import compile_gradient
         from onnxdream.exporters.graph.contract import load_model
-        from onnxdream.exporters.graph.step import step_graph
         from onnxdream.gradient import graph_key, resolve_model_path
 
         objective = models.objective(settings)
@@ -92,9 +91,8 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
         with _compile_lock:
             if (hit := cache.lookup(name)) is not None:
                 return hit
-            graph = step_graph(compile_gradient(load_model(path), objective,
-                                                pre_relu=settings.pre_relu,
-                                                border=settings.border, target=target))
+            graph = step_graph_for(load_model(path), objective, pre_relu=settings.pre_relu,
+                                   border=settings.border, target=target)
             data = graph.SerializeToString()
             try:
                 stored = cache.store(name, graph, len(data))

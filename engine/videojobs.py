@@ -52,7 +52,7 @@ from onnxdream.errors import (
     did_you_mean,
 )
 from onnxdream.jobs import MB, JobCancelled, JobError, ServerConfig, Work
-from onnxdream.settings import DreamSettings
+from onnxdream.settings import DreamSettings, require
 
 __all__ = ["UPLOAD_NAME", "VIDEO_FORMATS", "JobSpace", "VideoOptions", "VideoRequest",
            "WorkArea", "WorkSpaceFull", "check_video", "disk_estimate", "prepare_video",
@@ -350,15 +350,12 @@ def check_video(path: Path, options: VideoOptions, config: ServerConfig) -> Sele
     """
     from onnxdream.videoio import even_size, probe
 
-    require = [(options.start >= 0, "start", "must be >= 0 seconds"),
-               (options.duration is None or options.duration > 0, "duration",
-                "must be > 0 seconds"),
-               (1 <= options.every <= 1000, "every", "must be between 1 and 1000"),
-               (options.width is None or 2 <= options.width <= 65536, "width",
-                "must be between 2 and 65536 pixels")]
-    for ok, name, reason in require:
-        if not ok:
-            raise SettingsError(name, reason)
+    require([(options.start >= 0, "start", "must be >= 0 seconds"),
+             (options.duration is None or options.duration > 0, "duration",
+              "must be > 0 seconds"),
+             (1 <= options.every <= 1000, "every", "must be between 1 and 1000"),
+             (options.width is None or 2 <= options.width <= 65536, "width",
+              "must be between 2 and 65536 pixels")])
     info = probe(path, name=UPLOAD_NAME)
     if options.start >= info.duration:
         raise SettingsError("start", f"is past the end of {UPLOAD_NAME} ({info.duration:.3g} s)")
@@ -454,9 +451,6 @@ class VideoRequest(Work):
         except (TypeError, ValueError):
             sizes = [(h, w)]
         return float(sum(a * b for a, b in sizes) * s.steps * self.selection.frames)
-
-    def forget_input(self) -> None:
-        """Nothing in memory: the upload is a file, removed by :meth:`run` or :meth:`release`."""
 
     def release(self) -> None:
         """Remove the job's folder and give back its disk (idempotent)."""

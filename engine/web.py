@@ -135,7 +135,7 @@ def find_ort_dir(given: str | os.PathLike | None = None, *, webgpu: bool = False
     if not text:
         raise OrtWebMissingError(f"the site needs onnxruntime-web's runtime files: {ort_hint()}")
     root = Path(text).expanduser()
-    need = ORT_FILES["wasm"] + (ORT_FILES["webgpu"] if webgpu else ())
+    need = ort_files(webgpu)
     for d in (root / "dist", root, root / "package" / "dist"):
         if all((d / f).is_file() for f in need):
             return d
