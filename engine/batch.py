@@ -36,7 +36,6 @@ layer or model its own error; all of them before any item runs.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -57,7 +56,7 @@ from onnxdream.batch_inputs import (
     videos_available,
 )
 from onnxdream.errors import BatchError, OnnxDreamError, SettingsError, first_line
-from onnxdream.framedream import file_fingerprint
+from onnxdream.framedream import OpenModels, file_fingerprint
 from onnxdream.settings import DreamSettings, require
 
 __all__ = ["BACKENDS", "BatchError", "BatchItem", "Dreamer", "HASH_KEY", "IMAGE_SUFFIXES",
@@ -300,21 +299,7 @@ class Dreamer:
     problem: it returns a ``failed`` row."""
 
     def __init__(self, device: str = "auto", threads: int | None = None, max_models: int = 4):
-        self.device, self.threads, self.max_models = device, threads, max_models
-        self._models: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-
-    def model(self, settings: DreamSettings):
-        from onnxdream.gradient import GradientModel
-
-        key = settings.gradient_key()
-        gm = self._models.get(key)
-        if gm is None:
-            gm = GradientModel.from_settings(settings, device=self.device, threads=self.threads)
-            self._models[key] = gm
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return gm
+        self.models = OpenModels(device, threads, size=max_models)
 
     def process(self, item: BatchItem) -> ManifestRow:
         t0 = time.perf_counter()
@@ -343,7 +328,7 @@ class Dreamer:
         from onnxdream.resolve import resolve
 
         loaded = load_image(item.input)
-        gm = self.model(item.settings)
+        gm = self.models.get(item.settings)
         h, w = loaded.rgb.shape[:2]
         resolved = resolve(item.settings, h, w, gm.info)
         digest = image_hash(resolved, item.model_id, file_fingerprint(item.input))
@@ -359,7 +344,7 @@ class Dreamer:
         from onnxdream.ascent import dream
         from onnxdream.video import dream_video, frame_settings
 
-        gm = self.model(item.settings)
+        gm = self.models.get(item.settings)
         digest = video_hash(item, file_fingerprint(item.input))
 
         def dream_frame(rgb, params):

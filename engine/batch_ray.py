@@ -27,7 +27,6 @@ terminal is the front end's business (the CLI folds it into a log file).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import Any
 
 from onnxdream.batch import DIED, FAILED, BatchItem, Dreamer, ManifestRow
 from onnxdream.errors import BatchError, DependencyError, SettingsError, first_line
+from onnxdream.http_security import is_loopback
 from onnxdream.settings import require
 
 __all__ = ["RayDreamer", "check", "check_address", "check_ray", "ray_rows"]
@@ -72,15 +72,6 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_address(address: str | None, timeout: float = 3.0) -> None:
     """For ``HOST:PORT``: a BatchError unless something listens there (fast, unlike Ray)."""
     if address is None or address == "auto":
@@ -106,7 +97,7 @@ def _environment(address: str | None):
     """
     change = {"RAY_USAGE_STATS_ENABLED": "0"}
     host = None if address in (None, "auto") else _split(address)[0]
-    if address is None or (host is not None and _is_loopback(host)):
+    if address is None or (host is not None and is_loopback(host)):
         change["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if address is None and not os.environ.get("RAY_AUTH_MODE") and "ray" not in sys.modules:
         change.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
@@ -157,7 +148,7 @@ class RayDreamer:
     ``ray.get_gpu_ids()`` is not empty, else the CPU.
     """
 
-    def __init__(self, threads: int = 1, device: str = "auto"):
+    def __init__(self, threads: int = 1):
         import ray
 
         gpu = bool(ray.get_gpu_ids())
@@ -245,7 +236,7 @@ def ray_rows(items: Sequence[BatchItem], *, address: str | None = None,
             ds = ray.data.from_items([{"item": it.to_json()} for it in items],
                                      override_num_blocks=len(items))
             ds = ds.map_batches(
-                RayDreamer, fn_constructor_kwargs={"threads": threads, "device": device},
+                RayDreamer, fn_constructor_kwargs={"threads": threads},
                 batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
                 max_task_retries=1, **resources)

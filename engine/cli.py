@@ -460,11 +460,12 @@ def serve(
                            or importlib.util.find_spec("multipart")):
             raise DependencyError(
                 "the server needs the [serve] extra: pip install 'onnxdream[serve]'")
+        from onnxdream.http_security import is_loopback
         from onnxdream.server import ServerConfig, run
 
         hosts = trusted_host or None
         if not hosts and not os.environ.get("ONNXDREAM_TRUSTED_HOSTS", "").strip() \
-                and _is_loopback(host):
+                and is_loopback(host):
             hosts = ["localhost", "127.0.0.1", "::1", "[::1]"]  # no DNS rebinding onto it
         config = ServerConfig.from_env(workers=workers, max_queue=max_queue,
                                        max_pixels=max_pixels, max_body_mb=max_body,
@@ -481,17 +482,6 @@ def serve(
                    f"{config.max_memory_mb} MB"
                    f"{', dreams in the browser too' if config.ort_dir else ''})", err=True)
         run(config, host=host, port=port, log_level=log_level)
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"onnxdream.{_name}")

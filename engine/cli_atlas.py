@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +17,10 @@ from onnxdream.cli_common import (
     QuietOpt,
     app,
     maybe_progress,
+    slug,
     user_errors,
     with_dream_options,
 )
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or "atlas"
 
 
 @app.command()
@@ -74,7 +70,7 @@ def atlas(
     """
     with user_errors():
         from onnxdream.errors import ObjectiveError
-        from onnxdream.imagewrite import check_output_path, save_image
+        from onnxdream.imagewrite import save_image
         from onnxdream.visualize import grid
 
         if init not in INITS:
@@ -87,8 +83,7 @@ def atlas(
             images, captions, meta, out, provider = _layers(photo, layers, every, cell, init,
                                                             columns, options, output, device,
                                                             quiet)
-        check_output_path(out)
-        save_image(out, grid(images, captions, columns), metadata=meta)
+        save_image(out, grid(images, captions, columns), metadata=meta)  # out checked up front
         typer.echo(f"wrote {out} ({len(images)} cells of {cell}px, "
                    f"{time.perf_counter() - t0:.1f}s on {provider})", err=True)
 
@@ -151,7 +146,7 @@ def _channels(layer, count, cell, columns, options, output, device, quiet):
     steps = options.values.get("steps")  # visualize's own default unless given
     settings = VisualizeSettings(size=cell, seed=dream_settings.seed,
                                  **({"steps": steps} if steps else {})).validate().with_seed()
-    out = output or Path.cwd() / f"{_slug(layer)}-channels.png"
+    out = output or Path.cwd() / f"{slug(layer, 'atlas')}-channels.png"
     check_output_path(out)
     with maybe_progress(quiet) as bar:
         task = bar.add_task("channels", total=None, info="") if bar else None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ __all__ = ["DREAM_OPTION_NAMES", "DEVICE_HELP", "DeviceOpt", "DreamOptions", "Js
            "LAYER_HELP", "LayersOpt", "MODEL_HELP", "MaxMemoryOpt", "ModelOpt", "OBJECTIVE_HELP",
            "QuietOpt", "SCHEDULE_HELP", "TARGET_HELP", "TargetOpt",
            "app", "default_output", "err", "export_app", "flag_for", "maybe_progress",
-           "progress_bar", "user_errors", "warn", "with_dream_options"]
+           "progress_bar", "slug", "user_errors", "warn", "with_dream_options"]
 
 app = typer.Typer(
     name="onnxdream",
@@ -172,6 +173,11 @@ def maybe_progress(quiet: bool):
 
 def default_output(image: Path, suffix: str) -> Path:
     return Path.cwd() / f"{image.stem}-{suffix}.png"
+
+
+def slug(text: str, default: str) -> str:
+    """``text`` as a file-name part (letters, digits and dots; at most 60), else ``default``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60] or default
 
 
 # -- shared options ---------------------------------------------------------------------------

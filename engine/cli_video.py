@@ -31,6 +31,7 @@ from onnxdream.cli_common import (
     QuietOpt,
     app,
     err,
+    flag_for,
     user_errors,
     warn,
     with_dream_options,
@@ -40,7 +41,6 @@ from onnxdream.video import ZOOM_DEFAULTS
 
 #: The [dream options] that take keyframes in a clip.
 KEYFRAMED = ("layer", "steps", "step_size")
-_FLAGS = {"layers": "--layer", "steps": "--steps", "step_size": "--step-size"}
 
 KEYS_HELP = ("Keyframes: FRAME:VALUE or SECONDSs:VALUE, comma-separated (numbers ramp between "
              "keys).")
@@ -98,7 +98,8 @@ def _argv(command: str, source: Path, output: Path, settings, schedules: Mapping
     included), keyframed options as their schedules, then the command's own options."""
     argv = [command] + settings.to_argv(str(source), str(output))[1:]
     for field, schedule in schedules.items():
-        argv = _without(argv, _FLAGS[field]) + [_FLAGS[field], schedule.describe()]
+        flag = flag_for(field)
+        argv = _without(argv, flag) + [flag, schedule.describe()]
     return argv + extra
 
 

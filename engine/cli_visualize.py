@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from onnxdream.cli_common import DeviceOpt, ModelOpt, QuietOpt, app, maybe_progress, user_errors
+from onnxdream.cli_common import (
+    DeviceOpt,
+    ModelOpt,
+    QuietOpt,
+    app,
+    maybe_progress,
+    slug,
+    user_errors,
+)
 from onnxdream.settings import DreamSettings, VisualizeSettings
 
 _V = VisualizeSettings()
@@ -65,7 +73,6 @@ def visualize(
     Example:  onnxdream visualize --class flamingo -o flamingo.png
     """
     with user_errors():
-        import re
 
         from onnxdream.errors import ObjectiveError
         from onnxdream.imagewrite import check_output_path, save_image
@@ -95,14 +102,12 @@ def visualize(
         targets += [channel_target(c) for c in channel or []]
         targets += [layer_target(n) for n in layer or []]
 
-        def slug(t) -> str:
-            return re.sub(r"[^A-Za-z0-9.]+", "-", t.caption).strip("-")[:60] or "target"
-
         single = grid or len(targets) == 1
-        name = slug(targets[0]) if len(targets) == 1 else "grid"
+        name = slug(targets[0].caption, "target") if len(targets) == 1 else "grid"
         out = output or Path.cwd() / f"visualize-{name}.png"
-        outs = [out] if single else [out.with_name(f"{out.stem}-{i + 1}-{slug(t)}{out.suffix}")
-                                     for i, t in enumerate(targets)]
+        outs = [out] if single else [
+            out.with_name(f"{out.stem}-{i + 1}-{slug(t.caption, 'target')}{out.suffix}")
+            for i, t in enumerate(targets)]
         for o in outs:
             check_output_path(o)
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from onnxdream.settings import DreamSettings
 if TYPE_CHECKING:
     from onnxdream.schedule import Schedule
 
-__all__ = ["KEYFRAMED", "StandardDream", "file_fingerprint", "frame_settings",
+__all__ = ["KEYFRAMED", "OpenModels", "StandardDream", "file_fingerprint", "frame_settings",
            "keyframed_settings", "make_dream_frame", "stable_seed"]
 
 #: The DreamSettings fields a clip may keyframe (see :func:`keyframed_settings`).
@@ -47,6 +47,32 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
             fh.seek(-(1 << 20), os.SEEK_END)
             h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+class OpenModels:
+    """The GradientModels (onnxruntime sessions) of the last ``size`` objectives used, keyed by
+    :meth:`DreamSettings.gradient_key`, opened on ``device`` with ``threads``: a clip that cuts
+    between layers, or a batch worker, does not compile or load again."""
+
+    def __init__(self, device: str = "auto", threads: int | None = None, size: int = 2):
+        self.device, self.threads, self.size = device, threads, size
+        self._models: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+
+    def get(self, settings: DreamSettings):
+        from onnxdream.gradient import GradientModel
+
+        key = settings.gradient_key()
+        gm = self._models.get(key)
+        if gm is None:
+            gm = GradientModel.from_settings(settings, device=self.device, threads=self.threads)
+            self._models[key] = gm
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return gm
+
+    def __len__(self) -> int:
+        return len(self._models)
 
 
 def stable_seed(settings: DreamSettings, *parts: Any) -> DreamSettings:
@@ -140,24 +166,13 @@ class StandardDream:
     def __init__(self, settings: DreamSettings, *, device: str = "auto",
                  threads: int | None = None):
         self.settings = settings.validate().with_seed()
-        self.device, self.threads = device, threads
-        self._models: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._models = OpenModels(device, threads, size=2)
         self._geometry = None
         self._model_file: str | None = None
 
     def gradient_model(self, settings: DreamSettings):
         """The GradientModel of ``settings`` (model, layers, objective, pre_relu, border)."""
-        from onnxdream.gradient import GradientModel
-
-        key = settings.gradient_key()
-        gm = self._models.get(key)
-        if gm is None:
-            gm = GradientModel.from_settings(settings, device=self.device, threads=self.threads)
-            self._models[key] = gm
-            while len(self._models) > 2:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return gm
+        return self._models.get(settings)
 
     def _model_facts(self) -> tuple[Any, str]:
         """The model's contract facts (``ModelInfo``: what the resolver reads) and its file's

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 __all__ = ["BASE_CSP", "BROWSER_CSP", "BROWSER_PATHS", "CROSS_ORIGIN_ISOLATION", "DOCS_CSP",
-           "PathScrubber", "SecurityHeaders", "content_security_policy", "security_headers"]
+           "PathScrubber", "SecurityHeaders", "content_security_policy", "is_loopback",
+           "security_headers"]
 
 #: The page's policy, one directive per key (see :func:`content_security_policy`).
 BASE_CSP: dict[str, str] = {
@@ -192,3 +193,16 @@ def _generic(match: re.Match) -> str:
         return text
     first = "/" + text.lstrip("/").split("/", 1)[0]
     return "…" if os.path.exists(first) else text
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine
+    only: ``localhost`` or a loopback address."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
