@@ -71,10 +71,6 @@ def params_at(params: Mapping[str, np.ndarray], size: tuple[int, int], wrap: boo
     return out
 
 
-def _dream_settings(settings: ResolvedSettings | DreamSettings) -> DreamSettings:
-    return settings.settings if isinstance(settings, ResolvedSettings) else settings
-
-
 def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | DreamSettings,
            rng: np.random.Generator, steps: int,
            on_step: Callable[[int, float], bool | None] | None = None,
@@ -97,7 +93,7 @@ def ascend(gm: GradientModel, img: np.ndarray, settings: ResolvedSettings | Drea
     floor = settings.grad_floor
     params = dict(gm.params if params is None else params)
     step_mask = params.pop(STEP_MASK, None)
-    wrap = bool(_dream_settings(settings).seamless)
+    wrap = bool(settings.settings.seamless)
     fits = tile[0] <= 0 or (h <= tile[0] and w <= tile[1])
     fits = fits and (gm.info.dynamic_hw or (h, w) == tuple(gm.info.native_size))
     if gm.session.device == "cuda" and fits and settings.normalize == "mean-abs" and not wrap:

@@ -174,8 +174,8 @@ def dream_atlas(model: str | os.PathLike, start: np.ndarray, layers: Sequence[st
     for i, (layer, cell) in enumerate(zip(layers, cells)):
         gm = make(cell)
         resolved = resolve(cell, h, w, gm.info)
-        if i == 0:  # every cell has the same model and size
-            total = sum(resolve(c, h, w, gm.info).steps_total for c in cells)
+        if i == 0:  # every cell has the same model, size and so the same steps
+            total = len(cells) * resolved.steps_total
 
         def step(p, i=i, layer=layer, before=before, total=total) -> None:
             if progress is not None:

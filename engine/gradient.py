@@ -130,7 +130,6 @@ class GradientModel:
             WEIGHTS: np.asarray(self.objective.weights, np.float32)}
         self._cache = (cache if isinstance(cache, CompiledCache) else
                        CompiledCache() if cache else None)
-        self._key = (pre_relu, border)
         graph, fresh = self._compiled(proto, pre_relu, border)
         try:
             self.session: Session = create_session(graph, device=device, threads=threads)
@@ -179,11 +178,8 @@ class GradientModel:
         """What the compiled graph costs in memory per pixel (see :mod:`onnxdream.memory`)."""
         try:
             profile = MemoryProfile.of_graph(self._graph, self.info.native_size)
-        except OSError:  # evicted by another process: compile it again, in memory
-            profile = MemoryProfile.of_graph(
-                compile_gradient(load_model(self.model_path), self.objective,
-                                 pre_relu=self._key[0], border=self._key[1]),
-                self.info.native_size)
+        except OSError:  # evicted by another process
+            profile = MemoryProfile.of_graph(self._graph_proto(), self.info.native_size)
         return replace(profile, model_bytes=self.model_path.stat().st_size)
 
     @property
@@ -232,16 +228,19 @@ class GradientModel:
         if self._device_ascent is None:
             from onnxdream.device_loop import DeviceAscent
 
-            graph = self._graph
-            try:
-                proto = onnx.load(graph) if isinstance(graph, str) else \
-                    onnx.load_from_string(graph)
-            except OSError:  # evicted by another process: compile it again, in memory
-                proto = compile_gradient(load_model(self.model_path), self.objective,
-                                         pre_relu=self._key[0], border=self._key[1])
-            self._device_ascent = DeviceAscent(proto, device=self.session.device,
+            self._device_ascent = DeviceAscent(self._graph_proto(), device=self.session.device,
                                                threads=self._threads, params=self.params)
         return self._device_ascent
+
+    def _graph_proto(self) -> onnx.ModelProto:
+        """The compiled graph this model's session runs, loaded (compiled again in memory when
+        another process evicted its cached file)."""
+        graph = self._graph
+        try:
+            return onnx.load(graph) if isinstance(graph, str) else onnx.load_from_string(graph)
+        except OSError:
+            return compile_gradient(load_model(self.model_path), self.objective,
+                                    pre_relu=self.pre_relu, border=self.border)
 
     def features(self, x: np.ndarray) -> list[np.ndarray]:
         """The activations of the objective's layers (in ``objective.layers`` order) for x
