@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE, node_inputs
+from onnxdream.exporters.graph.autodiff import FLOAT_TYPES, NON_DIFFERENTIABLE, node_inputs
 
-FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-          onnx.TensorProto.BFLOAT16}
 #: ops that carry learned weights: a tensor is a layer only downstream of one of them
 LEARNED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "BatchNormalization",
            "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Attention",
@@ -82,7 +80,7 @@ def scan_layers(model: onnx.ModelProto, image: str, shapes: dict, dtypes: dict,
             if shape is not None and len(shape) == 4 and layout:
                 axes[out] = layout
             if (after and node.op_type not in VIEWS and shape is not None
-                    and len(shape) in (3, 4) and dtypes.get(out) in FLOATS):
+                    and len(shape) in (3, 4) and dtypes.get(out) in FLOAT_TYPES):
                 order.append(out)
                 op[out] = node.op_type
                 if node.op_type in MERGES and len(ins) >= 2:

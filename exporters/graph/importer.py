@@ -31,14 +31,14 @@ from onnx import helper, numpy_helper
 
 from onnxdream.errors import ModelError, SettingsError, first_line
 from onnxdream.exporters.graph import contract
-from onnxdream.exporters.graph.autodiff import infer_shapes, node_inputs
+from onnxdream.exporters.graph.autodiff import FLOAT_TYPES, infer_shapes, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.import_layers import (
-    FLOATS,
     default_layer,
     layer_aliases,
     scan_layers,
 )
+from onnxdream.exporters.graph.layers import producers
 from onnxdream.exporters.graph.preprocessing import Preprocess, parse_preprocess
 
 LAYOUTS = ("nchw", "nhwc")
@@ -96,7 +96,7 @@ def choose_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueI
             raise SettingsError("input", f"names no input of the model: {name!r} (its inputs: "
                                 f"{', '.join(repr(i.name) for i in inputs) or 'none'})")
     else:
-        floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOATS]
+        floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOAT_TYPES]
         if len(floats) != 1:
             what = "no float input" if not floats else f"{len(floats)} float inputs"
             raise SettingsError("input", f"is needed: the model has {what} (inputs: "
@@ -212,10 +212,6 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return t
 
 
-def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in model.graph.node for o in n.output if o}
-
-
 def find_logits(model: onnx.ModelProto, shapes: dict, requested: str | None
                 ) -> tuple[str | None, str | None]:
     """(the logits tensor or None, a note on how it was chosen)."""
@@ -235,7 +231,7 @@ def find_logits(model: onnx.ModelProto, shapes: dict, requested: str | None
                                 f"{_shape(shape)}")
         return requested, None
     rank2 = [o.name for o in model.graph.output
-             if o.type.tensor_type.elem_type in FLOATS
+             if o.type.tensor_type.elem_type in FLOAT_TYPES
              and len(shapes.get(o.name) or dims_of(o)) == 2]
     if not rank2:
         return None, None
@@ -636,7 +632,7 @@ def _probe(result: ImportResult, size_assumed: bool, batch_symbolic: bool) -> No
 def guess_flags(model: onnx.ModelProto) -> tuple[list[str], str]:
     """(the ``import onnx`` flags an unwrapped model probably needs, what its input is)."""
     inputs = graph_inputs(model)
-    floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOATS]
+    floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOAT_TYPES]
     flags: list[str] = []
     vi = floats[0] if floats else (inputs[0] if inputs else None)
     if vi is None:

@@ -16,11 +16,8 @@ import numpy as np
 
 from onnxdream.errors import SettingsError
 from onnxdream.exporters.graph.builder import GraphBuilder
+from onnxdream.exporters.preprocess import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD  # no torch
 
-# the same constants as exporters/preprocess.py (kept free of torch so the compiler needs none)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 #: ITU-R 601 luma: how a one-channel network sees the RGB image (as PIL's ``convert("L")``)
 LUMA = (0.299, 0.587, 0.114)
 
