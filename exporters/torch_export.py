@@ -248,42 +248,47 @@ class ExportResult:
         return os.fspath(self.path)
 
 
-def default_layer(model: Any, layer_paths: Sequence[str], fraction: float = 0.6) -> str | None:
-    """A mid-network layer: descend the trunk, then the child at ``fraction`` of its weights.
+def _weight(module: Any) -> int:
+    """A module's "weight": the count of its descendant modules that own parameters (conv, bn,
+    linear, norm), so stems of a few modules count little and big stages count a lot."""
+    return sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
 
-    "Weight" is the count of descendant modules that own parameters (conv, bn, linear, norm), so
-    stems of a few modules count little and big stages count a lot.
-    """
-    known = set(layer_paths)
 
-    def weight(module: Any) -> int:
-        return sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
-
+def _trunk(model: Any) -> tuple[list[tuple[str, Any]], list[int]]:
+    """The children (path, module) and weights of the trunk's level that branches: descend
+    while one child holds >= 80 % of the weight and has children of its own. Containers that
+    are never called (ModuleList) are not layers but may hold the trunk. ([], []) when the
+    descent ends at a module without children."""
     prefix, node = "", model
     while True:
-        # containers that are never called (ModuleList) are not layers but may hold the trunk
-        everything = [(f"{prefix}{n}", c) for n, c in node.named_children()]
-        if not everything:
-            break
-        weights = [weight(c) for _, c in everything]
-        total = sum(weights) or 1
-        heaviest = max(range(len(everything)), key=lambda i: weights[i])
-        child_path, child = everything[heaviest]
-        if weights[heaviest] >= 0.8 * total and any(True for _ in child.children()):
-            prefix, node = child_path + ".", child
-            continue
-        children = [(p, c) for p, c in everything if p in known]
-        weights = [w for (p, _), w in zip(everything, weights) if p in known]
-        total = sum(weights) or 1
+        children = [(f"{prefix}{n}", c) for n, c in node.named_children()]
         if not children:
-            break
-        acc = 0
-        for (path, _), w in zip(children, weights):
-            acc += w
-            if acc >= fraction * total:
-                return path
-        return children[-1][0]
-    return layer_paths[len(layer_paths) * 6 // 10] if layer_paths else None
+            return [], []
+        weights = [_weight(c) for _, c in children]
+        heaviest = max(range(len(children)), key=lambda i: weights[i])
+        path, child = children[heaviest]
+        if weights[heaviest] >= 0.8 * (sum(weights) or 1) and any(True for _ in child.children()):
+            prefix, node = path + ".", child
+            continue
+        return children, weights
+
+
+def default_layer(model: Any, layer_paths: Sequence[str], fraction: float = 0.6) -> str | None:
+    """A mid-network layer: descend the trunk, then the child at ``fraction`` of its weights
+    (see :func:`_weight`)."""
+    known = set(layer_paths)
+    everything, weights = _trunk(model)
+    children = [(p, c) for p, c in everything if p in known]
+    weights = [w for (p, _), w in zip(everything, weights) if p in known]
+    total = sum(weights) or 1
+    if not children:
+        return layer_paths[len(layer_paths) * 6 // 10] if layer_paths else None
+    acc = 0
+    for (path, _), w in zip(children, weights):
+        acc += w
+        if acc >= fraction * total:
+            return path
+    return children[-1][0]
 
 
 def trunk_blocks(model: Any, layer_paths: Sequence[str]) -> list[tuple[str, int]]:
@@ -294,34 +299,20 @@ def trunk_blocks(model: Any, layer_paths: Sequence[str]) -> list[tuple[str, int]
     torch = import_torch()
     known = set(layer_paths)
     sequential = (torch.nn.Sequential, torch.nn.ModuleList)
+    children, _ = _trunk(model)
 
-    def weight(module: Any) -> int:
-        return sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
-
-    prefix, node = "", model
-    while True:
-        children = [(f"{prefix}{n}", c) for n, c in node.named_children()]
-        if not children:
-            return []
-        weights = [weight(c) for _, c in children]
-        heaviest = max(range(len(children)), key=lambda i: weights[i])
-        path, child = children[heaviest]
-        if weights[heaviest] >= 0.8 * (sum(weights) or 1) and any(True for _ in child.children()):
-            prefix, node = path + ".", child
-            continue
-        break
     def pool(module: Any) -> bool:  # a pool's output is its input, smaller
         return "Pool" in type(module).__name__
 
     blocks: list[tuple[str, int]] = []
     children = [(p, c) for p, c in children if not pool(c)]
     for path, child in children:
-        inner = [(f"{path}.{n}", weight(c)) for n, c in child.named_children()
+        inner = [(f"{path}.{n}", _weight(c)) for n, c in child.named_children()
                  if f"{path}.{n}" in known and not pool(c)]
         if isinstance(child, sequential) and sum(w > 0 for _, w in inner) >= 2:
             blocks += inner
         elif path in known:
-            blocks.append((path, weight(child)))
+            blocks.append((path, _weight(child)))
     return blocks
 
 
