@@ -1,7 +1,7 @@
 // onnxdream's page, the video part: when the server dreams videos, the file input takes clips
 // too; a clip goes to POST /jobs as 'video', its progress shows in frames and the result plays
-// in a <video>. Photos stay with app.js: this file touches it only through the page's elements
-// (a submit with a clip is taken before app.js sees it).
+// in a <video>. Photos stay with app.js, whose helpers (api, setStatus, busy, fmtEta) this
+// file shares (app.js loads first); a submit with a clip is taken before app.js sees it.
 "use strict";
 (() => {
   const el = (id) => document.getElementById(id);
@@ -11,26 +11,6 @@
   let current = null, resultUrl = null, previewUrl = null, clip = null;
 
   const isVideo = (f) => !!f && (f.type.startsWith("video/") || VIDEO_NAME.test(f.name));
-
-  async function call(url, options) {
-    const r = await fetch(url, options);
-    if (!r.ok) {
-      let msg = r.status + " " + r.statusText;
-      try { msg = (await r.json()).error || msg; } catch (e) { /* not JSON */ }
-      throw new Error(msg);
-    }
-    return r;
-  }
-  function status(text, progress) {
-    el("status").textContent = text;
-    el("progress").hidden = progress == null;
-    if (progress != null) el("progress").value = progress;
-  }
-  function busy(on) { el("dream").disabled = on; el("cancel").disabled = !on; }
-  function eta(s) {
-    if (s == null) return "";
-    return s < 60 ? ` · about ${Math.ceil(s)} s left` : ` · about ${Math.ceil(s / 60)} min left`;
-  }
 
   // -- the video options, shown while a clip is chosen
   const box = document.createElement("div");
@@ -92,22 +72,22 @@
 
   async function poll(id) {
     while (current === id) {
-      const s = await (await call(`/jobs/${id}`)).json();
+      const s = await (await api(`/jobs/${id}`)).json();
       if (current !== id) return;
       if (s.state === "queued") {
-        status(`waiting in the queue (position ${(s.queue_position ?? 0) + 1})`, 0);
+        setStatus(`waiting in the queue (position ${(s.queue_position ?? 0) + 1})`, 0);
       } else if (s.state === "running" && s.stage === "encode") {
-        status("encoding the video…", s.progress);
+        setStatus("encoding the video…", s.progress);
       } else if (s.state === "running") {
         const rate = s.fps ? ` · ${s.fps.toFixed(2)} frames/s` : "";
-        status(`dreaming frame ${s.frames_done} of ${s.frames_total}${rate}${eta(s.eta_s)}`,
+        setStatus(`dreaming frame ${s.frames_done} of ${s.frames_total}${rate}${fmtEta(s.eta_s)}`,
                s.progress);
       } else if (s.state === "done") {
-        const r = await call(`/jobs/${id}/result`);
+        const r = await api(`/jobs/${id}/result`);
         showResult(await r.blob(), s);
-        status(`done: ${s.frames_total} frames in ${s.elapsed_s.toFixed(1)} s ` +
+        setStatus(`done: ${s.frames_total} frames in ${s.elapsed_s.toFixed(1)} s ` +
                `(${s.fps.toFixed(2)} frames/s, seed ${s.seed})`, 1);
-        call(`/jobs/${id}`, { method: "DELETE" }).catch(() => {});
+        api(`/jobs/${id}`, { method: "DELETE" }).catch(() => {});
         current = null; busy(false);
         return;
       } else {
@@ -140,21 +120,21 @@
     if (el("video_width").value !== "") body.append("width", el("video_width").value);
     body.append("format", el("video_format").value);
     body.append("flow", el("video_flow").checked ? "true" : "false");
-    busy(true); status("uploading the clip…", 0);
+    busy(true); setStatus("uploading the clip…", 0);
     try {
-      const created = await (await call("/jobs", { method: "POST", body })).json();
+      const created = await (await api("/jobs", { method: "POST", body })).json();
       current = created.id;
       await poll(created.id);
     } catch (e) {
-      current = null; busy(false); status(""); el("error").textContent = e.message;
+      current = null; busy(false); setStatus(""); el("error").textContent = e.message;
     }
   }, true);
 
   el("cancel").addEventListener("click", () => {
     const id = current;
     if (!id) return;
-    current = null; busy(false); status("cancelled");
-    call(`/jobs/${id}`, { method: "DELETE" }).catch(() => {});
+    current = null; busy(false); setStatus("cancelled");
+    api(`/jobs/${id}`, { method: "DELETE" }).catch(() => {});
   });
   input.addEventListener("change", showClip);
 
