@@ -49,7 +49,7 @@ def test_upload_dream_and_download_in_the_browser(model_home, tmp_path):
                 page.click("#dream")
 
                 page.wait_for_selector("#result:not([hidden])", timeout=120_000)
-                page.wait_for_function("document.getElementById('result').naturalWidth > 0")
+                page.wait_for_function("() => document.getElementById('result').naturalWidth > 0")
                 shown = page.evaluate("[document.getElementById('result').naturalWidth,"
                                       " document.getElementById('result').naturalHeight]")
                 assert tuple(shown) == size

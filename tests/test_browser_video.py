@@ -35,7 +35,7 @@ def test_a_clip_is_dreamed_with_progress_in_frames_and_plays(model_home, tmp_pat
                 page.goto(srv.url + "/")
                 page.wait_for_selector("#layer option[value='blocks.5']", state="attached")
                 page.wait_for_function(
-                    "document.getElementById('image').accept.includes('video/')")
+                    "() => document.getElementById('image').accept.includes('video/')")
                 assert "video" in page.text_content("label[for='image']").lower()
 
                 page.set_input_files("#image", str(clip))
@@ -50,7 +50,8 @@ def test_a_clip_is_dreamed_with_progress_in_frames_and_plays(model_home, tmp_pat
 
                 page.wait_for_selector("#result_video", state="attached", timeout=90_000)
                 page.wait_for_function(
-                    "document.getElementById('result_video').readyState >= 1", timeout=20_000)
+                    "() => document.getElementById('result_video').readyState >= 1",
+                    timeout=20_000)
                 shown = page.evaluate("[document.getElementById('result_video').videoWidth,"
                                       " document.getElementById('result_video').videoHeight]")
                 assert tuple(shown) == SIZE
