@@ -46,9 +46,9 @@ $(TEST_VENV)/.installed: pyproject.toml $(PACKAGE_FILES)
 
 # onnxruntime-web (MIT) for the in-browser tests, unpacked into a gitignored cache: `npm pack`
 # only downloads the package (no node_modules, no install scripts); only the files a page loads are
-# kept (engine/web.py's ORT_FILES, 42 MB of 139). The version is engine/web.py's
+# kept (engine/browser/site.py's ORT_FILES, 42 MB of 139). The version is engine/browser/site.py's
 # ORT_WEB_VERSION; npm comes from apt when missing, like chromium.
-ORT_WEB_VERSION := $(shell sed -n 's/^ORT_WEB_VERSION = "\(.*\)"/\1/p' engine/web.py)
+ORT_WEB_VERSION := $(shell sed -n 's/^ORT_WEB_VERSION = "\(.*\)"/\1/p' engine/browser/site.py)
 ORT_CACHE := .cache/onnxruntime-web
 .ort-web:
 	@test -f $(ORT_CACHE)/package/.version-$(ORT_WEB_VERSION) || { \

@@ -1,7 +1,7 @@
 """How different the dreams of a model's layers are from each other: the other half of choosing
 its recommended layers (benchmarks/atlas_layers.py measures how strong each is).
 
-Dreams one photo's centre square at each layer (``onnxdream.atlas.dream_atlas``: same settings
+Dreams one photo's centre square at each layer (``onnxdream.dream.atlas.dream_atlas``: same settings
 and seed for every cell) and prints the mean absolute difference between every two cells (0:
 the same picture). Layers of one stage dream alike; a recommended set takes one per look.
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxdream.atlas import dream_atlas, start_image
-from onnxdream.imagewrite import save_image
-from onnxdream.settings import DreamSettings
-from onnxdream.visualize import grid
+from onnxdream.dream.atlas import dream_atlas, start_image
+from onnxdream.dream.visualize import grid
+from onnxdream.media.imagewrite import save_image
+from onnxdream.settings.options import DreamSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxdream.ascent import dream
-from onnxdream.atlas import feature_layers
-from onnxdream.gradient import GradientModel, resolve_model_path
-from onnxdream.imageio import load_image, resize
-from onnxdream.imagewrite import save_image
-from onnxdream.settings import DreamSettings
-from onnxdream.visualize import grid
+from onnxdream.dream.ascent import dream
+from onnxdream.dream.atlas import feature_layers
+from onnxdream.dream.visualize import grid
+from onnxdream.media.imageio import load_image, resize
+from onnxdream.media.imagewrite import save_image
+from onnxdream.runtime.gradient import GradientModel, resolve_model_path
+from onnxdream.settings.options import DreamSettings
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]

@@ -6,11 +6,11 @@ engine, and which providers run the compiled graphs (the provider x model table)
     .venv/bin/python benchmarks/bench_browser.py --webgpu      # + WebGPU (headless: SwiftShader)
     .venv/bin/python benchmarks/bench_browser.py --openvino /path/to/ovvenv/bin/python
 
-Per model: an exported site (``onnxdream.web.export_site``, default graphs) served twice from
-this process, with COOP/COEP (cross-origin isolated: WASM threads) and without (one thread), one
-headless Chromium page per configuration, and the native engine in this process
-(``onnxdream.ascent.ascend`` on the CPU provider: gradient graph + numpy step). Each round runs a
-short dream (1 octave, ``--steps`` steps, jitter 32) in every configuration in turn, so load
+Per model: an exported site (``onnxdream.browser.site.export_site``, default graphs) served twice
+from this process, with COOP/COEP (cross-origin isolated: WASM threads) and without (one thread),
+one headless Chromium page per configuration, and the native engine in this process
+(``onnxdream.dream.ascent.ascend`` on the CPU provider: gradient graph + numpy step). Each round
+runs a short dream (1 octave, ``--steps`` steps, jitter 32) in every configuration in turn, so load
 drift on a shared machine hits all alike; a configuration's figure is the median over rounds of
 its steps after the first (the first of a round may still allocate). Round 0 warms up.
 
@@ -62,7 +62,7 @@ def model_file(key: str, work: Path) -> str:
 
 def serve(root: Path, isolate: bool) -> tuple[str, object]:
     """Serve ``root`` from a thread of this process (a daemon: it ends with the process)."""
-    from onnxdream.web import site_server
+    from onnxdream.browser.site import site_server
 
     server = site_server(root, port=0, isolate=isolate)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -100,13 +100,13 @@ class Native:
     """The CLI's CPU path: ascend() with the compiled gradient graph on `threads` threads."""
 
     def __init__(self, model: str, layer: str, threads: int):
-        from onnxdream.gradient import GradientModel
+        from onnxdream.runtime.gradient import GradientModel
 
         self.gm = GradientModel(model, [layer], device="cpu", threads=threads)
 
     def steps(self, size: int, steps: int) -> list[float]:
-        from onnxdream.ascent import ascend
-        from onnxdream.settings import DreamSettings
+        from onnxdream.dream.ascent import ascend
+        from onnxdream.settings.options import DreamSettings
 
         img = np.ascontiguousarray(np.asarray(photo(size), np.float32).transpose(2, 0, 1) / 255)
         stamps = [time.perf_counter()]
@@ -231,7 +231,7 @@ def run_openvino(args, models: dict[str, str], work: Path) -> list[dict]:
     for key, model in models.items():
         for target in ("default", "portable"):
             path = work / f"{key}-{target}-grad.onnx"
-            from onnxdream.gradient import resolve_model_path
+            from onnxdream.runtime.gradient import resolve_model_path
 
             save_model(compile_gradient(resolve_model_path(model), [MODELS[key][1]],
                                         target=target), path)
@@ -261,7 +261,7 @@ def main() -> None:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     keys = args.models.split(",")
 
-    from onnxdream.web import export_site
+    from onnxdream.browser.site import export_site
 
     result: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                 "platform": platform.platform()}}

@@ -4,7 +4,7 @@ For each model and size, side by side in one process, round-robin in blocks of a
 load changes hit all columns alike, without one runtime's spinning threads slowing the other),
 the median over ``--repeats`` of one ascent step:
 
-- engine: ``onnxdream.ascent.ascend(gm, img, ..., steps=1)`` (jitter roll, gradient, mean-abs
+- engine: ``onnxdream.dream.ascent.ascend(gm, img, ..., steps=1)`` (jitter roll, gradient, mean-abs
   normalise, step, clip, roll back), the compiled graph optimised (``exporters/graph/optimize.py``);
 - torch:  the same step in PyTorch eager, frozen weights, autograd w.r.t. the input, truncated at
   the layer (a forward hook stops the network there);
@@ -141,7 +141,7 @@ def floor_model(src: Path, layer: str) -> bytes:
 # -- steps -------------------------------------------------------------------------------------
 def engine_step(gm, settings, k: int = 1, seed=0):
     """k engine steps per call (on CUDA the image stays on the device between them)."""
-    from onnxdream.ascent import ascend
+    from onnxdream.dream.ascent import ascend
 
     rng = np.random.default_rng(seed)
 
@@ -205,10 +205,10 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
                 plain: bool, torch_too: bool, k: int = 1) -> list[dict]:
     import onnx
 
-    from onnxdream.ascent import DreamSettings
+    from onnxdream.dream.ascent import DreamSettings
     from onnxdream.exporters.graph import compile_gradient
-    from onnxdream.gradient import GradientModel
-    from onnxdream.session import create_session
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.runtime.session import create_session
 
     path = onnx_model(name, work)
     settings = DreamSettings(octaves=1, steps=1, jitter=32, tile_size=0, seed=0)
@@ -267,8 +267,8 @@ def bench_model(name: str, layer: str, sizes, repeats: int, device: str, work: P
 
 def tiled_child(model: str, layer: str, size: int, tile: int, device: str, work: str) -> None:
     """Runs in a child process: one tiled gradient step at size x size; prints JSON."""
-    from onnxdream.ascent import DreamSettings, ascend
-    from onnxdream.gradient import GradientModel
+    from onnxdream.dream.ascent import DreamSettings, ascend
+    from onnxdream.runtime.gradient import GradientModel
 
     path = onnx_model(model, Path(work))
     gm = GradientModel(path, [layer], device=device)
@@ -336,7 +336,7 @@ def copy_bandwidth() -> float:
 def machine(device: str) -> dict:
     import onnxruntime as ort
 
-    from onnxdream.session import default_threads
+    from onnxdream.runtime.session import default_threads
 
     cpu = platform.processor() or "?"
     try:

@@ -43,7 +43,7 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def bench_flow(sizes, repeats: int) -> list[dict]:
-    from onnxdream.flow import PRESETS, FlowEstimator, coherent_input
+    from onnxdream.video.flow import PRESETS, FlowEstimator, coherent_input
 
     rows = []
     for w, h in sizes:
@@ -72,8 +72,8 @@ def bench_flow(sizes, repeats: int) -> list[dict]:
 
 
 def bench_audio(tmp: Path) -> list[dict]:
-    from onnxdream.videoio import probe
-    from onnxdream.videowrite import write_video
+    from onnxdream.media.videoio import probe
+    from onnxdream.media.videowrite import write_video
 
     frames = videoclip.frames(10, 64, 48)
     rows = []
@@ -99,10 +99,10 @@ def bench_audio(tmp: Path) -> list[dict]:
 def bench_dream(sizes, n_frames: int, blends, tmp: Path) -> list[dict]:
     from PIL import Image
 
-    from onnxdream.flow import temporal_error
-    from onnxdream.settings import DreamSettings
-    from onnxdream.video import dream_video, make_dream_frame
-    from onnxdream.videoio import open_video
+    from onnxdream.media.videoio import open_video
+    from onnxdream.settings.options import DreamSettings
+    from onnxdream.video.clip import dream_video, make_dream_frame
+    from onnxdream.video.flow import temporal_error
 
     dream = make_dream_frame(DreamSettings(seed=1))  # the default model and settings
     rows = []

@@ -46,11 +46,11 @@ def record(out: str, googlenet: str) -> None:
         os.environ["ONNXDREAM_HOME"] = home
         import onnx
 
-        from onnxdream.device_loop import DeviceAscent
+        from onnxdream.dream.visualize import BatchObjective, Target
         from onnxdream.exporters.graph import compile_gradient
-        from onnxdream.gradient import GradientModel, resolve_model_path
-        from onnxdream.session import create_session
-        from onnxdream.visualize import BatchObjective, Target
+        from onnxdream.runtime.device_loop import DeviceAscent
+        from onnxdream.runtime.gradient import GradientModel, resolve_model_path
+        from onnxdream.runtime.session import create_session
 
         results: dict[str, np.ndarray] = {}
         for name, layer in MODELS:

@@ -206,7 +206,7 @@ EOF
   case $BATCH_MODEL in *googlenet*) LAYER=(--layer inception4c) ;; esac
   say "batch: 8 images, model $(basename "$BATCH_MODEL"), --device cuda --workers 1"
   B0=$(date +%s.%N)
-  timeout 600 "$PY" -m onnxdream.cli batch "$WORK/in" -o "$WORK/out" --model "$BATCH_MODEL" \
+  timeout 600 "$PY" -m onnxdream batch "$WORK/in" -o "$WORK/out" --model "$BATCH_MODEL" \
     "${LAYER[@]}" --octaves 2 --steps 10 --device cuda --workers 1 --quiet 2> "$WORK/batch.log"
   BATCH_RC=$?
   B1=$(date +%s.%N)

@@ -3,7 +3,7 @@
 For each photo, one default dream (EfficientNet-Lite0, seed 0), then three ways to put the
 photo's colours back:
 
-- ``ycbcr`` (the engine's, :func:`onnxdream.controls.keep_colors`): BT.601 YCbCr, the dream's
+- ``ycbcr`` (the engine's, :func:`onnxdream.dream.controls.keep_colors`): BT.601 YCbCr, the dream's
   luma Y clamped to the range where R, G and B all stay in [0, 1] with the photo's Cb/Cr;
 - ``ycbcr-clip``: the same, but RGB clipped instead of the luma clamped;
 - ``lab``: CIELAB (sRGB, D65): the dream's L* with the photo's a*, b*, back to sRGB, clipped.
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxdream.ascent import dream
-from onnxdream.controls import keep_colors
-from onnxdream.gradient import GradientModel
-from onnxdream.imageio import load_image, to_uint8
-from onnxdream.settings import DreamSettings
+from onnxdream.dream.ascent import dream
+from onnxdream.dream.controls import keep_colors
+from onnxdream.media.imageio import load_image, to_uint8
+from onnxdream.runtime.gradient import GradientModel
+from onnxdream.settings.options import DreamSettings
 
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -1,5 +1,5 @@
 """The memory estimate against the real peak: each dream runs in a child process whose peak RSS
-(``VmHWM``) is compared with the resolver's estimate (``onnxdream.memory``).
+(``VmHWM``) is compared with the resolver's estimate (``onnxdream.settings.memory``).
 
     python benchmarks/memory_estimate.py efficientnet-lite0 googlenet.onnx resnet18.onnx \\
         --sizes 512 1024 2048 --tile 0 --steps 2
@@ -21,10 +21,10 @@ import sys
 CHILD = r"""
 import json, sys
 import numpy as np
-from onnxdream.ascent import dream
-from onnxdream.gradient import GradientModel
-from onnxdream.resolve import resolve
-from onnxdream.settings import DreamSettings
+from onnxdream.dream.ascent import dream
+from onnxdream.runtime.gradient import GradientModel
+from onnxdream.settings.resolve import resolve
+from onnxdream.settings.options import DreamSettings
 
 def kb(key):
     for line in open('/proc/self/status'):

@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from onnxdream.ascent import dream
-from onnxdream.gradient import GradientModel
-from onnxdream.imageio import load_image, resize
-from onnxdream.resolve import resolve
-from onnxdream.settings import DreamSettings
+from onnxdream.dream.ascent import dream
+from onnxdream.media.imageio import load_image, resize
+from onnxdream.runtime.gradient import GradientModel
+from onnxdream.settings.options import DreamSettings
+from onnxdream.settings.resolve import resolve
 
 
 def main() -> None:

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxdream.ascent import dream
-from onnxdream.controls import init_image
+from onnxdream.dream.ascent import dream
+from onnxdream.dream.controls import init_image
 from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
-from onnxdream.gradient import GradientModel, resolve_model_path
-from onnxdream.settings import DreamSettings
+from onnxdream.runtime.gradient import GradientModel, resolve_model_path
+from onnxdream.settings.options import DreamSettings
 
 
 def circular(model: onnx.ModelProto) -> onnx.ModelProto:

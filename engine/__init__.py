@@ -1,6 +1,6 @@
 """onnxdream: DeepDream and feature visualisation on onnxruntime alone."""
 
-from onnxdream.errors import OnnxDreamError
+from onnxdream.core.errors import OnnxDreamError
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from onnxdream.videowrite import write_video
+from onnxdream.media.videowrite import write_video
 
 HERE = Path(__file__).resolve().parent
 

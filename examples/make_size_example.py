@@ -22,7 +22,8 @@ PANEL = 384
 
 
 def dream(src: Path, out: Path, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "onnxdream.cli", "dream", str(src), "-o", str(out), "--seed", "7",
+    cmd = [sys.executable, "-m", "onnxdream.cli.main", "dream", str(src), "-o", str(out), "--seed",
+    "7",
            "-q", *extra]
     print("onnxdream", *cmd[3:], flush=True)
     subprocess.run(cmd, check=True)

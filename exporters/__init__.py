@@ -13,8 +13,8 @@ use it. The public surface:
 - :class:`ExportResult` — what each of them returns: the path written, the layers, whether the
   model runs at any size, and notes on what was tried.
 
-An export that fails raises a :class:`onnxdream.errors.ModelError` (an :class:`ExportError` when
-the failure was not foreseen) whose message is one line naming the model.
+An export that fails raises a :class:`onnxdream.core.errors.ModelError` (an :class:`ExportError`
+when the failure was not foreseen) whose message is one line naming the model.
 
 The names are imported lazily: ``import onnxdream.exporters`` needs neither torch, timm nor
 keras.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
+from onnxdream.core.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.graph.contract import FRAMEWORK_KEY, LAYOUTS_KEY, PREPROCESS_KEY
 from onnxdream.exporters.preprocess import PREPROCESSING, preprocess_fn
 from onnxdream.exporters.torch_export import (
@@ -364,7 +364,7 @@ def _recommended_layers(layers: dict[str, Any], default: list[str]) -> list[str]
 
 
 def _imagenet_labels() -> list[str]:
-    from onnxdream.models.labels import imagenet_labels
+    from onnxdream.core.labels import imagenet_labels
 
     return imagenet_labels()
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
+from onnxdream.core.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.graph.contract import LAYOUTS_KEY, PREPROCESS_KEY
 from onnxdream.exporters.torch_export import (
     ExportResult,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import ModelError, OnnxDreamError, closest, first_line
+from onnxdream.core.errors import ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.graph.contract import PREPROCESS_KEY, model_metadata
 from onnxdream.exporters.preprocess import PREPROCESSING, imagenet_preprocess, preprocess_fn
 from onnxdream.exporters.tracing import (
@@ -199,10 +199,10 @@ def _weight_bytes(model: Any) -> int:
 
 
 def save_atomic(model: Any, out: Path) -> Path:
-    """Write ``out`` (and ``out.data`` for models over ~2 GB) atomically (onnxdream.atomic)."""
+    """Write ``out`` (and ``out.data`` for models over ~2 GB) atomically (onnxdream.core.atomic)."""
     import onnx
 
-    from onnxdream.atomic import write_atomic
+    from onnxdream.core.atomic import write_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

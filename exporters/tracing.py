@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxdream.errors import DependencyError, first_line
-from onnxdream.fdredirect import output_to
+from onnxdream.core.errors import DependencyError, first_line
+from onnxdream.core.fdredirect import output_to
 
 __all__ = [
     "import_torch",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnxdream.errors import ModelError, did_you_mean
+from onnxdream.core.errors import ModelError, did_you_mean
 from onnxdream.models.cache import cached_models, model_home
 from onnxdream.models.registry import DEFAULT_MODEL, ZOO, ZooEntry, get_entry
 
@@ -33,9 +33,9 @@ def list_zoo() -> list[ZooEntry]:
 
 def build_zoo_model(name: str):
     """Build zoo model ``name`` in memory (an ``onnx.ModelProto``), without touching the cache."""
+    from onnxdream.core.labels import imagenet_labels
     from onnxdream.models.checkpoint import load_state_dict
     from onnxdream.models.efficientnet_lite import build_efficientnet_lite
-    from onnxdream.models.labels import imagenet_labels
 
     entry = get_entry(name)
     return build_efficientnet_lite(

@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from onnxdream.atomic import write_atomic
-from onnxdream.errors import ModelError
+from onnxdream.core.atomic import write_atomic
+from onnxdream.core.errors import ModelError
 
 __all__ = [
     "HOME_ENV", "cached_models", "cached_path", "checkpoint_digest", "ensure_built",

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxdream.errors import ModelError, UnsafeCheckpointError
+from onnxdream.core.errors import ModelError, UnsafeCheckpointError
 
 __all__ = ["load_state_dict", "read_checkpoint"]
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxdream.errors import ModelError
+from onnxdream.core.errors import ModelError
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.contract import IMAGE, LOGITS, write_metadata
 

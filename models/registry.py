@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from onnxdream.errors import DependencyError, ModelError, did_you_mean
+from onnxdream.core.errors import DependencyError, ModelError, did_you_mean
 
 __all__ = ["DEFAULT_MODEL", "ZOO", "ZooEntry", "get_entry"]
 

@@ -98,7 +98,7 @@ NO_FRAMEWORKS = (
     "import sys\n"
     "for m in ('torch', 'torchvision', 'tensorflow', 'keras', 'jax'):\n"
     "    sys.modules[m] = None  # importing any of them now fails\n"
-    "from onnxdream.cli import main\n"
+    "from onnxdream.cli.main import main\n"
     "sys.argv = ['onnxdream'] + sys.argv[1:]\n"
     "main()\n"
 )

@@ -19,7 +19,7 @@ GAP = 4  # visualize.grid's gap
 
 
 def _cli(*args: str):
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -37,7 +37,7 @@ def _caption_strip(img: np.ndarray, i: int, cell: int) -> np.ndarray:
 
 
 def test_atlas_writes_one_labelled_cell_per_layer(model_home, tmp_path):
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     out = tmp_path / "atlas.png"
     layers = ["blocks.2", "blocks.5", "blocks.9"]
@@ -64,7 +64,7 @@ def test_atlas_writes_one_labelled_cell_per_layer(model_home, tmp_path):
 def test_atlas_defaults_to_the_recommended_layers_of_the_bundled_example(model_home, tmp_path,
                                                                            monkeypatch):
     from onnxdream.exporters.graph.contract import ModelInfo
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
     from onnxdream.models import resolve_model
 
     monkeypatch.chdir(tmp_path)
@@ -76,7 +76,7 @@ def test_atlas_defaults_to_the_recommended_layers_of_the_bundled_example(model_h
 
 
 def test_atlas_channels(model_home, tmp_path):
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     out = tmp_path / "channels.png"
     _cli("atlas", "--channels", "blocks.9", "--count", "3", "--cell", "64", "--steps", "6",
@@ -93,7 +93,7 @@ def test_atlas_channels(model_home, tmp_path):
 def test_atlas_all_layers_of_a_model_file_from_noise(model_home, tmp_path):
     import onnx
 
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     model = tmp_path / "tiny.onnx"
     onnx.save(tiny_classifier(), model)  # no metadata: every node output is a layer
@@ -107,7 +107,7 @@ def test_atlas_all_layers_of_a_model_file_from_noise(model_home, tmp_path):
 
 
 def test_atlas_user_errors_are_one_line(model_home, tmp_path):
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     runner = CliRunner()
     for args, needle in [(["--layers", "blocks.99"], "unknown layer 'blocks.99'"),
@@ -129,8 +129,8 @@ def test_atlas_user_errors_are_one_line(model_home, tmp_path):
 def test_zoo_models_carry_their_recommendations(model_home, name):
     from onnxdream.exporters.graph.contract import ModelInfo
     from onnxdream.models import ZOO, resolve_model
-    from onnxdream.resolve import resolve
-    from onnxdream.settings import DreamSettings
+    from onnxdream.settings.options import DreamSettings
+    from onnxdream.settings.resolve import resolve
 
     entry = ZOO[name]
     info = ModelInfo.load(resolve_model(name))
@@ -146,7 +146,7 @@ def test_zoo_models_carry_their_recommendations(model_home, name):
 
 
 def test_dream_uses_the_models_step_size_unless_given(model_home, tmp_path):
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
     from onnxdream.models import ZOO
 
     src = tmp_path / "small.png"
@@ -163,8 +163,8 @@ def test_dream_uses_the_models_step_size_unless_given(model_home, tmp_path):
 def test_a_model_without_recommendations(tmp_path):
     """No step size: the engine's default; no recommended layers: the default ones."""
     from onnxdream.exporters.graph.contract import ModelInfo, write_metadata
-    from onnxdream.resolve import resolve
-    from onnxdream.settings import DreamSettings
+    from onnxdream.settings.options import DreamSettings
+    from onnxdream.settings.resolve import resolve
 
     info = ModelInfo.load(tiny_classifier())
     assert info.step_size is None and info.recommended_layers == []
@@ -189,8 +189,8 @@ def test_server_atlas_thumbnails_are_computed_once_and_cached(model_home, tmp_pa
     import onnx
 
     from onnxdream.exporters.graph.contract import write_metadata
-    from onnxdream.server import ServerConfig, create_app
-    from onnxdream.settings import DreamSettings
+    from onnxdream.server.app import ServerConfig, create_app
+    from onnxdream.settings.options import DreamSettings
 
     path = tmp_path / "tiny.onnx"
     onnx.save(write_metadata(tiny_classifier(), name="tiny",
@@ -254,10 +254,10 @@ def test_server_atlas_thumbnails_are_computed_once_and_cached(model_home, tmp_pa
 def test_atlas_job_steps_aside_between_thumbnails_when_dreams_wait(model_home, tmp_path):
     import onnx
 
-    from onnxdream.atlas_cache import AtlasRequest
     from onnxdream.exporters.graph.contract import write_metadata
-    from onnxdream.jobs import ModelCache, ServerConfig
-    from onnxdream.settings import DreamSettings
+    from onnxdream.jobs.atlas_cache import AtlasRequest
+    from onnxdream.jobs.queue import ModelCache, ServerConfig
+    from onnxdream.settings.options import DreamSettings
 
     path = tmp_path / "tiny.onnx"
     onnx.save(write_metadata(tiny_classifier(), name="tiny",
@@ -276,7 +276,7 @@ def test_atlas_job_steps_aside_between_thumbnails_when_dreams_wait(model_home, t
 
 
 def test_layer_file_names_are_safe():
-    from onnxdream.atlas_cache import layer_file
+    from onnxdream.jobs.atlas_cache import layer_file
 
     assert layer_file("blocks.5") == "blocks.5"
     odd = layer_file("model/block_1/Relu6:0")

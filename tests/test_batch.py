@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_classifier
-from onnxdream import batch
-from onnxdream.errors import DependencyError, SettingsError
-from onnxdream.settings import DreamSettings
+from onnxdream.batch import run as batch
+from onnxdream.core.errors import DependencyError, SettingsError
+from onnxdream.settings.options import DreamSettings
 
 LAYERS = ("conv", "act")
 # tiny and quick: 2 octaves (the images are >= 45 px), 3 steps
@@ -75,7 +75,7 @@ def reference(model_home, threads_1, tiny_model, photos, tmp_path_factory) -> di
     """What `onnxdream dream` writes for each image x layer (seed 0), by output name."""
     from typer.testing import CliRunner
 
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     out = tmp_path_factory.mktemp("reference")
     runner = CliRunner()
@@ -145,7 +145,7 @@ def test_local_batch_equals_dream(reference, tiny_model, photos, tmp_path):
     check_rows(manifest(out / "manifest.jsonl"), photos)
     assert "12 dreamed, 0 already done, 2 failed" in proc.stderr
     assert "Traceback" not in proc.stderr
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     meta = read_metadata(out / "sub/e--act--s0.png")
     assert meta[batch.HASH_KEY] and "--layer act:1" in meta["onnxdream:command"]
@@ -247,7 +247,7 @@ def test_a_dead_worker_fails_its_item_only(model_home, threads_1, tiny_model, tm
                                      DreamSettings(model=str(tiny_model), layers=("conv",),
                                                    steps=60, octaves=1, seed=0)))
     rows, killed = [], False
-    from onnxdream.batch_local import local_rows
+    from onnxdream.batch.local_backend import local_rows
 
     gen = local_rows(items, workers=2, threads=1)
     with contextlib.closing(gen):
@@ -367,7 +367,7 @@ def test_video_in_a_batch(model_home, threads_1, tiny_model, tmp_path):
     settings = DreamSettings(model=str(tiny_model), octaves=1, steps=2)
     rows = batch.run([clip], settings, output_dir=tmp_path / "out", workers=1)
     assert [(r.status, Path(r.output).name) for r in rows] == [("ok", "clip--act--s0.mp4")], rows
-    from onnxdream.videoio import probe
+    from onnxdream.media.videoio import probe
 
     info = probe(tmp_path / "out" / "clip--act--s0.mp4")
     assert info.frames == 5 and info.size == videoclip.SIZE
@@ -378,7 +378,7 @@ def test_video_in_a_batch(model_home, threads_1, tiny_model, tmp_path):
 def test_resume_reads_sizes_from_headers(tmp_path):
     """The resume check takes (h, w) from the header, EXIF rotation included, as load_image
     gives them after decoding."""
-    from onnxdream.imageio import load_image
+    from onnxdream.media.imageio import load_image
 
     im = Image.fromarray(np.zeros((40, 70, 3), np.uint8))
     exif = im.getexif()

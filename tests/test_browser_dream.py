@@ -44,12 +44,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def python_dream(image: Path, **settings) -> tuple[np.ndarray, dict[str, str]]:
     """The Python engine's result as its PNG has it (8-bit) and that PNG's metadata, with the
     browser's settings (the browser never tiles: tile_size 0)."""
-    from onnxdream.ascent import dream
-    from onnxdream.gradient import GradientModel
-    from onnxdream.imageio import load_image, to_uint8
-    from onnxdream.provenance import dream_metadata
-    from onnxdream.resolve import resolve
-    from onnxdream.settings import DreamSettings
+    from onnxdream.dream.ascent import dream
+    from onnxdream.media.imageio import load_image, to_uint8
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.settings.options import DreamSettings
+    from onnxdream.settings.provenance import dream_metadata
+    from onnxdream.settings.resolve import resolve
 
     s = DreamSettings(tile_size=0, **settings)
     rgb = load_image(image).rgb
@@ -71,7 +71,7 @@ def png_of(data_url: str) -> tuple[np.ndarray, dict[str, str]]:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, model_home):
     """A site for the default model (its default layer), with a 128x96 test photo in it."""
-    from onnxdream.web import export_site
+    from onnxdream.browser.site import export_site
 
     root = tmp_path_factory.mktemp("web") / "site"
     export_site(root, ort_dir=ORT_DIR)
@@ -184,9 +184,9 @@ def test_site_jitter_follows_the_clis_random_rolls(site, site_page):
 def test_the_pages_rules_are_the_engines(site_page):
     """Octave sizes (the resolver's rule), numpy's generator and Python's float spelling, as
     the module computes them, against Python."""
-    from onnxdream.resolve import resolve
-    from onnxdream.settings import DreamSettings
-    from onnxdream.web import resolver_rule
+    from onnxdream.browser.site import resolver_rule
+    from onnxdream.settings.options import DreamSettings
+    from onnxdream.settings.resolve import resolve
 
     cases = [(h, w, n, s) for h, w in ((96, 128), (33, 33), (45, 320), (513, 769), (2000, 31),
                                        (224, 224), (1000, 1400)) for n in (1, 3, 5, 12)
@@ -215,7 +215,7 @@ def test_the_pages_rules_are_the_engines(site_page):
         auto = False
     if auto:
         from onnxdream.exporters.graph.contract import ModelInfo
-        from onnxdream.gradient import resolve_model_path
+        from onnxdream.runtime.gradient import resolve_model_path
 
         info = ModelInfo.load(resolve_model_path("efficientnet-lite0"))
         for (h, w, s), got in zip(autos, js["autos"]):
@@ -282,7 +282,7 @@ def test_site_dreams_on_webgpu_where_offered(playwright, model_home, tmp_path):
     CPU, so this is about correctness, at a small size), against the Python engine."""
     import threading
 
-    from onnxdream.web import export_site, site_server
+    from onnxdream.browser.site import export_site, site_server
 
     root = export_site(tmp_path / "gpu", ort_dir=ORT_DIR, webgpu=True).path
     with Image.open(photo("chelsea.png")) as im:

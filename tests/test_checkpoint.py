@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from onnxdream.errors import ModelError, UnsafeCheckpointError  # noqa: E402
+from onnxdream.core.errors import ModelError, UnsafeCheckpointError  # noqa: E402
 from onnxdream.models.checkpoint import load_state_dict, read_checkpoint  # noqa: E402
 from onnxdream.models.registry import ZOO  # noqa: E402
 

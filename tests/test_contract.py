@@ -13,7 +13,7 @@ import pytest
 from onnx import helper
 
 from conftest import tiny_classifier
-from onnxdream.errors import LayerError, ModelError
+from onnxdream.core.errors import LayerError, ModelError
 from onnxdream.exporters.graph import compile_gradient
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.contract import (
@@ -28,7 +28,7 @@ from onnxdream.exporters.graph.contract import (
     write_metadata,
 )
 from onnxdream.exporters.graph.objective import channel, l2, mean, weighted_channels
-from onnxdream.session import create_session
+from onnxdream.runtime.session import create_session
 
 
 def tiny(with_metadata: bool = True) -> onnx.ModelProto:
@@ -97,7 +97,7 @@ def test_bad_metadata_json_names_the_key():
 
 
 def test_zoo_model_follows_the_contract(model_home):
-    from onnxdream.gradient import resolve_model_path
+    from onnxdream.runtime.gradient import resolve_model_path
 
     info = ModelInfo.load(resolve_model_path("efficientnet-lite0"))
     assert info.name == "efficientnet-lite0" and info.has_logits and info.dynamic_hw
@@ -129,7 +129,7 @@ def test_term_weights_are_a_runtime_input():
 
 
 def test_gradient_models_share_one_compiled_graph(model_home):
-    from onnxdream.gradient import GradientModel, _cache_dir
+    from onnxdream.runtime.gradient import GradientModel, _cache_dir
 
     def cached():
         return {p.name for p in _cache_dir().glob("efficientnet-lite0-*.onnx")}
@@ -189,7 +189,7 @@ def masked_graph() -> onnx.ModelProto:
 
 
 def test_tiles_cut_spatial_parameters_like_the_image():
-    from onnxdream.gradient import GradientModel, TileInfo
+    from onnxdream.runtime.gradient import GradientModel, TileInfo
 
     h, w = 70, 90
     img = np.random.default_rng(3).random((3, h, w), dtype=np.float32)
@@ -209,7 +209,7 @@ def test_tiles_cut_spatial_parameters_like_the_image():
 
 @pytest.mark.parametrize("static", [False, True])
 def test_step_graphs_roll_spatial_parameters_with_the_image(static):
-    from onnxdream.device_loop import DeviceAscent
+    from onnxdream.runtime.device_loop import DeviceAscent
 
     h, w, step = 20, 24, 0.01
     img = np.random.default_rng(5).random((3, h, w), dtype=np.float32)

@@ -24,8 +24,9 @@ from onnxdream.exporters.graph import (
     mean,
 )
 from onnxdream.exporters.graph.contract import MASK, STEP_MASK
-from onnxdream.imageio import load_image, read_png_metadata
-from onnxdream.session import create_session
+from onnxdream.media.imageio import load_image, read_png_metadata
+from onnxdream.runtime.session import create_session
+from onnxdream.settings.build import from_options
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -84,7 +85,7 @@ def test_guide_and_mask_terms_match_torch_autograd():
 def test_region_mask_is_resized_to_the_layer(model_home):
     """On a strided layer (Lite0 blocks.5, stride 16) a mask that is black on the right half
     takes those positions out of the objective: no gradient there beyond the receptive field."""
-    from onnxdream.gradient import GradientModel
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel("efficientnet-lite0", ["blocks.5"], device="cpu", threads=1)
     x = np.random.default_rng(1).random((1, 3, 128, 256), dtype=np.float32)
@@ -99,8 +100,8 @@ def test_region_mask_is_resized_to_the_layer(model_home):
 def test_guide_and_layer_masks_tile_like_the_image(model_home):
     """The tiler passes the guide's features whole and cuts the region masks per tile: with
     halos covering the receptive field, the tiled gradient is the untiled one."""
-    from onnxdream.controls import guide_params
-    from onnxdream.gradient import GradientModel
+    from onnxdream.dream.controls import guide_params
+    from onnxdream.runtime.gradient import GradientModel
 
     # one layer: the tiler rescales tiles by one stride's position count
     gm = GradientModel("efficientnet-lite0", guide("blocks.5") + 0.5 * mean("blocks.5"),
@@ -124,7 +125,7 @@ def test_guide_and_layer_masks_tile_like_the_image(model_home):
 def _small(name: str, width: int = 224) -> np.ndarray:
     rgb = load_image(photo(name)).rgb
     h = round(rgb.shape[0] * width / rgb.shape[1])
-    from onnxdream.imageio import resize
+    from onnxdream.media.imageio import resize
 
     return np.clip(resize(rgb, (h, width)), 0, 1)
 
@@ -141,10 +142,10 @@ def _cos(a, b) -> float:
 def test_guided_dream_moves_features_toward_the_guide(model_home, pair):
     """Cosine similarity of the dream's pooled layer features with the guide's: higher guided
     than unguided at the same settings (Python API: Controls + dream(params=...))."""
-    from onnxdream.ascent import dream
-    from onnxdream.controls import Controls
-    from onnxdream.gradient import GradientModel
-    from onnxdream.settings import DreamSettings
+    from onnxdream.dream.ascent import dream
+    from onnxdream.dream.controls import Controls
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.settings.options import DreamSettings
 
     src, guide_rgb = _small(pair[0]), _small(pair[1])
     plain = DreamSettings(layers=("blocks.5",), octaves=2, steps=10, seed=0)
@@ -175,10 +176,10 @@ def _mask(h: int, w: int) -> np.ndarray:
 def test_mask_keeps_black_pixels(model_home, tile_size):
     """Where the mask is black the photo stays as it was (<= 1/255), untiled and in tiles;
     inside it the dream is as strong as an unmasked dream's."""
-    from onnxdream.ascent import dream
-    from onnxdream.controls import Controls
-    from onnxdream.gradient import GradientModel
-    from onnxdream.settings import DreamSettings
+    from onnxdream.dream.ascent import dream
+    from onnxdream.dream.controls import Controls
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.settings.options import DreamSettings
 
     src = _small("chelsea.png", 192)
     h, w = src.shape[:2]
@@ -199,7 +200,7 @@ def test_mask_keeps_black_pixels(model_home, tile_size):
 
 def test_step_graph_takes_the_step_mask(model_home):
     """The CUDA loop's step graph (run here on the CPU) multiplies the step by step_mask."""
-    from onnxdream.gradient import GradientModel
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel("efficientnet-lite0", ["blocks.5"], device="cpu", threads=1)
     img = np.ascontiguousarray(_small("chelsea.png", 128).transpose(2, 0, 1))
@@ -214,7 +215,7 @@ def test_step_graph_takes_the_step_mask(model_home):
 
 
 def test_keep_colors_keeps_the_chroma_exactly():
-    from onnxdream.controls import keep_colors
+    from onnxdream.dream.controls import keep_colors
 
     rng = np.random.default_rng(2)
     photo_ = np.round(rng.random((3, 40, 50)) * 255).astype(np.float32) / 255
@@ -329,10 +330,10 @@ def test_cli_bad_control_inputs_are_one_line(model_home, tmp_path, args, needle)
 
 
 def test_settings_controls_round_trip():
-    from onnxdream.errors import SettingsError
-    from onnxdream.settings import DreamSettings
+    from onnxdream.core.errors import SettingsError
+    from onnxdream.settings.options import DreamSettings
 
-    s = DreamSettings.from_options(guide="g.png", mask="m.png", mask_layers=["a.png", "b.png"],
+    s = from_options(guide="g.png", mask="m.png", mask_layers=["a.png", "b.png"],
                                    feather=3, keep_colors=True, seamless=True, seed=5)
     assert s.objective == "guide"
     argv = s.to_argv("photo.jpg", "out.png")
@@ -361,7 +362,7 @@ def test_server_control_fields(model_home):
     image is a 400 naming it; the PNG records the uploads' hashes."""
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     with Image.open(photo("chelsea.png")) as im:
         small = im.convert("RGB").crop((150, 40, 278, 136))

@@ -11,11 +11,11 @@ import onnx
 import pytest
 
 from conftest import photo
-from onnxdream.ascent import DreamSettings, ascend
-from onnxdream.device_loop import DeviceAscent
+from onnxdream.dream.ascent import DreamSettings, ascend
 from onnxdream.exporters.graph.step import step_graph
-from onnxdream.gradient import GradientModel
-from onnxdream.imageio import load_image, resize
+from onnxdream.media.imageio import load_image, resize
+from onnxdream.runtime.device_loop import DeviceAscent
+from onnxdream.runtime.gradient import GradientModel
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,8 @@ def test_cuda_sessions_take_the_device_loop(gm, monkeypatch):
 
 # -- per-shape sessions and CUDA graphs ---------------------------------------------------------
 from onnxdream import device_loop  # noqa: E402
-from onnxdream.device_loop import STATIC_CACHE, StaticSteps, roll_indices  # noqa: E402
 from onnxdream.exporters.graph.step import STATIC_INPUTS, static_step_graph  # noqa: E402
+from onnxdream.runtime.device_loop import STATIC_CACHE, StaticSteps, roll_indices  # noqa: E402
 
 
 def _proto(gm):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import photo, run_cli
-from onnxdream.imageio import load_image, read_png_metadata
+from onnxdream.media.imageio import load_image, read_png_metadata
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,10 +68,10 @@ def test_dream_equals_the_same_loop_in_pytorch(model_home, tmp_path):
     import onnx
 
     from gradcheck import onnx_decisions, shared_decisions
-    from onnxdream.ascent import DreamSettings, ascend
-    from onnxdream.gradient import GradientModel
-    from onnxdream.imageio import to_uint8
+    from onnxdream.dream.ascent import DreamSettings, ascend
+    from onnxdream.media.imageio import to_uint8
     from onnxdream.models import zoo_model_path
+    from onnxdream.runtime.gradient import GradientModel
 
     src = photo("chelsea.png")
     out = tmp_path / "onnx.png"
@@ -139,7 +139,7 @@ def test_compile_class_objective_matches_autograd(model_home, tmp_path):
 
 def test_tiles_join_without_seams(model_home):
     """Where the halo covers the receptive field, the tiled gradient equals the untiled one."""
-    from onnxdream.gradient import GradientModel
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel("efficientnet-lite0", ["blocks.2"])
     assert (gm.tile_info.receptive_field, gm.tile_info.stride) == (19, 4)
@@ -242,7 +242,7 @@ def test_models_and_layers_listing(model_home):
 
 
 def test_corrupt_compiled_graph_is_rebuilt(model_home):
-    from onnxdream.gradient import GradientModel, _cache_dir
+    from onnxdream.runtime.gradient import GradientModel, _cache_dir
 
     GradientModel("efficientnet-lite0", ["blocks.3"])
     cached = [p for p in _cache_dir().glob("*.onnx")]

@@ -36,7 +36,7 @@ import onnx  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from gradcheck import onnx_decisions, relative_error, session, shared_decisions  # noqa: E402
-from onnxdream.errors import ModelError  # noqa: E402
+from onnxdream.core.errors import ModelError  # noqa: E402
 from onnxdream.exporters import export_keras  # noqa: E402
 from onnxdream.exporters.graph import compile_gradient  # noqa: E402
 

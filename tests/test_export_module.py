@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from conftest import REPO, photo, run_cli  # noqa: E402
-from onnxdream.errors import ModelError  # noqa: E402
+from onnxdream.core.errors import ModelError  # noqa: E402
 from onnxdream.exporters import ExportError, ExportResult, export_module  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
@@ -174,7 +174,7 @@ def test_unexpected_exception_is_one_line_naming_the_model(tmp_path):
 def test_unexpected_exception_in_the_cli_is_a_one_line_error(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
     from onnxdream.exporters import torchvision as tv_export
 
     def broken(*args, **kwargs):

@@ -22,7 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import run_cli  # noqa: E402
 from gradcheck import compare  # noqa: E402
-from onnxdream.errors import DependencyError, ModelError  # noqa: E402
+from onnxdream.core.errors import DependencyError, ModelError  # noqa: E402
 from onnxdream.exporters import ExportResult, export_timm  # noqa: E402
 from onnxdream.exporters import timm as timm_export  # noqa: E402
 from onnxdream.exporters.timm import build_timm, timm_data_config  # noqa: E402
@@ -265,7 +265,7 @@ def test_default_weights_without_internet(tmp_path, monkeypatch):
 def test_cli_errors_are_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     result = CliRunner().invoke(app, ["export", "timm", "convnext_atom", "-o",
                                       str(tmp_path / "c.onnx"), "--weights", "none"])
@@ -277,7 +277,7 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_says_why_a_model_is_fixed_size(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     def fake(name, out, weights, pretrained_cfg=None, progress=None):
         progress("exporting")

@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from conftest import run_cli  # noqa: E402
-from onnxdream.errors import DependencyError, ModelError, OnnxDreamError  # noqa: E402
+from onnxdream.core.errors import DependencyError, ModelError, OnnxDreamError  # noqa: E402
 from onnxdream.exporters import ExportResult, torch_export, tracing  # noqa: E402
 from onnxdream.exporters.torchvision import build_torchvision, export_torchvision  # noqa: E402
 

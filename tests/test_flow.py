@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("cv2")
 
 import videoclip  # noqa: E402
-from onnxdream.errors import OnnxDreamError  # noqa: E402
-from onnxdream.flow import (  # noqa: E402
+from onnxdream.core.errors import OnnxDreamError  # noqa: E402
+from onnxdream.video.flow import (  # noqa: E402
     FlowEstimator,
     coherent_input,
     consistency_mask,

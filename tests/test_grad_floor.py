@@ -9,11 +9,11 @@ import onnx
 import pytest
 
 from conftest import photo
-from onnxdream.ascent import DreamSettings, ascend
-from onnxdream.device_loop import DeviceAscent
-from onnxdream.gradient import GradientModel
-from onnxdream.imageio import load_image, resize
-from onnxdream.normalize import divisor, normalize
+from onnxdream.dream.ascent import DreamSettings, ascend
+from onnxdream.dream.normalize import divisor, normalize
+from onnxdream.media.imageio import load_image, resize
+from onnxdream.runtime.device_loop import DeviceAscent
+from onnxdream.runtime.gradient import GradientModel
 
 
 def test_divisor_and_normalizers():

@@ -238,7 +238,7 @@ def test_one_graph_serves_every_size_and_batch():
 def test_control_flow_on_the_path_is_an_error_not_a_dropped_path():
     # torch exports local_response_norm with an If on the data path; the If has no rule
     from gradcheck import export
-    from onnxdream.errors import UnsupportedOpError
+    from onnxdream.core.errors import UnsupportedOpError
 
     m = Lambda(lambda x, c: F.local_response_norm(c(x), 5), conv(3, 8, 1))
     with pytest.raises(UnsupportedOpError, match=r"no gradient rule for op If .*layer 'y'"):

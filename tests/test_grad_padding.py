@@ -287,7 +287,7 @@ def test_pad_modes_runtime_pads_and_axes(mode):
 def test_unsupported_auto_pad_names_the_node():
     nodes = [helper.make_node("Conv", ["image", "w"], ["y"], name="stem", auto_pad="SAME_MIDDLE")]
     onnx_model = model(nodes, [numpy_helper.from_array(weights((2, 3, 3, 3)), "w")])
-    from onnxdream.errors import UnsupportedOpError
+    from onnxdream.core.errors import UnsupportedOpError
 
     with pytest.raises(UnsupportedOpError, match="Conv node 'stem'.*SAME_MIDDLE"):
         compile_gradient(onnx_model, ["y"])

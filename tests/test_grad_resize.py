@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from gradcheck import Lambda, compare, relative_error, session
-from onnxdream.errors import UnsupportedOpError
+from onnxdream.core.errors import UnsupportedOpError
 from onnxdream.exporters.graph import compile_gradient
 
 SIZES = [(9, 11), (8, 6)]

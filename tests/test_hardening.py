@@ -47,7 +47,7 @@ def huge_initializer_model(path: Path) -> Path:
 
 
 def _cli(*args: str):
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     result = CliRunner().invoke(app, list(args))
     out = result.output + (getattr(result, "stderr", "") or "")
@@ -59,10 +59,10 @@ def _cli(*args: str):
 
 
 def test_huge_or_non_finite_weights_and_options_are_refused(model_home, tmp_path):
-    from onnxdream.errors import LayerError, SettingsError
+    from onnxdream.core.errors import LayerError, SettingsError
     from onnxdream.exporters.graph import mean
-    from onnxdream.gradient import GradientModel
-    from onnxdream.settings import DreamSettings
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.settings.options import DreamSettings
 
     out = tmp_path / "out.png"
     image = str(photo("chelsea.png"))
@@ -91,10 +91,10 @@ def test_huge_or_non_finite_weights_and_options_are_refused(model_home, tmp_path
 
 def test_a_non_finite_dream_stops_with_a_clear_error(model_home, tmp_path):
     """A model whose layer overflows float32: exit 2 and one line, no black image written."""
-    from onnxdream.ascent import dream
-    from onnxdream.errors import NonFiniteError
-    from onnxdream.gradient import GradientModel
-    from onnxdream.settings import DreamSettings
+    from onnxdream.core.errors import NonFiniteError
+    from onnxdream.dream.ascent import dream
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.settings.options import DreamSettings
 
     model = overflowing_model(tmp_path / "overflow.onnx")
     out = tmp_path / "dream.png"
@@ -131,7 +131,7 @@ def tiny_path(tmp_path: Path) -> Path:
 
 
 def test_a_huge_declared_initializer_is_a_one_line_error(model_home, tmp_path):
-    from onnxdream.errors import ModelError
+    from onnxdream.core.errors import ModelError
     from onnxdream.exporters.graph import load_model
 
     path = huge_initializer_model(tmp_path / "huge.onnx")
@@ -152,8 +152,8 @@ def test_a_huge_declared_initializer_is_a_one_line_error(model_home, tmp_path):
 
 @pytest.fixture
 def compiles(monkeypatch):
-    """Counts gradient compiles (onnxdream.gradient.compile_gradient calls)."""
-    import onnxdream.gradient as gradient
+    """Counts gradient compiles (onnxdream.runtime.gradient.compile_gradient calls)."""
+    import onnxdream.runtime.gradient as gradient
 
     calls = []
     real = gradient.compile_gradient
@@ -175,8 +175,8 @@ def test_twenty_weightings_share_one_model_and_one_compiled_graph(model_home, tm
                                                                   compiles):
     """The server's model cache: 20 weightings of a layer compile once, load once, and the
     compiled graphs on disk stay within the budget; no request changes the shared model."""
-    from onnxdream.jobs import ModelCache, ServerConfig
-    from onnxdream.settings import DreamSettings
+    from onnxdream.jobs.queue import ModelCache, ServerConfig
+    from onnxdream.settings.options import DreamSettings
 
     cache = ModelCache(ServerConfig(workers=1, cache_mb=40))
     cache.compiled.directory = tmp_path / "compiled"  # a private cache for this test
@@ -201,8 +201,8 @@ def test_twenty_weightings_share_one_model_and_one_compiled_graph(model_home, tm
 def test_the_disk_budget_evicts_least_recently_used_graphs(model_home, tmp_path, compiles):
     from onnxdream.exporters.graph.compiler import compile_gradient
     from onnxdream.exporters.graph.objective import Objective
-    from onnxdream.gradient import GradientModel
-    from onnxdream.graph_cache import CompiledCache
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.runtime.graph_cache import CompiledCache
 
     model = tiny_path(tmp_path)
     sizes = {(layer, kind): compile_gradient(str(model), Objective.build([layer], kind)).ByteSize()
@@ -248,9 +248,9 @@ def test_the_disk_budget_evicts_least_recently_used_graphs(model_home, tmp_path,
 
 
 def test_cache_budget_from_the_environment(monkeypatch):
-    from onnxdream.errors import OnnxDreamError
-    from onnxdream.graph_cache import DEFAULT_BUDGET_MB, CompiledCache
-    from onnxdream.jobs import ServerConfig
+    from onnxdream.core.errors import OnnxDreamError
+    from onnxdream.jobs.queue import ServerConfig
+    from onnxdream.runtime.graph_cache import DEFAULT_BUDGET_MB, CompiledCache
 
     monkeypatch.delenv("ONNXDREAM_CACHE_MB", raising=False)
     assert CompiledCache().budget_mb == DEFAULT_BUDGET_MB == 512
@@ -269,10 +269,10 @@ def test_cache_budget_from_the_environment(monkeypatch):
 
 
 def test_a_failed_compile_or_write_leaves_nothing(model_home, tmp_path, monkeypatch):
-    import onnxdream.gradient as gradient
-    from onnxdream.errors import ModelError, UnsupportedOpError
-    from onnxdream.gradient import GradientModel
-    from onnxdream.graph_cache import CompiledCache
+    import onnxdream.runtime.gradient as gradient
+    from onnxdream.core.errors import ModelError, UnsupportedOpError
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.runtime.graph_cache import CompiledCache
 
     model = tiny_path(tmp_path)
     directory = tmp_path / "compiled"
@@ -319,7 +319,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from onnxdream.atomic import write_atomic
+from onnxdream.core.atomic import write_atomic
 
 def slow(tmp):
     Path(tmp).write_bytes(b"x" * 100000)
@@ -334,9 +334,9 @@ def test_kill_9_during_a_cache_write_leaves_a_temp_that_the_next_start_removes(t
     """A writer killed mid-write leaves its temporary; a server starting an hour later removes
     it (a younger one may be another process's write in progress: kept)."""
     pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
-    from onnxdream.graph_cache import CompiledCache
-    from onnxdream.jobs import ModelCache, ServerConfig
-    from onnxdream.server import create_app
+    from onnxdream.jobs.queue import ModelCache, ServerConfig
+    from onnxdream.runtime.graph_cache import CompiledCache
+    from onnxdream.server.app import create_app
 
     home = tmp_path / "home"
     compiled = home / "compiled"
@@ -415,8 +415,8 @@ class FakeClock:
 
 
 def _request(width: int, height: int):
-    from onnxdream.jobs import DreamRequest
-    from onnxdream.settings import DreamSettings
+    from onnxdream.jobs.queue import DreamRequest
+    from onnxdream.settings.options import DreamSettings
 
     return DreamRequest(settings=DreamSettings(octaves=1, steps=10, seed=1), fmt="png",
                         image=None, alpha=None, size=(width, height))
@@ -427,8 +427,8 @@ def test_retry_after_is_the_work_waiting_at_the_recent_speed(monkeypatch, histor
     """17 dreams of ~50 s waiting: Retry-After says ~14 minutes, not 1 s (the old estimate:
     the mean time of recent jobs, tiny ones here, times the queue). Without history the
     running dream's progress gives the speed."""
-    import onnxdream.jobs as jobs
-    from onnxdream.jobs import JobCancelled, JobManager, QueueFull, ServerConfig
+    import onnxdream.jobs.queue as jobs
+    from onnxdream.jobs.queue import JobCancelled, JobManager, QueueFull, ServerConfig
 
     clock, release, started = FakeClock(), threading.Event(), threading.Event()
 
@@ -466,7 +466,7 @@ def test_retry_after_is_the_work_waiting_at_the_recent_speed(monkeypatch, histor
 
 
 def test_nothing_known_yet_assumes_ten_seconds_a_dream(monkeypatch):
-    from onnxdream.jobs import JobManager, ServerConfig
+    from onnxdream.jobs.queue import JobManager, ServerConfig
 
     manager = JobManager(ServerConfig(workers=2, max_queue=4), None, clock=FakeClock())
     assert manager.retry_after() == 1
@@ -476,8 +476,8 @@ def test_nothing_known_yet_assumes_ten_seconds_a_dream(monkeypatch):
 
 
 def test_admission_holds_a_place_and_gives_it_back(monkeypatch):
-    import onnxdream.jobs as jobs
-    from onnxdream.jobs import JobManager, QueueFull, ServerConfig, ShuttingDown
+    import onnxdream.jobs.queue as jobs
+    from onnxdream.jobs.queue import JobManager, QueueFull, ServerConfig, ShuttingDown
 
     release = threading.Event()
     monkeypatch.setattr(jobs, "run_request", lambda req, models, job: release.wait(30) and b"")

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import photo
-from onnxdream import imageio
-from onnxdream.errors import ImageError, OnnxDreamError
-from onnxdream.imageio import (
+from onnxdream.core.errors import ImageError, OnnxDreamError
+from onnxdream.media import imageio
+from onnxdream.media.imageio import (
     LoadedImage,
     load_image,
     load_image_bytes,
@@ -26,7 +26,7 @@ from onnxdream.imageio import (
     resize,
     to_uint8,
 )
-from onnxdream.imagewrite import check_output_path, save_image
+from onnxdream.media.imagewrite import check_output_path, save_image
 
 
 def _gradient_rgb(h: int = 24, w: int = 32) -> np.ndarray:
@@ -484,5 +484,5 @@ def test_resize_same_size_is_a_copy_and_bad_args():
 
 
 def test_import_does_not_need_onnxruntime():
-    code = "import sys, onnxdream.imageio; assert 'onnxruntime' not in sys.modules"
+    code = "import sys, onnxdream.media.imageio; assert 'onnxruntime' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -114,7 +114,7 @@ def test_tf2onnx_aliases_and_tensor_names_are_the_same_layer(mobilenet):
 def test_tf2onnx_logits_and_predict_match_tensorflow(tmp_path):
     """The wrapped model's logits equal TF's; `predict` at the model's native size too."""
     from onnxdream.exporters.graph.importer import import_onnx
-    from onnxdream.predict import Classifier
+    from onnxdream.runtime.predict import Classifier
 
     ref = np.load(TF_GRADS)
     h, w = (int(v) for v in ref["sizes"][0])
@@ -262,7 +262,7 @@ def test_server_dreams_on_an_imported_model_and_explains_an_unwrapped_one(ppocr,
     httpx = pytest.importorskip("httpx")
     from PIL import Image
 
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     raw = tmp_path / "rawocr.onnx"
     raw.write_bytes(PPOCR.read_bytes())
@@ -399,7 +399,7 @@ def test_missing_or_corrupt_file_is_one_line(model_home, tmp_path):
 
 def test_a_model_that_runs_at_one_size_needs_size(tmp_path):
     """Symbolic H/W in the file, but a Reshape that only fits 16x16: --size says which."""
-    from onnxdream.errors import ModelError
+    from onnxdream.core.errors import ModelError
     from onnxdream.exporters.graph.importer import import_onnx
 
     src = tiny_network(tmp_path / "net.onnx", ["n", 3, "h", "w"], flatten_to=8 * 16 * 16)
@@ -515,7 +515,7 @@ def test_aliases_are_short_unique_and_never_shadow_a_tensor():
 
 
 def test_reimporting_a_dreamable_model_is_refused(tmp_path, mobilenet):
-    from onnxdream.errors import ModelError
+    from onnxdream.core.errors import ModelError
     from onnxdream.exporters.graph.importer import import_onnx
 
     with pytest.raises(ModelError, match="already a dreamable model"):

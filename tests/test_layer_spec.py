@@ -14,7 +14,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import run_cli
-from onnxdream.errors import LayerError
+from onnxdream.core.errors import LayerError
 from onnxdream.exporters.graph import LayerSpec, Objective, compile_gradient
 
 RELU = "model/block_1/Relu6:0"
@@ -86,7 +86,7 @@ def test_compile_takes_tensor_names_ending_in_colon_zero(model_home, tmp_path):
 
 
 def test_gradient_model_reads_the_names_too(model_home, tmp_path):
-    from onnxdream.gradient import GradientModel
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel(tf2onnx_like(tmp_path / "tf.onnx"), [RELU + ":2"], "mean", cache=False)
     assert gm.objective.describe() == f"2*mean({RELU})"

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from onnxdream.errors import LayerError, OnnxDreamError
-from onnxdream.presets import PRESETS, get_preset, resolve_preset
+from onnxdream.core.errors import LayerError, OnnxDreamError
+from onnxdream.settings.presets import PRESETS, get_preset, resolve_preset
 
 INCEPTION_LAYERS = [f"mixed{i}" for i in range(11)] + ["conv2d", "activation"]
 
@@ -107,8 +107,8 @@ def keras_inception(tmp_path_factory):
 
 
 def test_keras_classic_end_to_end(keras_inception, model_home):
-    from onnxdream.ascent import dream
-    from onnxdream.gradient import GradientModel
+    from onnxdream.dream.ascent import dream
+    from onnxdream.runtime.gradient import GradientModel
 
     plan = resolve_preset("keras-classic", INCEPTION_LAYERS)
     settings = plan.dream_settings(seed=0, tile_size=0)
@@ -141,8 +141,8 @@ def test_keras_classic_end_to_end(keras_inception, model_home):
 
 
 def test_keras_classic_max_loss_stops(keras_inception, model_home):
-    from onnxdream.ascent import dream
-    from onnxdream.gradient import GradientModel
+    from onnxdream.dream.ascent import dream
+    from onnxdream.runtime.gradient import GradientModel
 
     plan = resolve_preset("keras-classic", INCEPTION_LAYERS)
     gm = GradientModel(keras_inception, plan.layers, plan.objective, border=plan.border,
@@ -157,7 +157,7 @@ def test_keras_classic_max_loss_stops(keras_inception, model_home):
 
 def test_cli_preset_with_override(keras_inception, model_home, tmp_path):
     from conftest import photo, run_cli
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     out = tmp_path / "dream.png"
     run_cli("dream", str(photo("chelsea.png")), "-o", str(out), "--model", str(keras_inception),

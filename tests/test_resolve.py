@@ -18,9 +18,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import photo, run_cli
-from onnxdream.memory import MB, MemoryBudgetError, MemoryProfile
-from onnxdream.resolve import auto_octaves, resolve
-from onnxdream.settings import DreamSettings
+from onnxdream.settings.memory import MB, MemoryBudgetError, MemoryProfile
+from onnxdream.settings.options import DreamSettings
+from onnxdream.settings.resolve import auto_octaves, resolve
 
 LITE0 = SimpleNamespace(native_size=(224, 224), dynamic_hw=True)  # the zoo's default
 NASNET = SimpleNamespace(native_size=(331, 331), dynamic_hw=False)  # Keras NASNetMobile-like
@@ -98,7 +98,7 @@ def test_explicit_octaves_still_work_and_fixed_models_stop_at_native():
 
 def test_the_provenance_records_the_resolved_octaves_and_the_request():
     from onnxdream.exporters.graph.objective import Objective
-    from onnxdream.provenance import dream_metadata
+    from onnxdream.settings.provenance import dream_metadata
 
     r = resolve(DreamSettings(seed=5), 1024, 768, LITE0)
     meta = dream_metadata(r, objective=Objective.build(["blocks.5"], "mean"), provider="CPU",
@@ -116,8 +116,8 @@ def _parse_dream(argv: list[str]) -> DreamSettings:
     """argv (as to_argv writes it) → the DreamSettings the CLI would build from it."""
     import typer
 
-    from onnxdream.cli import app
-    from onnxdream.cli_common import DREAM_OPTION_NAMES, DreamOptions
+    from onnxdream.cli.common import DREAM_OPTION_NAMES, DreamOptions
+    from onnxdream.cli.main import app
 
     ctx = typer.main.get_command(app).commands["dream"].make_context("dream", list(argv[1:]))
     return DreamOptions({k: ctx.params[k] for k in DREAM_OPTION_NAMES}).settings()
@@ -162,7 +162,7 @@ def test_a_dream_that_cannot_fit_is_refused_with_the_reason():
 
 
 def test_the_memory_estimate_of_a_compiled_graph(model_home):
-    from onnxdream.gradient import GradientModel
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel("efficientnet-lite0")
     p = gm.memory
@@ -198,11 +198,11 @@ def conv_model(channels: int = 16) -> onnx.ModelProto:
 RSS_CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from onnxdream.ascent import dream
-    from onnxdream.gradient import GradientModel
-    from onnxdream.memory import estimate
-    from onnxdream.resolve import resolve
-    from onnxdream.settings import DreamSettings
+    from onnxdream.dream.ascent import dream
+    from onnxdream.runtime.gradient import GradientModel
+    from onnxdream.settings.memory import estimate
+    from onnxdream.settings.resolve import resolve
+    from onnxdream.settings.options import DreamSettings
 
     model, budget = sys.argv[1], int(sys.argv[2])
     gm = GradientModel(model)
@@ -251,7 +251,7 @@ def test_the_server_answers_413_for_what_cannot_fit_and_takes_octaves_auto(model
 
     from PIL import Image
 
-    from onnxdream.server import ServerConfig, create_app, refusal
+    from onnxdream.server.app import ServerConfig, create_app, refusal
 
     assert refusal(MemoryBudgetError("too big", needed=2, budget=1)).status == 413
     app = create_app(ServerConfig(workers=1, max_memory_mb=300, max_steps=25))
@@ -277,7 +277,7 @@ def test_the_server_answers_413_for_what_cannot_fit_and_takes_octaves_auto(model
     assert big.status_code == 413, big.text
     assert "3000x2000" in big.json()["error"] and "memory budget of 300 MB" in big.json()["error"]
     assert auto.status_code == 200, auto.text
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     (tmp_path / "auto.png").write_bytes(auto.content)
     meta = read_metadata(tmp_path / "auto.png")
@@ -293,8 +293,8 @@ def test_the_server_answers_413_for_what_cannot_fit_and_takes_octaves_auto(model
 
 @pytest.mark.parametrize("h,w", [(40, 56), (100, 77), (41, 57), (30, 30), (33, 300), (200, 300)])
 def test_a_fixed_size_model_dreams_at_any_photo_size(fixed_path, h, w):
-    from onnxdream.ascent import dream
-    from onnxdream.gradient import GradientModel
+    from onnxdream.dream.ascent import dream
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel(fixed_path, cache=False)
     assert not gm.info.dynamic_hw and gm.info.native_size == (40, 56)
@@ -314,7 +314,7 @@ def test_fixed_size_tiles_are_exactly_native_and_exact_where_aligned(fixed_path,
     """Tiles of a fixed model are all 40x56 (the last ones shift inward); at the stride-1 layer
     the tiled gradient equals the untiled gradient of the same network made dynamic."""
     from onnxdream.exporters.graph.contract import write_metadata
-    from onnxdream.gradient import GradientModel
+    from onnxdream.runtime.gradient import GradientModel
 
     dynamic = fixed_model()
     for d in dynamic.graph.input[0].type.tensor_type.shape.dim[2:]:
@@ -342,14 +342,14 @@ def test_fixed_size_tiles_are_exactly_native_and_exact_where_aligned(fixed_path,
 
 
 def test_a_wrong_size_names_the_size_the_model_needs(fixed_path):
-    from onnxdream.errors import ModelError
-    from onnxdream.gradient import GradientModel
+    from onnxdream.core.errors import ModelError
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel(fixed_path, cache=False)
     with pytest.raises(ModelError, match=r"runs only at 56x40 pixels, not 50x60"):
         gm(np.zeros((1, 3, 60, 50), np.float32))
-    from onnxdream.errors import OnnxDreamError
-    from onnxdream.visualize import BatchObjective
+    from onnxdream.core.errors import OnnxDreamError
+    from onnxdream.dream.visualize import BatchObjective
 
     objective = BatchObjective(fixed_path, "act2", device="cpu")
     with pytest.raises(OnnxDreamError, match=r"runs only at 56x40 pixels"):
@@ -357,8 +357,8 @@ def test_a_wrong_size_names_the_size_the_model_needs(fixed_path):
 
 
 def test_a_class_objective_on_a_fixed_size_model_is_taken_per_tile(fixed_path):
-    from onnxdream.ascent import dream
-    from onnxdream.gradient import GradientModel
+    from onnxdream.dream.ascent import dream
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel(fixed_path, [], "class:2", cache=False)
     rgb = np.random.default_rng(3).random((90, 120, 3), dtype=np.float32)
@@ -376,7 +376,7 @@ def test_cli_dreams_with_a_fixed_size_model_and_refuses_what_cannot_fit(fixed_pa
     proc = run_cli("dream", str(src), "-o", str(out), "--model", str(fixed_path), "--steps", "2",
                    "--seed", "1", home=model_home)
     assert "runs only at 56x40 pixels; the 45x30 photo is dreamed at 60x40" in proc.stderr
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     meta = read_metadata(out)
     assert Image.open(out).size == (45, 30)
@@ -394,8 +394,8 @@ def test_cli_dreams_with_a_fixed_size_model_and_refuses_what_cannot_fit(fixed_pa
 
 
 def _change(gm, rgb: np.ndarray, side: int, steps: int) -> float:
-    from onnxdream.ascent import dream
-    from onnxdream.imageio import resize
+    from onnxdream.dream.ascent import dream
+    from onnxdream.media.imageio import resize
 
     img = resize(rgb, (side, side))
     out = np.ascontiguousarray(dream(gm, img, DreamSettings(seed=1, steps=steps)))
@@ -409,8 +409,8 @@ def _change(gm, rgb: np.ndarray, side: int, steps: int) -> float:
 def test_defaults_change_512_and_2048_px_alike(model_home, steps):
     """With octaves "auto" a 2048-px photo dreams as visibly as a 512-px one at a 256-px view
     (with 4 fixed octaves the ratio was 0.64)."""
-    from onnxdream.gradient import GradientModel
-    from onnxdream.imageio import load_image
+    from onnxdream.media.imageio import load_image
+    from onnxdream.runtime.gradient import GradientModel
 
     gm = GradientModel("efficientnet-lite0")
     rgb = load_image(photo("astronaut.png")).rgb

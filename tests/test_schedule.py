@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from onnxdream.errors import OnnxDreamError
-from onnxdream.schedule import ScheduleError, parse_schedule, values_at
+from onnxdream.core.errors import OnnxDreamError
+from onnxdream.settings.schedule import ScheduleError, parse_schedule, values_at
 
 
 def test_constant():

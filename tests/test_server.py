@@ -1,6 +1,6 @@
 """`onnxdream serve`: the HTTP API as a client sees it, bad input, bounded queue, jobs.
 
-The acceptance tests start the real server (`python -m onnxdream.cli serve`) in a subprocess on
+The acceptance tests start the real server (`python -m onnxdream.cli.main serve`) in a subprocess on
 a free port; a few unit tests drive the ASGI app in-process. Small images, 1 octave, 2 steps.
 """
 
@@ -205,7 +205,7 @@ def test_dreams_bad_input_and_the_server_lives_on(server, small, chelsea, tmp_pa
     r = _dream(c, small, format="jpeg", seed=4)
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(r.content)).size == SMALL_SIZE
-    from onnxdream.imageio import read_metadata
+    from onnxdream.media.imageio import read_metadata
 
     (tmp_path / "dream.jpg").write_bytes(r.content)
     meta = read_metadata(tmp_path / "dream.jpg")
@@ -407,7 +407,7 @@ def _asgi_post(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> 
 
 def test_streamed_body_over_the_limit_is_413():
     """A chunked upload (no Content-Length) is cut off once it passes the limit."""
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     app = create_app(ServerConfig(max_body=64 * 1024))
     part = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
@@ -423,13 +423,13 @@ def test_streamed_body_over_the_limit_is_413():
 
 def test_operator_models_by_name_never_by_path(model_home, tmp_path, small):
     """--model-path FILE offers FILE under its stem; requests cannot name files themselves."""
-    from onnxdream.errors import ModelError
+    from onnxdream.core.errors import ModelError
     from onnxdream.models import resolve_model
-    from onnxdream.server import ServerConfig
+    from onnxdream.server.app import ServerConfig
 
     mine = tmp_path / "mycat.onnx"
     shutil.copy(resolve_model("efficientnet-lite0"), mine)
-    from onnxdream.server import create_app
+    from onnxdream.server.app import create_app
 
     config = ServerConfig.from_env(model_paths=[mine], workers=1)
     assert config.model_paths == {"mycat": mine.resolve()}
@@ -462,8 +462,8 @@ def test_operator_models_by_name_never_by_path(model_home, tmp_path, small):
 
 
 def test_config_from_env(monkeypatch):
-    from onnxdream.errors import OnnxDreamError
-    from onnxdream.server import MB, ServerConfig
+    from onnxdream.core.errors import OnnxDreamError
+    from onnxdream.server.app import MB, ServerConfig
 
     for k in list(os.environ):
         if k.startswith("ONNXDREAM_") and k != "ONNXDREAM_HOME":
@@ -489,7 +489,7 @@ def test_config_from_env(monkeypatch):
 def test_serve_without_the_extra_says_what_to_install(monkeypatch):
     from typer.testing import CliRunner
 
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     result = CliRunner().invoke(app, ["serve"])

@@ -60,9 +60,9 @@ def _run(app, requests, **client):
 
 
 def test_a_full_queue_refuses_before_anything_is_decoded_or_compiled(model_home, monkeypatch):
-    import onnxdream.imageio as imageio
-    import onnxdream.jobs as jobs
-    from onnxdream.server import ServerConfig, create_app
+    import onnxdream.jobs.queue as jobs
+    import onnxdream.media.imageio as imageio
+    from onnxdream.server.app import ServerConfig, create_app
 
     calls = {"header": 0, "decode": 0, "model": 0, "form": 0}
     release, running = threading.Event(), threading.Event()
@@ -88,7 +88,7 @@ def test_a_full_queue_refuses_before_anything_is_decoded_or_compiled(model_home,
     models = app.state.models
     monkeypatch.setattr(models, "get", lambda settings: calls.__setitem__(
         "model", calls["model"] + 1))
-    from onnxdream.formstream import FormReader
+    from onnxdream.server.formstream import FormReader
 
     real_read = FormReader.read
 
@@ -126,8 +126,8 @@ def test_a_full_queue_refuses_before_anything_is_decoded_or_compiled(model_home,
 
 def test_the_worker_decodes_when_the_dream_starts(model_home, small):
     """Queued dreams hold the encoded upload; the pixels are decoded by a worker."""
-    import onnxdream.imageio as imageio
-    from onnxdream.server import ServerConfig, create_app
+    import onnxdream.media.imageio as imageio
+    from onnxdream.server.app import ServerConfig, create_app
 
     threads = []
     real = imageio.load_image_bytes
@@ -236,7 +236,7 @@ def test_health_is_503_when_the_cache_cannot_be_written_and_errors_name_no_paths
 
 def test_health_turns_503_when_the_cache_breaks_later(model_home, tmp_path, monkeypatch):
     """The check is cached for health_ttl seconds, then redone."""
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     app = create_app(ServerConfig(workers=1, health_ttl=0))
     compiled = tmp_path / "compiled"
@@ -255,7 +255,7 @@ def test_health_turns_503_when_the_cache_breaks_later(model_home, tmp_path, monk
 
 
 def test_path_scrubber():
-    from onnxdream.http_security import PathScrubber
+    from onnxdream.server.security import PathScrubber
 
     root = "/nonexistent-onnxdream"
     scrub = PathScrubber({Path(f"{root}/models/mycat.onnx"): "'mycat'"}, [f"{root}/cache"])
@@ -273,7 +273,7 @@ def test_path_scrubber():
 
 
 def test_security_headers_on_every_response_errors_included(model_home, monkeypatch):
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     app = create_app(ServerConfig(workers=1, max_body=64 * 1024))
 
@@ -297,7 +297,7 @@ def test_security_headers_on_every_response_errors_included(model_home, monkeypa
 
 
 def test_trusted_hosts(model_home, tmp_path, monkeypatch):
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     monkeypatch.setenv("ONNXDREAM_TRUSTED_HOSTS", "dream.example.com, *.example.org")
     config = ServerConfig.from_env(workers=1)
@@ -322,7 +322,7 @@ def test_trusted_hosts(model_home, tmp_path, monkeypatch):
 
 
 def test_api_docs_without_a_cdn_unless_asked(model_home):
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     async def requests(c):
         return await c.get("/docs"), await c.get("/openapi.json"), await c.get("/")
@@ -349,8 +349,8 @@ def test_api_docs_without_a_cdn_unless_asked(model_home):
 def test_serve_docs_and_trusted_host_options(monkeypatch):
     from typer.testing import CliRunner
 
-    import onnxdream.server as server
-    from onnxdream.cli import app
+    import onnxdream.server.app as server
+    from onnxdream.cli.main import app
 
     seen = {}
     monkeypatch.setattr(server, "run", lambda config, **kw: seen.update(config=config, **kw))

@@ -100,7 +100,7 @@ def server(model_home, jobs, tmp_path_factory):
 
 def test_a_video_job_reports_frames_and_returns_the_clip_with_its_sound(server, jobs, clips,
                                                                        tmp_path):
-    from onnxdream.videoio import probe
+    from onnxdream.media.videoio import probe
 
     c = server.client
     health = c.get("/health").json()["video"]
@@ -199,7 +199,7 @@ def _png_bytes() -> bytes:
 
 
 def test_the_disk_cap_refuses_when_full_and_frees_on_cancel(model_home, clips, tmp_path):
-    from onnxdream.videojobs import disk_estimate
+    from onnxdream.jobs.video import disk_estimate
 
     need = disk_estimate(clips["clip"].stat().st_size, SIZE, 20, "mp4")
     cap = math.ceil(1.5 * need / 2**20)  # one job fits, two do not
@@ -241,7 +241,7 @@ def test_the_disk_cap_refuses_when_full_and_frees_on_cancel(model_home, clips, t
 
 
 def test_without_the_video_extra_the_server_says_what_to_install(monkeypatch, model_home, clips):
-    from onnxdream.server import MB, ServerConfig, create_app
+    from onnxdream.server.app import MB, ServerConfig, create_app
 
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` fails, as without the extra
     app = create_app(ServerConfig(workers=1, max_body=MB))
@@ -266,8 +266,8 @@ def test_without_the_video_extra_the_server_says_what_to_install(monkeypatch, mo
 
 
 def test_the_work_area_budget_and_stale_folders(tmp_path):
-    from onnxdream.errors import VideoTooLargeError
-    from onnxdream.videojobs import WorkArea, WorkSpaceFull
+    from onnxdream.core.errors import VideoTooLargeError
+    from onnxdream.jobs.video import WorkArea, WorkSpaceFull
 
     MB = 2**20
     root = tmp_path / "jobs"
@@ -310,9 +310,9 @@ def test_a_jobs_files_go_when_it_fails_is_cancelled_deleted_or_expires(tmp_path)
     """JobManager gives a request's files back (``release``) at the end of its life."""
     from fractions import Fraction
 
-    from onnxdream.errors import VideoError
-    from onnxdream.jobs import DONE, FAILED, JobManager, ServerConfig
-    from onnxdream.settings import DreamSettings
+    from onnxdream.core.errors import VideoError
+    from onnxdream.jobs.queue import DONE, FAILED, JobManager, ServerConfig
+    from onnxdream.settings.options import DreamSettings
 
     class FakeVideo:  # what JobManager sees of a VideoRequest
         kind, fmt, size, fps, frames, work = "video", "mp4", (8, 8), Fraction(10), 3, 1.0
@@ -359,7 +359,7 @@ def test_an_upload_cut_off_or_followed_by_another_file_leaves_nothing(model_home
     """The job's folder goes when the client goes away mid-upload or sends a second file."""
     import json
 
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     app = create_app(ServerConfig(workers=1, jobs_dir=tmp_path / "jobs"))
     head = (b"--b\r\nContent-Disposition: form-data; name=\"video\"; filename=\"c.mp4\"\r\n"
@@ -405,7 +405,7 @@ def test_an_upload_cut_off_or_followed_by_another_file_leaves_nothing(model_home
 
 
 def test_the_form_reader_streams_files_where_it_is_told_and_holds_its_limits(tmp_path):
-    from onnxdream.formstream import FormError, FormReader
+    from onnxdream.server.formstream import FormError, FormReader
 
     def body(*parts: tuple[str, str | None, bytes], end: bool = True) -> bytes:
         out = b""

@@ -14,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import skip_ok
-from onnxdream import session as S
-from onnxdream.errors import DependencyError, DeviceError, ModelError, OnnxDreamError
-from onnxdream.session import (
+from onnxdream.core.errors import DependencyError, DeviceError, ModelError, OnnxDreamError
+from onnxdream.runtime import session as S
+from onnxdream.runtime.session import (
     CPU,
     CUDA,
     Session,
@@ -365,5 +365,5 @@ def test_broken_onnxruntime_install(monkeypatch):
 
 
 def test_import_does_not_load_onnxruntime():
-    code = "import sys, onnxdream.session; assert 'onnxruntime' not in sys.modules"
+    code = "import sys, onnxdream.runtime.session; assert 'onnxruntime' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

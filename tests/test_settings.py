@@ -18,8 +18,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from onnxdream.cli_common import DreamOptions, with_dream_options
-from onnxdream.errors import (
+from onnxdream.cli.common import DreamOptions, with_dream_options
+from onnxdream.core.errors import (
     ImageError,
     ImageTooLargeError,
     LayerError,
@@ -28,22 +28,23 @@ from onnxdream.errors import (
     did_you_mean,
     first_line,
 )
-from onnxdream.settings import DreamSettings, VisualizeSettings, octave_sizes
+from onnxdream.settings.build import from_options
+from onnxdream.settings.options import DreamSettings, VisualizeSettings, octave_sizes
 
 # -- one default per setting ------------------------------------------------------------------
 
 
 def test_one_default_step_size_everywhere():
-    from onnxdream.presets import resolve_preset
-    from onnxdream.resolve import resolve
-    from onnxdream.settings import DEFAULT_STEP_SIZE
+    from onnxdream.settings.options import DEFAULT_STEP_SIZE
+    from onnxdream.settings.presets import resolve_preset
+    from onnxdream.settings.resolve import resolve
 
     # None: the model's recommended step size, else DEFAULT_STEP_SIZE (decided by the resolver)
     assert DreamSettings().step_size is None and DEFAULT_STEP_SIZE == 0.006
     assert resolve_preset(None).dream_settings().step_size is None
-    assert DreamSettings.from_options(step_size=None).step_size is None
+    assert from_options(step_size=None).step_size is None
     assert resolve(DreamSettings(), 64, 64).step_size == 0.006
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     result = CliRunner().invoke(app, ["dream", "--help"], env={"COLUMNS": "200"})
     text = " ".join(result.output.replace("│", " ").split())  # unwrapped
@@ -53,7 +54,7 @@ def test_one_default_step_size_everywhere():
 
 def test_server_form_defaults_are_the_settings_defaults():
     pytest.importorskip("fastapi")
-    from onnxdream.server import ServerConfig, build_settings
+    from onnxdream.server.app import ServerConfig, build_settings
 
     s = build_settings({"seed": 1}, [], ServerConfig())
     assert s == DreamSettings(seed=1)
@@ -84,7 +85,7 @@ def test_validation_raises_settings_error_with_field(kwargs, field):
     (["visualize", "--class", "1", "--param", "dct"], "error: --param must be one of fft, pixel"),
 ])
 def test_cli_names_the_flag(argv, needle, tmp_path):
-    from onnxdream.cli import app
+    from onnxdream.cli.main import app
 
     result = CliRunner().invoke(app, [*argv, "-o", str(tmp_path / "o.png")])
     out = result.output + (getattr(result, "stderr", "") or "")
@@ -95,7 +96,7 @@ def test_cli_names_the_flag(argv, needle, tmp_path):
 
 def test_server_form_takes_grad_floor():
     pytest.importorskip("fastapi")
-    from onnxdream.server import ApiError, ServerConfig, build_settings, parse_fields
+    from onnxdream.server.app import ApiError, ServerConfig, build_settings, parse_fields
 
     fields = parse_fields([("image", _upload()), ("grad-floor", "1e-6")]).fields
     assert fields == {"grad_floor": 1e-6}
@@ -108,15 +109,15 @@ def test_server_form_takes_grad_floor():
 
 
 def _upload():
-    from onnxdream.formstream import FilePart
+    from onnxdream.server.formstream import FilePart
 
     return FilePart("image", "x.png", "image/png", 1, bytearray(b"x"))
 
 
 def test_server_names_the_form_field():
     pytest.importorskip("fastapi")
-    from onnxdream.jobs import QueueFull, UnknownJob
-    from onnxdream.server import refusal
+    from onnxdream.jobs.queue import QueueFull, UnknownJob
+    from onnxdream.server.app import refusal
 
     err = refusal(SettingsError("layers", "must be layer names"))
     assert (err.status, err.message) == (400, "layer must be layer names")
@@ -138,7 +139,7 @@ def test_jobs_need_no_web_framework():
     code = ("import sys\n"
             "for m in ('fastapi', 'starlette', 'uvicorn'):\n"
             "    sys.modules[m] = None\n"
-            "import onnxdream.jobs as j\n"
+            "import onnxdream.jobs.queue as j\n"
             "print(j.JobManager.__name__, j.ServerConfig().workers)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -155,17 +156,17 @@ def test_from_options_lays_explicit_over_preset_over_defaults():
         asked.append(model)
         return [f"mixed{i}" for i in range(11)]
 
-    s = DreamSettings.from_options(model="inception.onnx", preset="keras-classic", steps=5,
+    s = from_options(model="inception.onnx", preset="keras-classic", steps=5,
                                    layers_of=layers_of)
     assert asked == ["inception.onnx"]
     assert s.layers == ("mixed2:0.2", "mixed3:0.5", "mixed4:2.0", "mixed5:1.5")
     assert (s.objective, s.border, s.preset, s.steps, s.octaves, s.step_size) == (
         "l2", 2, "keras-classic", 5, 3, 0.005)
     # layers given: the model's layers are never read
-    s = DreamSettings.from_options(preset="keras-classic", layers=["mixed7"], layers_of=None)
+    s = from_options(preset="keras-classic", layers=["mixed7"], layers_of=None)
     assert s.layers == ("mixed7",) and s.objective == "l2"
     with pytest.raises(TypeError):
-        DreamSettings.from_options(strength=3)
+        from_options(strength=3)
 
 
 def test_a_new_command_gets_the_dream_options():
@@ -221,7 +222,7 @@ def test_command_defaults_and_keyframed_options():
     assert schedules == {"layers": "0:blocks.5+blocks.6:0.5,2s:blocks.9", "steps": "0:3,10:6"}
     assert run("--layer", "blocks.5", "--layer", "blocks.9:2")[0].layers == (
         "blocks.5", "blocks.9:2")
-    preset = DreamSettings.from_options(preset="caffe-googlenet", layers=["x"],
+    preset = from_options(preset="caffe-googlenet", layers=["x"],
                                         defaults={"steps": 5, "octaves": 2})
     assert (preset.steps, preset.octaves) == (10, 4)  # the preset's recipe wins
     help_text = CliRunner().invoke(app, ["zoom", "--help"], env={"COLUMNS": "200"}).output
@@ -233,8 +234,8 @@ def test_command_defaults_and_keyframed_options():
 
 def _parse_dream(argv: list[str]) -> DreamSettings:
     """argv (as to_argv writes it) → the DreamSettings the CLI would build from it."""
-    from onnxdream.cli import app
-    from onnxdream.cli_common import DREAM_OPTION_NAMES, DreamOptions
+    from onnxdream.cli.common import DREAM_OPTION_NAMES, DreamOptions
+    from onnxdream.cli.main import app
 
     group = typer.main.get_command(app)
     assert argv[0] == "dream"
@@ -256,7 +257,7 @@ def test_to_argv_parses_back_to_the_same_settings(settings):
 
 
 def test_visualize_to_argv():
-    from onnxdream.visualize import Target
+    from onnxdream.dream.visualize import Target
 
     targets = [Target("class", "logits", 130, "flamingo"), Target("channel", "blocks.9", 12),
                Target("layer", "blocks.5")]
@@ -284,7 +285,7 @@ def _old_octave_sizes(h, w, octaves, scale):  # ascent.py before the move, verba
 @pytest.mark.parametrize("h,w,octaves,scale", [(300, 451, 4, 1.4), (96, 128, 4, 1.4),
                                                (4096, 4096, 12, 1.1), (33, 500, 3, 2.0)])
 def test_resolver_reproduces_the_octave_rule(h, w, octaves, scale):
-    from onnxdream.resolve import resolve
+    from onnxdream.settings.resolve import resolve
 
     s = DreamSettings(octaves=octaves, octave_scale=scale, steps=3, seed=1)
     r = resolve(s, h, w)
@@ -304,7 +305,7 @@ def test_visualize_octaves_use_the_same_rule():
 
 
 def test_digest_covers_what_decides_the_result():
-    from onnxdream.resolve import resolve
+    from onnxdream.settings.resolve import resolve
 
     s = DreamSettings(seed=1)
     d = resolve(s, 100, 120).digest()
@@ -329,8 +330,8 @@ def test_model_geometry_of_the_zoo_model(model_home):
 
 def test_dream_metadata_keys_and_command():
     from onnxdream.exporters.graph.objective import Objective
-    from onnxdream.provenance import dream_metadata
-    from onnxdream.resolve import resolve
+    from onnxdream.settings.provenance import dream_metadata
+    from onnxdream.settings.resolve import resolve
 
     s = DreamSettings(seed=9, max_loss=3.0, octaves=4)
     objective = Objective.build(["blocks.5"], "mean")  # what the model's default layer gives
@@ -362,7 +363,7 @@ def test_dream_metadata_keys_and_command():
 
 
 def test_write_atomic_bytes_and_writer(tmp_path):
-    from onnxdream.atomic import write_atomic
+    from onnxdream.core.atomic import write_atomic
 
     p = write_atomic(tmp_path / "a.bin", b"hello")
     assert p.read_bytes() == b"hello"
@@ -382,7 +383,7 @@ def test_write_atomic_bytes_and_writer(tmp_path):
 
 @pytest.mark.parametrize("how", ["bytes", "writer"])
 def test_write_atomic_failure_leaves_the_old_file(tmp_path, monkeypatch, how):
-    from onnxdream import atomic
+    from onnxdream.core import atomic
 
     target = tmp_path / "keep.txt"
     target.write_bytes(b"old")
@@ -399,7 +400,7 @@ def test_write_atomic_failure_leaves_the_old_file(tmp_path, monkeypatch, how):
 
 
 def test_atomic_target_file_and_folder(tmp_path):
-    from onnxdream.atomic import AtomicTarget
+    from onnxdream.core.atomic import AtomicTarget
 
     with AtomicTarget(tmp_path / "v.mp4") as t:  # an incremental writer's file
         t.tmp.write_bytes(b"video")
@@ -420,7 +421,7 @@ def test_atomic_target_file_and_folder(tmp_path):
 
 
 def test_remove_stale_temps(tmp_path):
-    from onnxdream.atomic import remove_stale_temps
+    from onnxdream.core.atomic import remove_stale_temps
 
     old = tmp_path / ".x.png.abc.tmp"
     old.write_bytes(b"")
@@ -437,8 +438,8 @@ def test_remove_stale_temps(tmp_path):
 def test_encode_image_matches_save_image(tmp_path):
     import numpy as np
 
-    from onnxdream.imageio import read_metadata
-    from onnxdream.imagewrite import encode_image, save_image
+    from onnxdream.media.imageio import read_metadata
+    from onnxdream.media.imagewrite import encode_image, save_image
 
     rgb = np.random.default_rng(0).random((20, 30, 3), dtype=np.float32)
     alpha = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)

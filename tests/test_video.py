@@ -15,16 +15,16 @@ cv2 = pytest.importorskip("cv2")
 from PIL import Image  # noqa: E402
 
 import videoclip  # noqa: E402
-from onnxdream.errors import OnnxDreamError  # noqa: E402
-from onnxdream.flow import temporal_error  # noqa: E402
-from onnxdream.settings import DreamSettings  # noqa: E402
-from onnxdream.video import (  # noqa: E402
+from onnxdream.core.errors import OnnxDreamError  # noqa: E402
+from onnxdream.media.videoio import open_video, probe  # noqa: E402
+from onnxdream.settings.options import DreamSettings  # noqa: E402
+from onnxdream.video.clip import (  # noqa: E402
     dream_video,
     frame_settings,
     transform,
     zoom,
 )
-from onnxdream.videoio import open_video, probe  # noqa: E402
+from onnxdream.video.flow import temporal_error  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,8 @@ def test_frame_settings():
 
 def test_keyframed_settings():
     """What the CLI's keyframed options and the server's form fields go through."""
-    from onnxdream.errors import ScheduleError, SettingsError
-    from onnxdream.video import keyframed_settings
+    from onnxdream.core.errors import ScheduleError, SettingsError
+    from onnxdream.video.clip import keyframed_settings
 
     first, schedules = keyframed_settings({
         "layers": ["0:blocks.5+blocks.9:0.5,2s:blocks.9"], "steps": "7",
@@ -240,7 +240,7 @@ def test_zoom_resumes(tmp_path):
 def test_real_dream_is_more_coherent_with_flow(tmp_path, clip, inputs, model_home):
     """Default model and settings, 10 frames at 160x120: flow vs the naive per-frame dream
     (measured 0.59 at blend 0.6 on 20 frames; see benchmarks/bench_video.py)."""
-    from onnxdream.video import make_dream_frame
+    from onnxdream.video.clip import make_dream_frame
 
     dream = make_dream_frame(DreamSettings(seed=1))
     errors = {}
@@ -255,9 +255,9 @@ def test_real_dream_is_more_coherent_with_flow(tmp_path, clip, inputs, model_hom
 
 
 def test_standard_dream_follows_the_layer_schedule(tmp_path, model_home):
-    from onnxdream.imageio import read_png_metadata
-    from onnxdream.resolve import resolve
-    from onnxdream.video import make_dream_frame
+    from onnxdream.media.imageio import read_png_metadata
+    from onnxdream.settings.resolve import resolve
+    from onnxdream.video.clip import make_dream_frame
 
     settings = DreamSettings(octaves=1, steps=2)
     dream = make_dream_frame(settings, threads=1)

@@ -25,8 +25,8 @@ from PIL import Image  # noqa: E402
 
 import videoclip  # noqa: E402
 from conftest import NO_FRAMEWORKS, photo, run_cli  # noqa: E402
-from onnxdream.imageio import read_png_metadata  # noqa: E402
-from onnxdream.videoio import open_video, probe  # noqa: E402
+from onnxdream.media.imageio import read_png_metadata  # noqa: E402
+from onnxdream.media.videoio import open_video, probe  # noqa: E402
 
 QUICK = ["--steps", "2", "--octaves", "1", "-q"]
 
@@ -136,7 +136,7 @@ def test_flow_makes_the_dream_coherent(tmp_path, clip, model_home):
     """Default model and settings at 160x120, 1 s: the temporal error (mean |out_t -
     warp(out_t-1)| along the input's flow) with --flow is clearly below --no-flow's (measured
     0.62 here; 0.56-0.61 in benchmarks/README.md)."""
-    from onnxdream.flow import temporal_error
+    from onnxdream.video.flow import temporal_error
 
     inputs = list(open_video(clip))[:10]
     errors = {}

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("av")
 
 import videoclip  # noqa: E402
-from onnxdream.errors import OnnxDreamError  # noqa: E402
-from onnxdream.videoio import (  # noqa: E402
+from onnxdream.core.errors import OnnxDreamError  # noqa: E402
+from onnxdream.media.videoio import (  # noqa: E402
     VideoError,
     check_video_output,
     even_size,
@@ -21,7 +21,7 @@ from onnxdream.videoio import (  # noqa: E402
     output_kind,
     probe,
 )
-from onnxdream.videowrite import VideoWriter, write_video  # noqa: E402
+from onnxdream.media.videowrite import VideoWriter, write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from onnxdream.errors import ObjectiveError, SettingsError
-from onnxdream.imageio import read_png_metadata
-from onnxdream.param import FFTParam, ImageParam, PixelParam, image
-from onnxdream.transforms import (
+from onnxdream.core.errors import ObjectiveError, SettingsError
+from onnxdream.dream.param import FFTParam, ImageParam, PixelParam, image
+from onnxdream.dream.transforms import (
     affine_warp,
     compose,
     jitter,
@@ -27,7 +26,7 @@ from onnxdream.transforms import (
     random_scale_rotate,
     standard_transforms,
 )
-from onnxdream.visualize import (
+from onnxdream.dream.visualize import (
     Adam,
     VisualizeSettings,
     channel_target,
@@ -36,6 +35,7 @@ from onnxdream.visualize import (
     resolve_class,
     total_variation,
 )
+from onnxdream.media.imageio import read_png_metadata
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -76,7 +76,7 @@ def test_fft_param_gradient_equals_torch_autograd(hw):
 def test_image_param_chain_equals_torch_autograd(param, valid):
     """spatial → decorrelated colour → sigmoid/clip, and back, as torch differentiates it."""
     torch = pytest.importorskip("torch")
-    from onnxdream.param import _COLOR, COLOR_MEAN
+    from onnxdream.dream.param import _COLOR, COLOR_MEAN
 
     rng = np.random.default_rng(1)
     ip = image((2, 3, 12, 10), rng, param, decorrelate=True, valid=valid, sd=0.5)
@@ -156,7 +156,7 @@ def test_adam_ascends():
 
 
 def test_class_names_resolve_with_helpful_errors(model_home):
-    from onnxdream.models.labels import imagenet_labels
+    from onnxdream.core.labels import imagenet_labels
 
     labels = imagenet_labels()
     assert resolve_class("tabby", labels) == 281
@@ -176,8 +176,8 @@ def test_class_names_resolve_with_helpful_errors(model_home):
 def test_per_image_objectives_equal_single_objective_graphs(model_home):
     """One batched graph, a different class (or channel) per image: each gradient is exactly
     the one the single-objective graph of that class gives."""
-    from onnxdream.gradient import GradientModel
-    from onnxdream.visualize import BatchObjective, Target
+    from onnxdream.dream.visualize import BatchObjective, Target
+    from onnxdream.runtime.gradient import GradientModel
 
     rng = np.random.default_rng(6)
     x = rng.random((3, 3, 96, 96)).astype(np.float32)
@@ -250,7 +250,7 @@ def test_acceptance_five_classes_one_batched_run(model_home, tmp_path):
     """`visualize --class 130,340,954,281,9 --grid` with the defaults: each 224-px image is its
     class for Lite0 (p >= 0.9) and in Lite2's top 5 for at least 4 of 5; < 60 s per image."""
     from onnxdream.models.registry import ZOO
-    from onnxdream.predict import Classifier
+    from onnxdream.runtime.predict import Classifier
 
     if not ZOO["efficientnet-lite2"].installed:
         pytest.skip(f"{ZOO['efficientnet-lite2'].package} is not installed")

@@ -132,7 +132,7 @@ def test_unknown_target_is_a_clear_error(model_home, tmp_path):
 
 def test_resize_graph_equals_imageio_resize():
     from onnxdream.exporters.graph.step import resize_graph
-    from onnxdream.imageio import resize
+    from onnxdream.media.imageio import resize
 
     model = resize_graph()
     onnx.checker.check_model(model, full_check=True)
@@ -152,9 +152,9 @@ def test_resize_graph_equals_imageio_resize():
 @pytest.mark.parametrize("name", ["steps", "octaves", "octave_scale", "step_size", "jitter",
                                   "seed"])
 def test_the_pages_limits_are_dream_settings_ranges(name):
-    from onnxdream.errors import SettingsError
-    from onnxdream.settings import DreamSettings
-    from onnxdream.web import limits
+    from onnxdream.browser.site import limits
+    from onnxdream.core.errors import SettingsError
+    from onnxdream.settings.options import DreamSettings
 
     lim = limits()[name]
     step = 1 if lim.get("integer") else 1e-9
@@ -178,7 +178,7 @@ def test_the_pages_limits_are_dream_settings_ranges(name):
 def test_web_export_writes_a_site(model_home, tmp_path):
     from onnxdream.exporters.graph import compile_gradient
     from onnxdream.exporters.graph.step import step_graph
-    from onnxdream.gradient import resolve_model_path
+    from onnxdream.runtime.gradient import resolve_model_path
 
     ort = fake_ort(tmp_path)
     site = tmp_path / "site"
@@ -259,7 +259,7 @@ def test_web_export_errors_are_one_line(model_home, tmp_path, monkeypatch, case,
 
 def _app(tmp_path, ort_dir=None):
     pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
-    from onnxdream.server import ServerConfig, create_app
+    from onnxdream.server.app import ServerConfig, create_app
 
     config = ServerConfig(workers=1, ort_dir=ort_dir, cache_mb=64)
     return create_app(config)
@@ -330,13 +330,14 @@ def test_server_serves_step_graphs_and_runtime_files(model_home, tmp_path):
 
 
 def test_the_makefile_reads_the_one_version_constant():
-    """`make test` fetches onnxruntime-web at engine/web.py's ORT_WEB_VERSION (read by sed)."""
+    """`make test` fetches onnxruntime-web at engine/browser/site.py's ORT_WEB_VERSION (read by
+    sed)."""
     import re
 
     from conftest import REPO
-    from onnxdream.web import ORT_WEB_VERSION
+    from onnxdream.browser.site import ORT_WEB_VERSION
 
-    src = (REPO / "engine" / "web.py").read_text()
+    src = (REPO / "engine" / "browser" / "site.py").read_text()
     assert re.findall(r'^ORT_WEB_VERSION = "(.*)"$', src, re.M) == [ORT_WEB_VERSION]
     assert "ORT_WEB_VERSION = \"\\(.*\\)\"" in (REPO / "Makefile").read_text()
 

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxdream.errors import DependencyError, ModelError
+from onnxdream.core.errors import DependencyError, ModelError
+from onnxdream.core.labels import imagenet_labels
 from onnxdream.models import (
     DEFAULT_MODEL,
     build_zoo_model,
@@ -23,7 +24,6 @@ from onnxdream.models import (
     resolve_model,
     zoo_model_path,
 )
-from onnxdream.models.labels import imagenet_labels
 from onnxdream.models.registry import ZOO, ZooEntry
 
 ort = pytest.importorskip("onnxruntime")

@@ -1,4 +1,4 @@
-// onnxdream in the browser: the compiled step graph on onnxruntime-web (engine/web.py says what an
+// onnxdream in the browser: the compiled step graph on onnxruntime-web (engine/browser/site.py says what an
 // exported site holds). This one file is the exported site's onnxdream.mjs and the server page's
 // /static/browser-dream.mjs: the engine (Dreamer), the page of a static site (mountSite) and the
 // "dream in this browser" path of the server's page (mountServer). No bundler, no dependencies
@@ -115,7 +115,7 @@ function shQuote(s) {                                 // shlex.quote
   return /[^\w@%+=:,./-]/.test(s) ? "'" + s.replace(/'/g, "'\"'\"'") + "'" : s;
 }
 
-// ---- the resolver's octave rule (onnxdream.resolve; the tests compare the two) -------------------
+// ---- the resolver's octave rule (onnxdream.settings.resolve; the tests compare the two) -------------------
 export function autoOctaves(h, w, native, scale, rule) {
   const r = Math.min(h / native[0], w / native[1]);
   const x = r > 1 ? Math.log(r) / Math.log(scale) : 0;
@@ -168,7 +168,7 @@ export function checkSettings(manifest, given = {}) {
   return s;
 }
 
-// ---- provenance: onnxdream.provenance.dream_metadata's keys, for a browser dream -----------------
+// ---- provenance: onnxdream.settings.provenance.dream_metadata's keys, for a browser dream -----------------
 // tile_size is 0 (the browser never tiles): the recorded command makes the same image on the CLI.
 export function provenance(manifest, s, sizes, provider, image = "IMAGE", output = null) {
   const layer = manifest.layers.find((l) => l.name === s.layer);

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxdream.errors import UnsupportedOpError
+from onnxdream.core.errors import UnsupportedOpError
 from onnxdream.exporters.graph.builder import GraphBuilder
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,

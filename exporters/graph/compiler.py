@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxdream.errors import ModelError, ObjectiveError
+from onnxdream.core.errors import ModelError, ObjectiveError
 from onnxdream.exporters.graph import contract
 from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
@@ -323,8 +323,8 @@ def _batch(image: onnx.ValueInfoProto):
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically (onnxdream.atomic); large models keep their weights beside the file."""
-    from onnxdream.atomic import write_atomic
+    """Write atomically (onnxdream.core.atomic); large models keep their weights beside the file."""
+    from onnxdream.core.atomic import write_atomic
 
     path = Path(path)
     if not path.parent.exists():

@@ -111,7 +111,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxdream.errors import LayerError, ModelError
+from onnxdream.core.errors import LayerError, ModelError
 from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE
 
 MIN_OPSET = 18
@@ -279,14 +279,14 @@ def is_dreamable_input(vi: onnx.ValueInfoProto) -> bool:
 
 
 def require_dreamable(model: onnx.ModelProto, name: str = "the model") -> None:
-    """Raise :class:`~onnxdream.errors.UnwrappedModelError` (a ModelError) for an ONNX file
+    """Raise :class:`~onnxdream.core.errors.UnwrappedModelError` (a ModelError) for an ONNX file
     that onnxdream did not make dreamable: its message is the ``onnxdream import onnx``
     command, with the flags guessed from the file, that wraps it."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits and not is_param(i.name)]
     if len(inputs) == 1 and is_dreamable_input(inputs[0]):
         return
-    from onnxdream.errors import UnwrappedModelError
+    from onnxdream.core.errors import UnwrappedModelError
     from onnxdream.exporters.graph.importer import guess_flags
 
     flags, what = guess_flags(model)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxdream.errors import ModelError, SettingsError, first_line
+from onnxdream.core.errors import ModelError, SettingsError, first_line
 from onnxdream.exporters.graph import contract
 from onnxdream.exporters.graph.autodiff import FLOAT_TYPES, infer_shapes, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
@@ -159,7 +159,7 @@ def read_labels(path: str | os.PathLike | None) -> list[str] | None:
     if path is None:
         return None
     if str(path).lower() == "imagenet" and not Path(path).exists():
-        from onnxdream.models.labels import imagenet_labels
+        from onnxdream.core.labels import imagenet_labels
 
         return imagenet_labels()
     p = Path(path)
@@ -221,7 +221,7 @@ def find_logits(model: onnx.ModelProto, shapes: dict, requested: str | None
             return None, None
         known = set(prod) | {o.name for o in model.graph.output}
         if requested not in known:
-            from onnxdream.errors import did_you_mean
+            from onnxdream.core.errors import did_you_mean
 
             raise SettingsError("logits", f"names no tensor of the model: {requested!r}"
                                 + did_you_mean(requested, sorted(known)))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxdream.errors import LayerError, closest
+from onnxdream.core.errors import LayerError, closest
 from onnxdream.exporters.graph.autodiff import infer_shapes
 from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
 from onnxdream.exporters.graph.contract import (

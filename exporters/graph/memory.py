@@ -5,7 +5,7 @@ the nodes in graph order keeping each tensor alive from the node that makes it t
 that reads it (graph outputs stay to the end). The largest sum of live bytes is the peak a
 runtime that frees every tensor as soon as it can would reach; onnxruntime's arena, its memory
 patterns and its fusions move the real figure away from it by a roughly constant factor, which
-the engine calibrates (see :mod:`onnxdream.memory`). For a compiled gradient graph the walk
+the engine calibrates (see :mod:`onnxdream.settings.memory`). For a compiled gradient graph the walk
 covers the forward pass and the backward pass together: the forward activations that the
 backward pass reads stay alive until it has read them, which is what makes gradients costly.
 

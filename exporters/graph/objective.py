@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from onnxdream.errors import LayerError, ObjectiveError
+from onnxdream.core.errors import LayerError, ObjectiveError
 from onnxdream.exporters.graph.builder import GraphBuilder
 
 #: The largest term weight in magnitude. The ascent normalises the gradient, so a weight only

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxdream.errors import SettingsError
+from onnxdream.core.errors import SettingsError
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.preprocess import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD  # no torch
 

@@ -1,6 +1,7 @@
 """Step graphs: one whole ascent step as an ONNX graph around a compiled gradient graph.
 
-The CUDA loop (:mod:`onnxdream.device_loop`) and the browser run these, so the image stays on
+The CUDA loop (:mod:`onnxdream.runtime.device_loop`) and the browser run these, so the image stays
+on
 the device between steps::
 
     rolled = roll(x, shift)                         (the jitter)
@@ -8,7 +9,7 @@ the device between steps::
     x_out  = clip(x + step_mask * step_size * g / d, 0, 1)
     d      = mean(|g| step_mask) / mean(step_mask) + 1e-8            if grad_floor <= 0 (default)
              max(mean(|g| step_mask) / mean(step_mask), grad_floor)  otherwise (keras.io's
-                                                     normaliser: onnxdream.normalize)
+                                                     normaliser: onnxdream.dream.normalize)
 
 :func:`step_graph` serves every image size: the roll is ``Slice`` + ``Concat`` by the ``shift``
 input. :func:`static_step_graph` is for one fixed shape: the roll is a ``Gather`` by index vectors
@@ -176,7 +177,7 @@ def static_step_graph(gradient_model: onnx.ModelProto, shape: tuple[int, int, in
 
 def resize_graph(opset: int = 18) -> onnx.ModelProto:
     """The octave resize as one ``Resize`` node: ``x`` float32 [1,3,H,W] and ``sizes`` int64 [4]
-    → ``y`` [1,3,h,w], equal to :func:`onnxdream.imageio.resize` (Pillow's float bicubic, Keys
+    → ``y`` [1,3,h,w], equal to :func:`onnxdream.media.imageio.resize` (Pillow's float bicubic, Keys
     a = -0.5, antialiased when shrinking) to float rounding: ``exclude_outside`` renormalises
     the taps at the borders as Pillow does, ``antialias`` widens the kernel by the scale.
 

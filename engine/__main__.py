@@ -1,0 +1,6 @@
+"""``python -m onnxdream``: the onnxdream command."""
+
+from onnxdream.cli.main import main
+
+if __name__ == "__main__":
+    main()

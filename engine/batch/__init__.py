@@ -1,0 +1,1 @@
+"""Many pictures at once: inputs, the manifest, local and Ray backends."""

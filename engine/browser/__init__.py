@@ -1,0 +1,1 @@
+"""Dreaming in the browser: the static site that onnxruntime-web runs."""

@@ -1,0 +1,1 @@
+"""The onnxdream command: one module per group of subcommands."""

@@ -1,0 +1,2 @@
+"""onnxruntime: sessions, gradient models, the compiled-graph and model caches, the device loop,
+predict."""

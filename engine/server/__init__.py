@@ -1,0 +1,1 @@
+"""HTTP only: the FastAPI app, its form parsing, headers and browser routes."""

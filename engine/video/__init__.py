@@ -1,0 +1,1 @@
+"""Dreams over time: clips, zooms, optical flow."""
