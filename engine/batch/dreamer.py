@@ -16,7 +16,8 @@ from onnxdream.batch.items import (
     video_hash,
 )
 from onnxdream.core.errors import OnnxDreamError, first_line
-from onnxdream.dream.frame import OpenModels, file_fingerprint
+from onnxdream.dream.frame import file_fingerprint
+from onnxdream.runtime.model_cache import ModelCache
 
 __all__ = ["Dreamer"]
 
@@ -30,7 +31,7 @@ class Dreamer:
     problem: it returns a ``failed`` row."""
 
     def __init__(self, device: str = "auto", threads: int | None = None, max_models: int = 4):
-        self.models = OpenModels(device, threads, size=max_models)
+        self.models = ModelCache(device=device, threads=threads, size=max_models)
 
     def process(self, item: BatchItem) -> ManifestRow:
         t0 = time.perf_counter()
@@ -59,12 +60,12 @@ class Dreamer:
         from onnxdream.settings.resolve import resolve
 
         loaded = load_image(item.input)
-        gm = self.models.get(item.settings)
+        gm, objective, params = self.models.get(item.settings)
         h, w = loaded.rgb.shape[:2]
         resolved = resolve(item.settings, h, w, gm.info)
         digest = image_hash(resolved, item.model_id, file_fingerprint(item.input))
-        result = dream(gm, loaded.rgb, resolved)
-        meta = dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
+        result = dream(gm, loaded.rgb, resolved, params=params)
+        meta = dream_metadata(resolved, objective=objective, provider=gm.provider,
                               image=item.input, output=item.output)
         meta[HASH_KEY] = digest
         Path(item.output).parent.mkdir(parents=True, exist_ok=True)
@@ -75,11 +76,11 @@ class Dreamer:
         from onnxdream.dream.ascent import dream
         from onnxdream.video.clip import dream_video, frame_settings
 
-        gm = self.models.get(item.settings)
+        gm, _, weights = self.models.get(item.settings)
         digest = video_hash(item, file_fingerprint(item.input))
 
         def dream_frame(rgb, params):
-            return dream(gm, rgb, frame_settings(item.settings, params))
+            return dream(gm, rgb, frame_settings(item.settings, params), params=weights)
 
         Path(item.output).parent.mkdir(parents=True, exist_ok=True)
         dream_video(item.input, item.output, dream_frame,

@@ -20,6 +20,7 @@ from onnxdream.batch.inputs import (
 )
 from onnxdream.core.errors import BatchError, SettingsError
 from onnxdream.settings.options import DreamSettings
+from onnxdream.settings.provenance import key
 
 __all__ = ["BACKENDS", "DIED", "FAILED", "HASH_KEY", "MANIFEST_NAME", "OK", "SKIPPED",
            "BatchItem", "Manifest", "ManifestRow", "image_hash", "parse_layers", "parse_seeds",
@@ -28,7 +29,7 @@ __all__ = ["BACKENDS", "DIED", "FAILED", "HASH_KEY", "MANIFEST_NAME", "OK", "SKI
 BACKENDS = ("local", "ray")
 MANIFEST_NAME = "manifest.jsonl"
 #: The PNG provenance key that holds an output's settings hash (what resume compares).
-HASH_KEY = "onnxdream:batch_hash"
+HASH_KEY = key("batch_hash")
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 DIED = "worker process died (a crash or out of memory)"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from onnxdream.batch.dreamer import Dreamer
 from onnxdream.batch.items import DIED, FAILED, BatchItem, ManifestRow
+from onnxdream.settings.memory import system_memory_bytes
 
 __all__ = ["WORKER_MEMORY", "default_workers", "local_rows", "worker_threads"]
 
@@ -28,7 +29,8 @@ WORKER_MEMORY = 1536 * 1024 * 1024
 
 def default_workers(device: str = "auto", items: int | None = None) -> int:
     """Local workers that fit: one per physical core, as many as memory allows (about 1.5 GB
-    each), one on a GPU (the GPU is the bottleneck), never more than the items."""
+    each, within a container's memory limit), one on a GPU (the GPU is the bottleneck), never
+    more than the items."""
     from onnxdream.runtime.session import available_devices, cpu_cores
 
     if device == "cuda" or (device == "auto" and "cuda" in available_devices()):
@@ -42,6 +44,13 @@ def default_workers(device: str = "auto", items: int | None = None) -> int:
 
 
 def _available_memory() -> int | None:
+    """What the workers may take: the machine's available memory, within the container's
+    limit (the cgroup-aware figure of the memory budget, :func:`system_memory_bytes`)."""
+    found = [v for v in (_mem_available(), system_memory_bytes()) if v]
+    return min(found) if found else None
+
+
+def _mem_available() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:

@@ -43,7 +43,7 @@ from onnxdream.batch.dreamer import Dreamer
 from onnxdream.batch.items import DIED, FAILED, BatchItem, ManifestRow
 from onnxdream.batch.local_backend import worker_threads
 from onnxdream.core.errors import BatchError, DependencyError, SettingsError, first_line
-from onnxdream.server.security import is_loopback
+from onnxdream.core.net import is_loopback
 from onnxdream.settings.options import require
 
 __all__ = ["RayDreamer", "check", "check_address", "check_ray", "ray_rows"]

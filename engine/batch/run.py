@@ -145,7 +145,7 @@ ProgressFn = Callable[[ManifestRow, int, int], None]
 def _model_file(settings: DreamSettings) -> tuple[DreamSettings, Path]:
     """The settings with a model file's path made absolute (workers may start elsewhere), and
     the model file."""
-    from onnxdream.runtime.gradient import resolve_model_path
+    from onnxdream.runtime.opening import resolve_model_path
 
     path = resolve_model_path(settings.model)
     p = Path(settings.model).expanduser()

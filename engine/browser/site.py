@@ -32,13 +32,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxdream import __version__
+from onnxdream.core.atomic import AtomicTarget
 from onnxdream.core.errors import DependencyError, ModelError, OnnxDreamError
 from onnxdream.core.static import STATIC
 from onnxdream.settings.options import ASCENT_FIELDS, MAX_OCTAVES, MIN_OCTAVE_SIDE, DreamSettings
@@ -303,8 +303,7 @@ def export_site(out: str | os.PathLike, *, model: str = DreamSettings.model,
     refused. Nothing is left half-written: the site is built beside ``out`` and renamed.
     """
     from onnxdream.exporters.graph.compiler import TARGETS
-    from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
-    from onnxdream.runtime.gradient import resolve_model_path
+    from onnxdream.runtime.opening import open_model
 
     say = progress or (lambda _msg: None)
     target = target or ("portable" if webgpu else "default")
@@ -320,10 +319,8 @@ def export_site(out: str | os.PathLike, *, model: str = DreamSettings.model,
     if not parent.is_dir():
         raise OnnxDreamError(f"cannot write {out}: the folder {parent} does not exist",
                              field="output")
-    path = resolve_model_path(model)
-    proto = load_model(path)
-    require_dreamable(proto, str(model))
-    info = ModelInfo.load(proto)
+    opened = open_model(model)
+    path, proto, info = opened.path, opened.proto, opened.info
     if not info.dynamic_hw:
         raise ModelError(f"{model} takes only {info.native_size[1]}x{info.native_size[0]} "
                          "images; the browser dreams any size, so it needs a model with a "
@@ -331,8 +328,8 @@ def export_site(out: str | os.PathLike, *, model: str = DreamSettings.model,
     choices = [[spec] for spec in layers] or [info.require_default_layers()]
     objectives = [objective_of(proto, info, specs, objective) for specs in choices]  # all first
     name = path.name if Path(str(model)).suffix == ".onnx" else str(model)  # no local paths
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    try:
+    with AtomicTarget(out, directory=True, mode=0o755) as swap:  # the old export goes only now
+        tmp = swap.tmp
         (tmp / "graphs").mkdir()
         (tmp / "ort").mkdir()
         entries = []
@@ -358,28 +355,7 @@ def export_site(out: str | os.PathLike, *, model: str = DreamSettings.model,
         (tmp / "manifest.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         size = sum((tmp / f).stat().st_size for f in files)
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return SiteResult(out, [e.name for e in entries], size, files, webgpu, target)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Put ``new`` where ``out`` is (the old export, if any, is removed after the swap)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def atlas(
 def _layers(photo, layers, every, cell, init, columns, options, output, device, quiet):
     from onnxdream.dream.atlas import atlas_layers, dream_atlas, start_image
     from onnxdream.media.imagewrite import check_output_path
-    from onnxdream.runtime.gradient import resolve_model_path
+    from onnxdream.runtime.opening import resolve_model_path
     from onnxdream.settings.provenance import atlas_metadata
 
     settings = options.settings().with_seed()

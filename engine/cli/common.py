@@ -293,7 +293,7 @@ DREAM_OPTION_NAMES = tuple(_dream_options())
 
 def _layers_of(model: str) -> list[str]:
     from onnxdream.exporters.graph.layers import layer_table, load_model
-    from onnxdream.runtime.gradient import resolve_model_path
+    from onnxdream.runtime.opening import resolve_model_path
 
     return list(layer_table(load_model(resolve_model_path(model))))
 

@@ -236,17 +236,16 @@ def layers(
     """List a model's layers with their op types and output shapes (at its native size)."""
     with user_errors():
         from onnxdream.core.errors import UnwrappedModelError
-        from onnxdream.exporters.graph import list_layers, load_model
+        from onnxdream.exporters.graph import list_layers
         from onnxdream.exporters.graph.contract import require_dreamable
-        from onnxdream.runtime.gradient import resolve_model_path
+        from onnxdream.runtime.opening import open_model
 
-        path = resolve_model_path(model)
-        proto = load_model(path)
+        opened = open_model(model, dreamable=False)
         try:
-            require_dreamable(proto, model)
+            require_dreamable(opened.proto, model)
         except UnwrappedModelError as exc:  # the layers are still worth listing
             warn(str(exc))
-        infos = list_layers(proto)
+        infos = list_layers(opened.proto)
         if as_json:
             typer.echo(json.dumps([{"name": i.name, "tensor": i.tensor, "op_type": i.op_type,
                                     "shape": list(i.shape) if i.shape else None}
@@ -280,15 +279,13 @@ def compile_cmd(
     """
     with user_errors():
         from onnxdream.exporters.graph import compile_gradient, save_model
-        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
-        from onnxdream.runtime.gradient import resolve_model_path
+        from onnxdream.runtime.opening import open_model
 
-        path = resolve_model_path(model)
-        require_dreamable(load_model(path), model)
+        opened = open_model(model)
         names = layer or []
         if not names and not objective.startswith("class:"):
-            names = ModelInfo.load(path).require_default_layers()
-        graph = compile_gradient(path, names, objective, pre_relu=pre_relu, border=border,
+            names = opened.info.require_default_layers()
+        graph = compile_gradient(opened.proto, names, objective, pre_relu=pre_relu, border=border,
                                  target=target)
         save_model(graph, output)
         ops = sorted({n.op_type for n in graph.graph.node})
@@ -457,8 +454,8 @@ def serve(
                            or importlib.util.find_spec("multipart")):
             raise DependencyError(
                 "the server needs the [serve] extra: pip install 'onnxdream[serve]'")
+        from onnxdream.core.net import is_loopback
         from onnxdream.server.app import ServerConfig, run
-        from onnxdream.server.security import is_loopback
 
         hosts = trusted_host or None
         if not hosts and not os.environ.get("ONNXDREAM_TRUSTED_HOSTS", "").strip() \

@@ -37,7 +37,7 @@ from onnxdream.cli.common import (
     with_dream_options,
 )
 from onnxdream.core.errors import DependencyError, SettingsError
-from onnxdream.video.clip import ZOOM_DEFAULTS
+from onnxdream.settings.video import DEFAULT_BLEND, ZOOM_DEFAULTS, VideoOptions
 
 #: The [dream options] that take keyframes in a clip.
 KEYFRAMED = ("layer", "steps", "step_size")
@@ -226,20 +226,22 @@ def video(
         "--flow/--no-flow", help="Carry each frame's dream into the next along the input's "
         "optical flow, so the patterns move with the objects instead of flickering; "
         "--no-flow dreams each frame alone (with --blend: plain blending, which smears).")]
-        = True,
+        = VideoOptions.flow,
     blend: Annotated[str | None, typer.Option(
         help="How much of the previous frame's dream goes into the next, 0 to 1 (more: "
         "steadier, but detail piles up). " + KEYS_HELP + " E.g. `0:0.3,5s:0.8`.  \\[default: "
-        "0.6 with --flow, 0 with --no-flow]", show_default=False)] = None,
+        f"{DEFAULT_BLEND:g} with --flow, 0 with --no-flow]", show_default=False)] = None,
     width: Annotated[int | None, typer.Option(
         help="Resize to this width first (height follows; both made even). Smaller is much "
         "faster: 320 dreams ~4x faster than 640.  \\[default: the input's]",
         show_default=False)] = None,
-    start: Annotated[float, typer.Option(help="Start this many seconds into IN.")] = 0.0,
+    start: Annotated[float, typer.Option(
+        help="Start this many seconds into IN.")] = VideoOptions.start,
     duration: Annotated[float | None, typer.Option(
         help="Dream this many seconds.  \\[default: to the end]", show_default=False)] = None,
     every: Annotated[int, typer.Option(
-        help="Take every N-th frame (the output's frame rate is IN's divided by N).")] = 1,
+        help="Take every N-th frame (the output's frame rate is IN's divided by N).")]
+        = VideoOptions.every,
     work_dir: WorkDirOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -254,7 +256,7 @@ def video(
     with user_errors(), _progress(quiet) as progress:
         _require_video_extra("video")
         from onnxdream.media.videoio import check_video_output, probe
-        from onnxdream.settings.provenance import command
+        from onnxdream.settings.provenance import command, key
         from onnxdream.settings.schedule import parse_schedule
         from onnxdream.video.clip import dream_video
 
@@ -273,7 +275,7 @@ def video(
         t0 = time.perf_counter()
         result = dream_video(source, output, dream, flow=flow, blend=blend_s, work_dir=work_dir,
                              start=start, duration=duration, every=every, width=width,
-                             schedules=schedules, metadata={"onnxdream:command": command(argv)},
+                             schedules=schedules, metadata={key("command"): command(argv)},
                              progress=progress)
     _report(result, time.perf_counter() - t0, settings.seed)
 
@@ -322,7 +324,7 @@ def zoom_cmd(
         _require_video_extra("zoom")
         from onnxdream.media.imageio import load_image
         from onnxdream.media.videoio import check_video_output
-        from onnxdream.settings.provenance import command
+        from onnxdream.settings.provenance import command, key
         from onnxdream.settings.schedule import parse_schedule
         from onnxdream.video import clip as videolib
 
@@ -343,6 +345,6 @@ def zoom_cmd(
         result = videolib.zoom(image, output, dream, frames, zoom=zoom_s, rotate=rotate_s,
                                shift=offset, fps=fps, width=width, work_dir=work_dir,
                                schedules=schedules,
-                               metadata={"onnxdream:command": command(argv)},
+                               metadata={key("command"): command(argv)},
                                progress=progress)
     _report(result, time.perf_counter() - t0, settings.seed)

@@ -14,7 +14,6 @@ each frame's PNG records (:meth:`StandardDream.metadata`: :mod:`onnxdream.settin
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
@@ -25,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from onnxdream.runtime.model_cache import ModelCache
 from onnxdream.settings.options import DreamSettings
 
 if TYPE_CHECKING:
     from onnxdream.settings.schedule import Schedule
 
-__all__ = ["KEYFRAMED", "OpenModels", "StandardDream", "file_fingerprint", "frame_settings",
+__all__ = ["KEYFRAMED", "StandardDream", "file_fingerprint", "frame_settings",
            "keyframed_settings", "make_dream_frame", "stable_seed"]
 
 #: The DreamSettings fields a clip may keyframe (see :func:`keyframed_settings`).
@@ -48,32 +48,6 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
             fh.seek(-(1 << 20), os.SEEK_END)
             h.update(fh.read())
     return h.hexdigest()[:16]
-
-
-class OpenModels:
-    """The GradientModels (onnxruntime sessions) of the last ``size`` objectives used, keyed by
-    :meth:`DreamSettings.gradient_key`, opened on ``device`` with ``threads``: a clip that cuts
-    between layers, or a batch worker, does not compile or load again."""
-
-    def __init__(self, device: str = "auto", threads: int | None = None, size: int = 2):
-        self.device, self.threads, self.size = device, threads, size
-        self._models: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-
-    def get(self, settings: DreamSettings):
-        from onnxdream.runtime.gradient import GradientModel
-
-        key = settings.gradient_key()
-        gm = self._models.get(key)
-        if gm is None:
-            gm = GradientModel.from_settings(settings, device=self.device, threads=self.threads)
-            self._models[key] = gm
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return gm
-
-    def __len__(self) -> int:
-        return len(self._models)
 
 
 def stable_seed(settings: DreamSettings, *parts: Any) -> DreamSettings:
@@ -165,22 +139,23 @@ class StandardDream:
     """
 
     def __init__(self, settings: DreamSettings, *, device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, models: ModelCache | None = None):
         self.settings = settings.validate().with_seed()
-        self._models = OpenModels(device, threads, size=2)
+        self._models = models if models is not None else ModelCache(device=device,
+                                                                     threads=threads, size=2)
         self._geometry = None
         self._model_file: str | None = None
 
     def gradient_model(self, settings: DreamSettings):
         """The GradientModel of ``settings`` (model, layers, objective, pre_relu, border)."""
-        return self._models.get(settings)
+        return self._models.get(settings).model
 
     def _model_facts(self) -> tuple[Any, str]:
         """The model's contract facts (``ModelInfo``: what the resolver reads) and its file's
         fingerprint, read once."""
         if self._geometry is None:
             from onnxdream.exporters.graph.contract import ModelInfo
-            from onnxdream.runtime.gradient import resolve_model_path
+            from onnxdream.runtime.opening import resolve_model_path
 
             path = resolve_model_path(self.settings.model)
             self._geometry = ModelInfo.load(path)
@@ -228,15 +203,16 @@ class StandardDream:
         from onnxdream.settings.provenance import dream_metadata
 
         resolved = self.resolved(height, width, params)
-        gm = self.gradient_model(resolved.settings)
-        return dream_metadata(resolved, objective=gm.objective, provider=gm.provider,
+        loaded = self._models.get(resolved.settings)
+        return dream_metadata(resolved, objective=loaded.objective, provider=loaded.model.provider,
                               image="FRAME")
 
     def __call__(self, rgb: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         from onnxdream.dream.ascent import dream
 
         resolved = self.resolved(rgb.shape[0], rgb.shape[1], params)
-        return dream(self.gradient_model(resolved.settings), rgb, resolved)
+        loaded = self._models.get(resolved.settings)
+        return dream(loaded.model, rgb, resolved, params=loaded.params)
 
 
 def make_dream_frame(settings: DreamSettings | None = None, *, device: str = "auto",

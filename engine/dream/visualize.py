@@ -139,19 +139,14 @@ class BatchObjective:
                  device: str = "auto", threads: int | None = None):
         from onnxdream.exporters.graph import compile_gradient
         from onnxdream.exporters.graph.contract import (
-            ModelInfo,
             graph_params,
-            load_model,
-            require_dreamable,
         )
         from onnxdream.exporters.graph.objective import weighted_channels
-        from onnxdream.runtime.gradient import resolve_model_path
+        from onnxdream.runtime.opening import open_model
         from onnxdream.runtime.session import create_session
 
-        path = resolve_model_path(model)
-        proto = load_model(path)
-        require_dreamable(proto, str(model))
-        info = ModelInfo.load(proto)
+        opened = open_model(model)
+        proto, info = opened.proto, opened.info
         self.labels: list[str] | None = info.labels
         self.info = info
         if layer == LOGITS and not info.has_logits:

@@ -197,7 +197,7 @@ class AtlasStore:
         if entry is not None:
             return entry
         from onnxdream.dream.atlas import EXAMPLE
-        from onnxdream.runtime.gradient import resolve_model_path
+        from onnxdream.runtime.opening import resolve_model_path
 
         info = self.models.info(name)
         path = resolve_model_path(self.models.source(name))

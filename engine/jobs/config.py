@@ -11,7 +11,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxdream.core.errors import ModelError, OnnxDreamError, SettingsError
+from onnxdream.core.env import env_int
+from onnxdream.core.errors import ModelError, SettingsError
+from onnxdream.runtime.graph_cache import CompiledCache
+from onnxdream.runtime.model_cache import ModelCache
 from onnxdream.settings.memory import budget_from_env as memory_budget_from_env
 from onnxdream.settings.options import require
 
@@ -19,19 +22,6 @@ __all__ = ["MB", "ServerConfig"]
 
 MB = 1024 * 1024
 
-
-
-def _env_int(name: str, default: int | None, minimum: int = 1) -> int | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise OnnxDreamError(f"{name} must be an integer >= {minimum}, got {text!r}")
-    return value
 
 
 def _check_device(device: str) -> None:
@@ -92,6 +82,13 @@ class ServerConfig:
     ort_dir: Path | None = None
     max_memory_mb: int = 4096  # for all the dreams running at once (ONNXDREAM_MAX_MEMORY_MB)
 
+    def model_cache(self) -> ModelCache:
+        """The server's model cache: its device, threads and cache size, the compiled-graph
+        cache under its disk budget, and only the zoo and the allowed files as models."""
+        return ModelCache(device=self.device, threads=self.threads, size=self.cache_size,
+                          compiled=CompiledCache(budget_mb=self.cache_mb),
+                          allowed=self.model_paths)
+
     @property
     def dream_memory_mb(self) -> int:
         """The memory budget of one dream: the server's, shared by its workers."""
@@ -118,16 +115,16 @@ class ServerConfig:
             raise SettingsError("device", f"must be auto, cpu or cuda, got {device!r}")
         _check_device(device)
         env_paths = [p for p in os.environ.get("ONNXDREAM_MODEL_PATHS", "").split(os.pathsep) if p]
-        body_mb = max_body_mb if max_body_mb is not None else _env_int("ONNXDREAM_MAX_BODY_MB", 32)
+        body_mb = max_body_mb if max_body_mb is not None else env_int("ONNXDREAM_MAX_BODY_MB", 32)
         if not math.isfinite(body_mb) or body_mb <= 0:
             raise SettingsError("max_body", f"must be a positive number of MB, got {body_mb}")
         if job_ttl is not None and not math.isfinite(job_ttl):
             raise SettingsError("job_ttl", "must be a finite number of seconds")
         hosts = trusted_hosts or [h.strip() for h in os.environ.get(
             "ONNXDREAM_TRUSTED_HOSTS", "").split(",") if h.strip()]
-        video_s = _first(max_video_seconds, _env_int("ONNXDREAM_MAX_VIDEO_SECONDS", 60, 0))
-        video_mb = _first(max_video_mb, _env_int("ONNXDREAM_MAX_VIDEO_MB", 256))
-        disk_mb = _first(max_video_disk_mb, _env_int("ONNXDREAM_MAX_VIDEO_DISK_MB", 4096))
+        video_s = _first(max_video_seconds, env_int("ONNXDREAM_MAX_VIDEO_SECONDS", 60, minimum=0))
+        video_mb = _first(max_video_mb, env_int("ONNXDREAM_MAX_VIDEO_MB", 256))
+        disk_mb = _first(max_video_disk_mb, env_int("ONNXDREAM_MAX_VIDEO_DISK_MB", 4096))
         for name, value in (("max_video_seconds", video_s), ("max_video_body", video_mb),
                             ("max_video_disk", disk_mb)):
             if not math.isfinite(value) or value < 0:
@@ -135,14 +132,14 @@ class ServerConfig:
         jobs_dir = jobs_dir or os.environ.get("ONNXDREAM_JOBS_DIR", "").strip() or None
         cfg = cls(
             device=device,
-            workers=workers or _env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
+            workers=workers or env_int("ONNXDREAM_WORKERS", None) or _default_workers(device),
             max_queue=(max_queue if max_queue is not None
-                       else _env_int("ONNXDREAM_MAX_QUEUE", 16, 0)),
-            max_pixels=max_pixels or _env_int("ONNXDREAM_MAX_PIXELS", 16_000_000),
+                       else env_int("ONNXDREAM_MAX_QUEUE", 16, minimum=0)),
+            max_pixels=max_pixels or env_int("ONNXDREAM_MAX_PIXELS", 16_000_000),
             max_body=int(float(body_mb) * MB),
-            max_steps=max_steps or _env_int("ONNXDREAM_MAX_STEPS", 1000),
-            job_ttl=float(job_ttl if job_ttl is not None else _env_int("ONNXDREAM_JOB_TTL", 600)),
-            cache_size=cache_size or _env_int("ONNXDREAM_CACHE_SIZE", 4),
+            max_steps=max_steps or env_int("ONNXDREAM_MAX_STEPS", 1000),
+            job_ttl=float(job_ttl if job_ttl is not None else env_int("ONNXDREAM_JOB_TTL", 600)),
+            cache_size=cache_size or env_int("ONNXDREAM_CACHE_SIZE", 4),
             cache_mb=cache_mb if cache_mb is not None else budget_from_env(),
             model_paths=_allowed_models(list(model_paths or []) + env_paths),
             trusted_hosts=tuple(hosts),

@@ -98,6 +98,8 @@ class DreamRequest(Work):
     data: bytes | None = None  # the encoded image, when not decoded yet
     max_pixels: int | None = None  # the decoder's limit for ``data``
     controls: Any = None  # onnxdream.dream.controls.Controls: the guide's and masks' pictures
+    memory_mb: int | None = None  # the dream's memory budget (None: the machine's default)
+    max_steps: int | None = None  # the most steps over all octaves (None: no limit)
 
     def run(self, models: ModelCache, job: Job | None = None) -> bytes:
         """What a worker does with this request (:func:`run_request`); other kinds of work
@@ -106,12 +108,15 @@ class DreamRequest(Work):
 
     @classmethod
     def from_bytes(cls, settings: DreamSettings, fmt: str, data: bytes | None,
-                   max_pixels: int | None, controls: Any = None) -> DreamRequest:
+                   max_pixels: int | None, controls: Any = None, *,
+                   memory_mb: int | None = None,
+                   max_steps: int | None = None) -> DreamRequest:
         """From an encoded image, checked from its header only (format, size, the pixel
         limit: ImageError / ImageTooLargeError) and decoded when the dream runs; or, with no
         ``data``, a dream from ``settings.init`` (noise or grey) of ``settings.size``.
         ``controls``: the creative controls' pictures
-        (:class:`~onnxdream.dream.controls.Controls`)."""
+        (:class:`~onnxdream.dream.controls.Controls`); ``memory_mb`` and ``max_steps``: the
+        server's limits for this dream (:class:`~onnxdream.jobs.config.ServerConfig`)."""
         from onnxdream.core.errors import ImageTooLargeError
         from onnxdream.media.imageio import image_size
 
@@ -123,7 +128,8 @@ class DreamRequest(Work):
         else:
             size = image_size(data, max_pixels=max_pixels)
         return cls(settings=settings, fmt=fmt, image=None, alpha=None, size=size, data=data,
-                   max_pixels=max_pixels, controls=controls)
+                   max_pixels=max_pixels, controls=controls, memory_mb=memory_mb,
+                   max_steps=max_steps)
 
     def forget_input(self) -> None:
         """Drop the pixels (the job finished: only its result is kept)."""
@@ -269,12 +275,12 @@ def run_request(req: DreamRequest, models: ModelCache, job: Job | None = None) -
         raise JobCancelled()
     gm, objective, params = models.get(req.settings)
     rgb, alpha = req.pixels()
-    config = models.config
     resolved = resolve(req.settings, rgb.shape[0], rgb.shape[1], gm.info, memory=gm.memory,
-                       budget_mb=config.dream_memory_mb)  # MemoryBudgetError: 413
-    if resolved.steps_total > config.max_steps:  # octaves "auto" are known only now
+                       budget_mb=req.memory_mb)  # MemoryBudgetError: 413
+    limit = req.max_steps
+    if limit is not None and resolved.steps_total > limit:  # "auto" octaves: known only now
         raise SettingsError("steps", f"x {resolved.octaves} octaves is {resolved.steps_total} "
-                                     f"steps, more than this server's limit of {config.max_steps}")
+                                     f"steps, more than this server's limit of {limit}")
     progress = None
     if job is not None:
         job.provider = gm.provider

@@ -54,6 +54,8 @@ from onnxdream.core.errors import (
 from onnxdream.jobs.queue import MB, JobCancelled, JobError, ServerConfig, Work
 from onnxdream.settings.build import from_options
 from onnxdream.settings.options import DreamSettings, require
+from onnxdream.settings.resolve import resolve
+from onnxdream.settings.video import VideoOptions
 
 __all__ = ["UPLOAD_NAME", "VIDEO_FORMATS", "JobSpace", "VideoOptions", "VideoRequest",
            "WorkArea", "WorkSpaceFull", "check_video", "disk_estimate", "prepare_video",
@@ -315,19 +317,6 @@ def disk_estimate(upload: int, size: tuple[int, int], frames: int, fmt: str) -> 
 
 
 @dataclass(frozen=True)
-class VideoOptions:
-    """What a video job does besides the dream settings (the CLI's ``video`` options)."""
-
-    fmt: str = "mp4"
-    flow: bool = True
-    blend: str | None = None  # a value or keyframes, 0..1
-    width: int | None = None
-    start: float = 0.0
-    duration: float | None = None
-    every: int = 1
-
-
-@dataclass(frozen=True)
 class Selection:
     """The frames a job dreams, as probed: output size and rate, count, seconds, audio."""
 
@@ -442,16 +431,11 @@ class VideoRequest(Work):
 
     @property
     def work(self) -> float:
-        """Pixel-steps of the whole clip (for queue wait estimates, as DreamRequest.work)."""
-        from onnxdream.settings.options import octave_sizes
-
+        """Pixel-steps of the whole clip (for queue wait estimates, as DreamRequest.work): the
+        octaves as the resolver decides them at the frame size (``"auto"`` included)."""
         w, h = self.size
-        s = self.settings
-        try:
-            sizes = octave_sizes(h, w, int(s.octaves), float(s.octave_scale))
-        except (TypeError, ValueError):
-            sizes = [(h, w)]
-        return float(sum(a * b for a, b in sizes) * s.steps * self.selection.frames)
+        sizes = resolve(self.settings, h, w).octave_sizes
+        return float(sum(a * b for a, b in sizes) * self.settings.steps * self.selection.frames)
 
     def release(self) -> None:
         """Remove the job's folder and give back its disk (idempotent)."""
@@ -526,7 +510,6 @@ class _SharedDream:
     def __call__(self, rgb, params):
         from onnxdream.dream.ascent import dream
         from onnxdream.dream.frame import frame_settings
-        from onnxdream.settings.resolve import resolve
 
         settings = frame_settings(self.settings, params)
         gm, _, weights = self.models.get(settings)

@@ -426,8 +426,7 @@ def _resize_plane(plane: np.ndarray, h: int, w: int, flt: Image.Resampling,
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The text metadata of an image written by :func:`onnxdream.media.imagewrite.save_image` (or
-    any
-    PNG's text chunks).
+    any PNG's text chunks).
 
     PNG: all tEXt/zTXt/iTXt chunks. JPEG/WebP: the JSON object in onnxdream's XMP packet (or the
     JPEG comment). Returns ``{}`` when there is none. Only the header is parsed, not the pixels.

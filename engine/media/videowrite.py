@@ -14,8 +14,7 @@ WebM) and a note says so; GIF and PNG folders have no audio (a note says it was 
 ``VideoWriter.notes`` holds the notes for the caller to show.
 
 Atomic output (:class:`onnxdream.core.atomic.AtomicTarget`). A file is written to a temporary name
-in
-the target's directory and moved into place when complete; a PNG folder is built beside the
+in the target's directory and moved into place when complete; a PNG folder is built beside the
 target and renamed over it. An error or Ctrl-C leaves no partial output and the previous one, if
 any, untouched.
 """

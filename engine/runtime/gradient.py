@@ -16,8 +16,6 @@ parameters are cut per tile and rolled by the jitter like the image.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import weakref
 from collections.abc import Collection, Mapping, Sequence
@@ -39,46 +37,13 @@ from onnxdream.exporters.graph.contract import (
     cut_spatial,
     is_spatial,
     load_model,
-    require_dreamable,
 )
-from onnxdream.exporters.graph.layers import layer_names, resolve_layer
+from onnxdream.exporters.graph.layers import resolve_layer
 from onnxdream.exporters.graph.receptive_field import receptive_field
-from onnxdream.runtime.graph_cache import CompiledCache
+from onnxdream.runtime.graph_cache import CompiledCache, graph_key
+from onnxdream.runtime.opening import open_model
 from onnxdream.runtime.session import Session, create_session
 from onnxdream.settings.memory import MemoryProfile
-
-# 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
-# masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
-# 10: term weights are the graph's `weights` input (the cache key leaves them out);
-# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
-# 13: region masks block-averaged on the layer's stride; 14: constant Gathers scatter without
-# a reduction; 15: the portable target fits region masks without an antialiased Resize
-COMPILER_VERSION = "15"
-
-
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A zoo name or a path to an .onnx file → the file."""
-    from onnxdream.models import resolve_model
-
-    return Path(resolve_model(str(model)))
-
-
-def _cache_dir() -> Path:
-    from onnxdream.models import model_home
-
-    return model_home() / "compiled"
-
-
-def graph_key(model_path: Path, objective: Objective, pre_relu: bool, border: int,
-              target: str = "default") -> str:
-    """The compiled graph's file name: model file + objective structure (not the weights) +
-    the compiler's target (see ``compile_gradient``)."""
-    key = hashlib.sha256()
-    key.update(model_path.read_bytes() if model_path.stat().st_size < 2**31 else
-               str(model_path.stat()).encode())
-    key.update(json.dumps([COMPILER_VERSION, objective.structure(), pre_relu, border]
-                          + ([target] if target != "default" else [])).encode())
-    return f"{model_path.stem}-{key.hexdigest()[:16]}.onnx"
 
 
 def objective_for(info: ModelInfo, known: Collection[str],
@@ -116,12 +81,10 @@ class GradientModel:
                  objective: str = "mean", *, pre_relu: bool = False, border: int = 0,
                  device: str = "auto", threads: int | None = None,
                  cache: bool | CompiledCache = True):
-        self.model_path = resolve_model_path(model)
-        proto = load_model(self.model_path)
-        require_dreamable(proto, str(model))
-        self.info = ModelInfo.load(proto)
+        opened = open_model(model)
+        proto, self.model_path, self.info = opened.proto, opened.path, opened.info
         self.metadata = self.info.metadata
-        self.objective = objective_for(self.info, layer_names(proto, self.info.layers), layers,
+        self.objective = objective_for(self.info, opened.layer_names(), layers,
                                        objective).check_weights()
         #: the objective parameters every run feeds by default (see the contract): the term
         #: weights. Never changed after construction: a dream with other weights passes its own
@@ -197,19 +160,14 @@ class GradientModel:
         """(the compiled graph: a cached file's path, or the serialized graph; whether it was
         compiled just now). Nothing is written when the compile fails."""
         # not the weights: they are the graph's `weights` input, fed on every run
+        def compile_now():
+            return compile_gradient(proto, self.objective, pre_relu=pre_relu, border=border)
+
+        if self._cache is None:
+            return compile_now().SerializeToString(), True
         name = graph_key(self.model_path, self.objective, pre_relu, border)
-        cache = self._cache
-        if cache is not None and (path := cache.lookup(name)) is not None:
-            return str(path), False
-        graph = compile_gradient(proto, self.objective, pre_relu=pre_relu, border=border)
-        if cache is not None:
-            try:
-                path = cache.store(name, graph, graph.ByteSize())
-                if path is not None:
-                    return str(path), True
-            except OSError:  # an unwritable cache only costs a recompile next time
-                pass
-        return graph.SerializeToString(), True
+        found, fresh = self._cache.get_or_compile(name, compile_now)
+        return (str(found) if isinstance(found, Path) else found), fresh
 
     def _tile_info(self, proto) -> TileInfo:
         table = self.info.layers

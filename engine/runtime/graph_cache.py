@@ -26,21 +26,36 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from onnxdream.core.env import env_int
 from onnxdream.core.errors import OnnxDreamError
+from onnxdream.exporters.graph.objective import Objective
 
-__all__ = ["CACHE_ENV", "DEFAULT_BUDGET_MB", "CompiledCache", "budget_from_env"]
+__all__ = ["CACHE_ENV", "COMPILER_VERSION", "DEFAULT_BUDGET_MB", "CompiledCache", "budget_from_env",
+           "graph_key"]
 
 log = logging.getLogger("onnxdream.cache")
 
 CACHE_ENV = "ONNXDREAM_CACHE_MB"
 DEFAULT_BUDGET_MB = 512
+
+# 2: optimised graphs; 3: separable MaxPool backward; 4: depthwise phase Convs; 5: activation
+# masks; 6: slice chains; 7: Sum as Adds; 8: pool masks; 9: Conv outputs added first;
+# 10: term weights are the graph's `weights` input (the cache key leaves them out);
+# 11: negative Pad pads (were mis-cropped); 12: the region `mask` input, guide terms;
+# 13: region masks block-averaged on the layer's stride; 14: constant Gathers scatter without
+# a reduction; 15: the portable target fits region masks without an antialiased Resize
+COMPILER_VERSION = "15"
 MB = 1024 * 1024
 STALE_TEMP_SECONDS = 3600.0
 
@@ -50,19 +65,21 @@ _lock = threading.Lock()  # eviction + write, and _in_use
 _swept: set[Path] = set()  # directories swept by this process
 
 
+def graph_key(model_path: Path, objective: Objective, pre_relu: bool, border: int,
+              target: str = "default") -> str:
+    """The compiled graph's file name: model file + objective structure (not the weights) +
+    the compiler's target (see ``compile_gradient``)."""
+    key = hashlib.sha256()
+    key.update(model_path.read_bytes() if model_path.stat().st_size < 2**31 else
+               str(model_path.stat()).encode())
+    key.update(json.dumps([COMPILER_VERSION, objective.structure(), pre_relu, border]
+                          + ([target] if target != "default" else [])).encode())
+    return f"{model_path.stem}-{key.hexdigest()[:16]}.onnx"
+
+
 def budget_from_env(default: int = DEFAULT_BUDGET_MB) -> int:
     """``$ONNXDREAM_CACHE_MB`` (an integer >= 1), else ``default``."""
-    text = os.environ.get(CACHE_ENV, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise OnnxDreamError(f"{CACHE_ENV} must be an integer >= 1 (megabytes), got {text!r}",
-                             field="cache_mb")
-    return value
+    return env_int(CACHE_ENV, default, unit="megabytes", field="cache_mb")
 
 
 def _default_dir() -> Path:
@@ -110,6 +127,26 @@ class CompiledCache:
             return path if path.is_file() else None
         return path
 
+    def get_or_compile(self, name: str, compile: Callable[[], Any],
+                       lock: threading.Lock | None = None) -> tuple[Path | bytes, bool]:
+        """The cached graph ``name``; else ``compile()`` (a ModelProto) stored under the budget.
+
+        Returns (the graph's file, or its serialized bytes when the cache cannot take it;
+        whether it was compiled just now). ``lock``, if given, is held while compiling (one
+        compile at a time: each holds a few hundred MB), with the look-up repeated under it.
+        An unwritable cache only costs a recompile next time."""
+        if (hit := self.lookup(name)) is not None:
+            return hit, False
+        with lock if lock is not None else contextlib.nullcontext():
+            if lock is not None and (hit := self.lookup(name)) is not None:
+                return hit, False
+            graph = compile()
+            try:
+                stored = self.store(name, graph, graph.ByteSize())
+            except OSError:
+                stored = None
+            return (stored if stored is not None else graph.SerializeToString()), True
+
     def entries(self) -> list[Entry]:
         """The cached graphs, least recently used first."""
         out = []
@@ -138,7 +175,7 @@ class CompiledCache:
         """Write ``graph`` (a ModelProto, ``size`` bytes) as ``name`` after evicting the least
         recently used graphs until it fits; None (nothing written) when it cannot fit.
         Raises what the write raises (OSError, ModelError); nothing is left behind then."""
-        from onnxdream.exporters.graph.compiler import save_model
+        from onnxdream.exporters.graph.onnxfile import save_model
 
         self.sweep()
         path = self.path_for(name)

@@ -1,6 +1,7 @@
 """Sessions loaded once, shared and bounded: :class:`ModelCache` holds one GradientModel (one
 onnxruntime session) per objective *structure* (layers and kinds, not weights), shared by every
-job of a server or a batch worker, each dream feeding its own weights (:class:`Loaded`).
+job of a server, every item of a batch worker and every frame of a clip, each dream feeding its
+own weights (:class:`Loaded`). The one model cache of the run time.
 """
 
 from __future__ import annotations
@@ -9,12 +10,18 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from onnxdream.core.errors import ModelError, did_you_mean
-from onnxdream.jobs.config import ServerConfig
+from onnxdream.models import ZOO
+from onnxdream.runtime.gradient import GradientModel, objective_for
+from onnxdream.runtime.graph_cache import CompiledCache
+from onnxdream.runtime.opening import open_model, resolve_model_path
+from onnxdream.runtime.session import resolve_providers
 from onnxdream.settings.options import DreamSettings
 
 __all__ = ["Loaded", "ModelCache", "ModelKey"]
@@ -48,27 +55,33 @@ class ModelCache:
     loaded models never wait for a build. A model dropped from the cache while a dream uses it
     lives until that dream ends. Models are named by zoo name or by the file stem of a model
     the operator allowed, never by a path from a request.
+
+    ``device`` and ``threads`` open the sessions; ``size`` models stay loaded (least recently
+    used dropped first); ``compiled`` is the compiled-graph cache (default: the home's, with
+    ``ONNXDREAM_CACHE_MB``); ``allowed`` maps the names of the model files a server's operator
+    allowed to their paths: with it, only zoo names and those names are models (a server);
+    without it (None) any zoo name or dreamable file is (a batch, a clip).
     """
 
-    def __init__(self, config: ServerConfig):
-        from onnxdream.runtime.graph_cache import CompiledCache
-
-        self.config = config
-        self.compiled = CompiledCache(budget_mb=config.cache_mb)
+    def __init__(self, *, device: str = "auto", threads: int | None = None, size: int = 4,
+                 compiled: CompiledCache | None = None,
+                 allowed: Mapping[str, Path] | None = None):
+        self.device, self.threads, self.size = device, threads, size
+        self.compiled = compiled if compiled is not None else CompiledCache()
+        self.allowed = dict(allowed) if allowed is not None else None
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
         self._models: collections.OrderedDict[ModelKey, Any] = collections.OrderedDict()
         self._infos: dict[str, tuple[Any, dict[str, str]]] = {}  # name -> (ModelInfo, names)
 
     def source(self, name: str) -> str:
-        """The zoo name or allowed file for ``name``; ModelError for anything else."""
-        from onnxdream.models import ZOO
-
-        if name in ZOO:
+        """The zoo name or allowed file for ``name``; ModelError for anything else (any name
+        or path when this cache has no ``allowed`` list)."""
+        if name in ZOO or self.allowed is None:
             return name
-        if name in self.config.model_paths:
-            return str(self.config.model_paths[name])
-        names = list(ZOO) + list(self.config.model_paths)
+        if name in self.allowed:
+            return str(self.allowed[name])
+        names = list(ZOO) + list(self.allowed)
         raise ModelError(f"unknown model '{name[:100]}': this server offers "
                          f"{', '.join(names)}{did_you_mean(name[:100], names)}", field="model")
 
@@ -77,21 +90,20 @@ class ModelCache:
         with self._lock:
             if name in self._infos:
                 return self._infos[name]
-        from onnxdream.exporters.graph.contract import ModelInfo, load_model, require_dreamable
-        from onnxdream.exporters.graph.layers import layer_names
-        from onnxdream.runtime.gradient import resolve_model_path
-
         with self._build_lock:
             with self._lock:  # read by another request while this one waited
                 if name in self._infos:
                     return self._infos[name]
-            path = resolve_model_path(self.source(name))
-            proto = load_model(path)
-            require_dreamable(proto, path.name)  # a raw ONNX file: say how to import it
-            info = ModelInfo.load(proto)
-            result = (info, layer_names(proto, info.layers))
+            source = self.source(name)
+            # a raw ONNX file: the error says how to import it, naming the file, not its folder
+            opened = open_model(source, name=Path(source).name)
+            result = (opened.info, opened.layer_names())
         with self._lock:
             return self._infos.setdefault(name, result)
+
+    def path(self, name: str) -> Path:
+        """The file of model ``name`` (a zoo model is built on first use)."""
+        return resolve_model_path(self.source(name))
 
     def info(self, name: str):
         """The contract's :class:`~onnxdream.exporters.graph.contract.ModelInfo` of model
@@ -105,8 +117,6 @@ class ModelCache:
 
     def objective(self, settings: DreamSettings):
         """The dream's Objective (layer names checked against the model, weights in range)."""
-        from onnxdream.runtime.gradient import objective_for
-
         info, known = self._read(settings.model)
         return objective_for(info, known, list(settings.layers),
                              settings.objective).check_weights()
@@ -138,23 +148,25 @@ class ModelCache:
             with self._lock:
                 self._models[key] = gm
                 self._models.move_to_end(key)
-                while len(self._models) > self.config.cache_size:
+                while len(self._models) > self.size:
                     self._models.popitem(last=False)
         return Loaded(gm, objective, gm.params_for(objective))
 
     def _build(self, key: ModelKey, objective):
-        from onnxdream.runtime.gradient import GradientModel
-
         model, _, pre_relu, border = key
         t0 = time.perf_counter()
         gm = GradientModel(self.source(model), objective, pre_relu=pre_relu, border=border,
-                           device=self.config.device, threads=self.config.threads,
+                           device=self.device, threads=self.threads,
                            cache=self.compiled)
         if gm.session.fallback_warning:
             log.warning("%s", gm.session.fallback_warning)
         log.info("loaded %s %s on %s in %.1fs", model, gm.objective.describe(), gm.provider,
                  time.perf_counter() - t0)
         return gm
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
 
     def loaded(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -168,7 +180,5 @@ class ModelCache:
         with self._lock:
             for gm in self._models.values():
                 return gm.provider
-        from onnxdream.runtime.session import resolve_providers
-
-        first = resolve_providers(self.config.device)[0]
+        first = resolve_providers(self.device)[0]
         return first[0] if isinstance(first, tuple) else first

@@ -9,12 +9,9 @@ import numpy as np
 from onnxdream.exporters.graph.contract import (
     IMAGE,
     LOGITS,
-    ModelInfo,
-    load_model,
-    require_dreamable,
 )
 from onnxdream.media.imageio import resize
-from onnxdream.runtime.gradient import resolve_model_path
+from onnxdream.runtime.opening import open_model
 from onnxdream.runtime.session import create_session
 
 
@@ -22,10 +19,8 @@ class Classifier:
     """A session on a dreamable model's ``logits``; images are resized to the native size."""
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", threads: int | None = None):
-        path = resolve_model_path(model)
-        proto = load_model(path)
-        require_dreamable(proto, str(model))
-        info = ModelInfo.load(proto)
+        opened = open_model(model)
+        path, info = opened.path, opened.info
         info.require_logits("it cannot classify")
         self.size = info.native_size
         self.labels: list[str] | None = info.labels

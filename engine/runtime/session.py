@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxdream.core.env import env_int
 from onnxdream.core.errors import DependencyError, DeviceError, ModelError, OnnxDreamError
 
 __all__ = [
@@ -216,16 +217,7 @@ def default_threads() -> int:
 
 def env_threads() -> int | None:
     """``$ONNXDREAM_THREADS`` as a positive integer, or None when it is not set."""
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if not env:
-        return None
-    try:
-        n = int(env)
-    except ValueError:
-        n = -1
-    if n < 1:
-        raise OnnxDreamError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
-    return n
+    return env_int(THREADS_ENV)
 
 
 def cpu_cores() -> int:

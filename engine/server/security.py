@@ -31,7 +31,7 @@ from pathlib import Path
 from onnxdream.core.static import PACKAGE_ROOT
 
 __all__ = ["BASE_CSP", "BROWSER_CSP", "BROWSER_PATHS", "CROSS_ORIGIN_ISOLATION", "DOCS_CSP",
-           "PathScrubber", "SecurityHeaders", "content_security_policy", "is_loopback",
+           "PathScrubber", "SecurityHeaders", "content_security_policy",
            "security_headers"]
 
 #: The page's policy, one directive per key (see :func:`content_security_policy`).
@@ -196,15 +196,3 @@ def _generic(match: re.Match) -> str:
     first = "/" + text.lstrip("/").split("/", 1)[0]
     return "…" if os.path.exists(first) else text
 
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine
-    only: ``localhost`` or a loopback address."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -37,9 +37,11 @@ from onnxdream.browser.site import (
 )
 from onnxdream.browser.site import manifest as build_manifest
 from onnxdream.core.errors import ModelError
-from onnxdream.exporters.graph.contract import LOGITS
+from onnxdream.exporters.graph.contract import LOGITS, load_model
 from onnxdream.exporters.graph.layers import resolve_layer
-from onnxdream.jobs.queue import ModelCache, ServerConfig
+from onnxdream.jobs.config import ServerConfig
+from onnxdream.runtime.graph_cache import graph_key
+from onnxdream.runtime.model_cache import ModelCache
 from onnxdream.server.form import ApiError
 from onnxdream.settings.build import from_options
 from onnxdream.settings.options import DreamSettings
@@ -79,27 +81,14 @@ def add_browser_routes(app, config: ServerConfig, models: ModelCache) -> None:
     def step_file(settings: DreamSettings, target: str) -> Path | bytes:
         """The cached step graph's file (compiled now if missing), or its bytes when the cache
         cannot take it."""
-        from onnxdream.exporters.graph.contract import load_model
-        from onnxdream.runtime.gradient import graph_key, resolve_model_path
-
         objective = models.objective(settings)
-        path = resolve_model_path(models.source(settings.model))
+        path = models.path(settings.model)
         name = graph_key(path, objective, settings.pre_relu, settings.border,
                          target)[:-5] + "-step.onnx"
-        cache = models.compiled
-        if (hit := cache.lookup(name)) is not None:
-            return hit
-        with _compile_lock:
-            if (hit := cache.lookup(name)) is not None:
-                return hit
-            graph = step_graph_for(load_model(path), objective, pre_relu=settings.pre_relu,
-                                   border=settings.border, target=target)
-            data = graph.SerializeToString()
-            try:
-                stored = cache.store(name, graph, len(data))
-            except OSError:
-                stored = None
-            return stored if stored is not None else data
+        found, _ = models.compiled.get_or_compile(name, lambda: step_graph_for(
+            load_model(path), objective, pre_relu=settings.pre_relu, border=settings.border,
+            target=target), lock=_compile_lock)
+        return found
 
     @app.get("/web/manifest.json", include_in_schema=False)
     async def web_manifest(request: Request):

@@ -24,7 +24,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxdream.core.errors import MemoryBudgetError, OnnxDreamError
+from onnxdream.core.env import env_int
+from onnxdream.core.errors import MemoryBudgetError
 
 __all__ = ["BUDGET_ENV", "MB", "MemoryBudgetError", "MemoryEstimate", "MemoryProfile",
            "budget_from_env", "default_budget_mb", "estimate", "system_memory_bytes"]
@@ -201,13 +202,7 @@ def default_budget_mb() -> int:
 
 def budget_from_env(default: int | None = None) -> int:
     """``ONNXDREAM_MAX_MEMORY_MB`` if set, else ``default`` or :func:`default_budget_mb`."""
-    text = os.environ.get(BUDGET_ENV, "").strip()
-    if not text:
-        return default if default is not None else default_budget_mb()
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise OnnxDreamError(f"{BUDGET_ENV} must be a number of megabytes >= 1, got {text!r}")
-    return value
+    value = env_int(BUDGET_ENV, unit="megabytes")
+    if value is not None:
+        return value
+    return default if default is not None else default_budget_mb()

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from onnxdream import __version__
+from onnxdream.settings.memory import MB
 from onnxdream.settings.options import (
     ASCENT_FIELDS,
     CONTROL_FIELDS,
@@ -30,7 +31,7 @@ from onnxdream.settings.options import (
 from onnxdream.settings.resolve import ResolvedSettings
 
 __all__ = ["PREFIX", "atlas_metadata", "channel_atlas_metadata", "command", "control_metadata",
-           "dream_metadata", "visualize_metadata"]
+           "dream_metadata", "key", "resolved_metadata", "visualize_metadata"]
 
 PREFIX = "onnxdream:"
 
@@ -40,8 +41,25 @@ def command(argv: Sequence[str]) -> str:
     return "onnxdream " + shlex.join([str(a) for a in argv])
 
 
+def key(name: str) -> str:
+    """The metadata key of ``name``: ``onnxdream:<name>`` (every key onnxdream writes)."""
+    return f"{PREFIX}{name}"
+
+
 def _keys(values: dict[str, Any]) -> dict[str, str]:
-    return {f"{PREFIX}{k}": v if isinstance(v, str) else str(v) for k, v in values.items()}
+    return {key(k): v if isinstance(v, str) else str(v) for k, v in values.items()}
+
+
+def resolved_metadata(resolved: ResolvedSettings) -> dict[str, str]:
+    """The resolver's keys: the resolved values, the request, the memory estimate."""
+    meta = _keys({"resolved": json.dumps(resolved.values(), sort_keys=True),
+                  "requested": json.dumps(resolved.requested(), sort_keys=True)})
+    if resolved.memory is not None:
+        budget = resolved.memory.budget
+        meta[key("memory")] = json.dumps(
+            {"estimate_mb": round(resolved.memory.total / MB),
+             "budget_mb": None if budget is None else round(budget / MB)}, sort_keys=True)
+    return meta
 
 
 def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
@@ -73,7 +91,7 @@ def dream_metadata(resolved: ResolvedSettings, *, objective: Any, provider: str,
     meta.update(_keys(describe(concrete, (*ASCENT_FIELDS, "seed"))))
     meta.update(control_metadata(settings))
     meta.update(_keys({f"{k}_sha256": v for k, v in (hashes or {}).items()}))
-    meta.update(resolved.to_metadata())
+    meta.update(resolved_metadata(resolved))
     return meta
 
 
@@ -135,7 +153,7 @@ def atlas_metadata(resolved: ResolvedSettings, *, layers: Sequence[str], cell: i
     })
     meta.update(_keys(describe(replace(settings, step_size=resolved.step_size),
                                (*ASCENT_FIELDS, "seed"))))
-    meta.update(resolved.to_metadata())
+    meta.update(resolved_metadata(resolved))
     return meta
 
 

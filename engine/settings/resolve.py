@@ -3,8 +3,9 @@
 :class:`~onnxdream.settings.options.DreamSettings` says what the user asked for; some of it only
 becomes a number once the image and the model are known. :func:`resolve` decides those in one place,
 and its result, :class:`ResolvedSettings`, is what the ascent runs, what the PNG provenance
-records (:meth:`ResolvedSettings.to_metadata`, :meth:`ResolvedSettings.concrete`) and what
-batch/video key their work on (:meth:`ResolvedSettings.digest`).
+records (:func:`onnxdream.settings.provenance.resolved_metadata`,
+:meth:`ResolvedSettings.concrete`) and what batch/video key their work on
+(:meth:`ResolvedSettings.digest`).
 
 The rules (the model's native size and fixed/dynamic H/W come from the model contract,
 :class:`~onnxdream.exporters.graph.contract.ModelInfo`):
@@ -165,17 +166,6 @@ class ResolvedSettings:
         tile = self.tile_size if self.tile_size else self.settings.tile_size
         return replace(self.settings, octaves=self.octaves, tile_size=tile,
                        jitter=self.jitter, step_size=self.step_size)
-
-    def to_metadata(self) -> dict[str, str]:
-        """Provenance keys: the resolved values, the request, the memory estimate."""
-        meta = {"onnxdream:resolved": json.dumps(self.values(), sort_keys=True),
-                "onnxdream:requested": json.dumps(self.requested(), sort_keys=True)}
-        if self.memory is not None:
-            meta["onnxdream:memory"] = json.dumps(
-                {"estimate_mb": round(self.memory.total / MB),
-                 "budget_mb": None if self.memory.budget is None
-                 else round(self.memory.budget / MB)}, sort_keys=True)
-        return meta
 
     def digest(self) -> str:
         """A hex SHA-256 of everything that decides the result: the settings (seed included),

@@ -71,6 +71,7 @@ from onnxdream.dream.frame import (  # the standard dream; re-exported as onnxdr
     stable_seed,
 )
 from onnxdream.settings.schedule import Schedule, parse_schedule, values_at
+from onnxdream.settings.video import DEFAULT_BLEND, ZOOM_DEFAULTS, VideoOptions
 
 __all__ = [
     "DreamFrame",
@@ -96,11 +97,6 @@ __all__ = [
 DreamFrame = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 ProgressFn = Callable[["VideoProgress"], None]
 
-#: The zoom's dream settings (the CLI's defaults for ``onnxdream zoom``): few steps and octaves,
-#: so each frame is quick and the feedback loop (not one frame's ascent) does the work. Each frame
-#: builds on the last, so a still's strength saturates the colours within ~10 frames (5 steps of
-#: 0.006 at 216x144, zoom 1.04); 3 steps of 0.004 keep the picture recognisable for ~2 s.
-ZOOM_DEFAULTS = {"steps": 3, "octaves": 2, "step_size": 0.004}
 
 _FRAME_FILE = re.compile(r"([0-9a-f]{16})-(\d{6,})\.png")
 
@@ -346,10 +342,11 @@ def _tidy(store: _FrameStore, default: bool) -> Iterator[None]:
 
 
 def dream_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
-                dream_frame: DreamFrame, *, flow: bool = True,
+                dream_frame: DreamFrame, *, flow: bool = VideoOptions.flow,
                 blend: float | str | Schedule | None = None,
-                work_dir: str | os.PathLike[str] | None = None, start: float = 0.0,
-                duration: float | None = None, every: int = 1, width: int | None = None,
+                work_dir: str | os.PathLike[str] | None = None,
+                start: float = VideoOptions.start, duration: float | None = VideoOptions.duration,
+                every: int = VideoOptions.every, width: int | None = VideoOptions.width,
                 schedules: Mapping[str, Schedule | str] | None = None,
                 dream_key: Any = None, flow_preset: str | None = None,
                 metadata: Mapping[str, str] | None = None,
@@ -361,7 +358,8 @@ def dream_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         flow: carry the previous frame's dream along the input's optical flow, masked where
             occluded; False: plain blending with the previous dreamed frame.
         blend: weight of the previous frame's dream, 0 (each frame alone) to 1, or a schedule;
-            default ``flow.DEFAULT_BLEND`` with flow, 0 without (the naive per-frame dream).
+            default ``settings.video.DEFAULT_BLEND`` with flow, 0 without (the naive
+            per-frame dream).
         work_dir: where the dreamed frames live (kept); default: a hidden folder beside the
             output (:func:`default_work_dir`), removed after success.
         start, duration, every, width: the frame selection (see ``videoio.open_video``).
@@ -375,7 +373,7 @@ def dream_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         VideoError, ScheduleError, or what dream_frame raises (frames done so far stay).
     """
     from onnxdream.media.videoio import check_video_output, open_video
-    from onnxdream.video.flow import DEFAULT_BLEND, DEFAULT_PRESET, FlowEstimator, coherent_input
+    from onnxdream.video.flow import DEFAULT_PRESET, FlowEstimator, coherent_input
 
     out = Path(output)
     check_video_output(out)

@@ -41,7 +41,6 @@ import numpy as np
 from onnxdream.core.errors import DependencyError, OnnxDreamError
 
 __all__ = [
-    "DEFAULT_BLEND",
     "DEFAULT_PRESET",
     "FlowEstimator",
     "PRESETS",
@@ -59,12 +58,6 @@ PRESETS = ("ultrafast", "fast", "medium")
 #: (-2.1/-2.3 px found); it costs ~25-45 ms for the two flows per frame at 320x180 on this
 #: machine's 2 shared cores, nothing next to the dream (benchmarks/bench_video.py).
 DEFAULT_PRESET = "medium"
-#: Weight of the previous frame's prediction when blending. Measured on the synthetic clip with
-#: the default model (benchmarks/bench_video.py): the temporal error falls with the blend but
-#: flattens past 0.6 (0.0346, 0.0327, 0.0314, 0.0305, 0.0302 at 0.4-0.8; 0.0557 without flow)
-#: while the carried-over detail grows faster past it (0.064, 0.069, 0.075, 0.084, 0.096; 0.052
-#: for one frame alone): 0.6 is the knee.
-DEFAULT_BLEND = 0.6
 
 
 def import_cv2():
