@@ -44,7 +44,7 @@ from onnxdream.exporters.torch_export import (
     export_module,
     say,
 )
-from onnxdream.exporters.tracing import import_torch
+from onnxdream.exporters.tracing import import_torch, odd_size
 from onnxdream.exporters.weights import load_weights_file, mismatches, read_state_dict
 
 __all__ = ["build_timm", "export_timm", "pad_multiple", "pad_to_multiple", "timm_data_config",
@@ -332,8 +332,6 @@ def pad_multiple(model: Any, size: tuple[int, int]) -> tuple[int, int] | None:
     padding is zeros after the mean/std normalisation (the mean colour), as ``dynamic_img_pad``
     pads, at the bottom and right; at sizes that are already multiples nothing changes.
     """
-    from onnxdream.exporters.tracing import odd_size
-
     patch = _pad_multiple(model)
     if patch is not None:
         return patch

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from onnxdream.core.errors import ModelError, OnnxDreamError, closest, first_line
+from onnxdream.exporters.graph import onnxfile
 from onnxdream.exporters.graph.contract import PREPROCESS_KEY, model_metadata
+from onnxdream.exporters.graph.layers import recommend_layers
 from onnxdream.exporters.preprocess import PREPROCESSING, imagenet_preprocess, preprocess_fn
 from onnxdream.exporters.tracing import (
     import_torch,
@@ -45,8 +47,8 @@ from onnxdream.exporters.tracing import (
 )
 
 LAYER_PREFIX = "layer:"
-# protobuf cannot serialise a message over 2 GiB; above this the weights go to OUT.onnx.data
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: protobuf cannot serialise a message over 2 GiB; above this the weights go to OUT.onnx.data
+EXTERNAL_DATA_THRESHOLD = onnxfile.EXTERNAL_DATA_THRESHOLD
 
 Progress = Callable[[str], None] | None
 
@@ -189,34 +191,11 @@ def finalize(
     return model
 
 
-def _weight_bytes(model: Any) -> int:
-    total = 0
-    for init in model.graph.initializer:
-        total += len(init.raw_data) if init.HasField("raw_data") else 4 * max(
-            len(init.float_data), len(init.int64_data), len(init.int32_data)
-        )
-    return total
-
-
 def save_atomic(model: Any, out: Path) -> Path:
-    """Write ``out`` (and ``out.data`` for models over ~2 GB) atomically (onnxdream.core.atomic)."""
-    import onnx
-
-    from onnxdream.core.atomic import write_atomic
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    external = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-
-    def write(tmp: Path) -> None:
-        if external:
-            onnx.save_model(model, str(tmp), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=out.name + ".data",
-                            size_threshold=1024)
-        else:
-            onnx.save_model(model, str(tmp))
-
-    return write_atomic(out, write)
+    """Write an exported model with :func:`onnxdream.exporters.graph.onnxfile.save_model`:
+    atomically, its directory made if missing, the weights in ``out.data`` beside it above
+    :data:`EXTERNAL_DATA_THRESHOLD` bytes."""
+    return onnxfile.save_model(model, out, parents=True, external_above=EXTERNAL_DATA_THRESHOLD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,8 +301,6 @@ def recommended_layers(model: Any, layer_paths: Sequence[str], default: Sequence
     ``layer_paths``, which should be the feature maps) spread over the middle of the network
     (:func:`~onnxdream.exporters.graph.layers.recommend_layers`) plus the default layers, in
     network ``order``."""
-    from onnxdream.exporters.graph.layers import recommend_layers
-
     blocks = trunk_blocks(model, layer_paths)
     return recommend_layers([p for p, _ in blocks], default, weights=[w for _, w in blocks],
                             order=order)
@@ -348,6 +325,7 @@ def _export_module(
     dynamic: bool,
     extra_metadata: Mapping[str, str],
     output_name: str,
+    transform: Callable[[Any], object] | None,
 ) -> ExportResult:
     """:func:`export_module` once its arguments are checked and resolved."""
     torch = import_torch()
@@ -442,6 +420,8 @@ def _export_module(
                               recommended_layers=recommended, labels=labels)
     metadata.update(extra_metadata or {})
     finalize(model, layer_map, metadata, output_name)
+    if transform is not None:
+        transform(model)
     say(progress, f"writing {out}")
     save_atomic(model, out)
     exporter = label.split(",")[0]
@@ -487,6 +467,7 @@ def export_module(
     progress: Progress = None,
     extra_metadata: Mapping[str, str] | None = None,
     output_name: str = "logits",
+    transform: Callable[[Any], object] | None = None,
 ) -> ExportResult:
     """Export a PyTorch image network (your own ``nn.Module``) as a dreamable model at ``out``.
 
@@ -514,6 +495,8 @@ def export_module(
       an odd size too; False exports at ``input_size`` only.
     - ``progress``: called with short status lines; ``opset``, ``rtol`` (the accepted relative
       error of onnxruntime against torch) and ``extra_metadata`` rarely need changing.
+    - ``transform``: called with the finished ``onnx.ModelProto`` (metadata written) to change
+      it in place before the one write (the Keras exporter drops its no-op Casts there).
 
     The module is put in eval mode; every other change made for the export (in-place flags,
     adaptive pools) is undone. Returns an :class:`ExportResult`. Raises ``ModelError`` for a
@@ -580,4 +563,5 @@ def export_module(
             dynamic=dynamic,
             extra_metadata={PREPROCESS_KEY: described, **(extra_metadata or {})},
             output_name=output_name,
+            transform=transform,
         )

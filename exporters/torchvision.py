@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from onnxdream.core.errors import ModelError, OnnxDreamError, closest, first_line
+from onnxdream.core.errors import DependencyError, ModelError, OnnxDreamError, closest, first_line
 from onnxdream.exporters.torch_export import (
     ExportResult,
     Progress,
@@ -50,8 +50,6 @@ def _import_torchvision() -> Any:
     try:
         import torchvision
     except ImportError as exc:  # pragma: no cover
-        from onnxdream.core.errors import DependencyError
-
         raise DependencyError(
             'exporting torchvision models needs torchvision, which is not installed; install '
             'onnxdream[torch] (pip install "onnxdream[torch]")'

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from onnxdream.core.errors import ModelError, first_line
+from onnxdream.core.errors import DependencyError, ModelError, first_line
 from onnxdream.exporters.tracing import import_torch
 
 __all__ = ["SAFETENSORS_SUFFIXES", "load_weights_file", "mismatches", "read_state_dict"]
@@ -29,8 +29,6 @@ def _read_safetensors(path: Path) -> Mapping[str, Any]:
     try:
         from safetensors.torch import load_file
     except ImportError as exc:  # pragma: no cover - timm and torchvision users mostly have it
-        from onnxdream.core.errors import DependencyError
-
         raise DependencyError(f"reading {path.name!r} needs the safetensors package "
                               "(pip install safetensors)") from exc
     try:

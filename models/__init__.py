@@ -3,7 +3,9 @@
 >>> from onnxdream.models import resolve_model
 >>> path = resolve_model("efficientnet-lite0")   # built once into the model home, then cached
 
-Importing this package is cheap (no onnx, no onnxruntime); building a model imports onnx.
+Importing this package is cheap (no numpy, no onnx, no onnxruntime): the builder
+(:mod:`.efficientnet_lite`, onnx) and the checkpoint reader (:mod:`.checkpoint`, numpy) are
+imported where a model's cache key is computed or the model is built.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from onnxdream.core.errors import ModelError, did_you_mean
-from onnxdream.models.cache import cached_models, model_home
+from onnxdream.core.labels import imagenet_labels
+from onnxdream.models.cache import cached_models, checkpoint_digest, ensure_built, model_home
 from onnxdream.models.registry import DEFAULT_MODEL, ZOO, ZooEntry, get_entry
 
 __all__ = [
@@ -33,7 +36,6 @@ def list_zoo() -> list[ZooEntry]:
 
 def build_zoo_model(name: str):
     """Build zoo model ``name`` in memory (an ``onnx.ModelProto``), without touching the cache."""
-    from onnxdream.core.labels import imagenet_labels
     from onnxdream.models.checkpoint import load_state_dict
     from onnxdream.models.efficientnet_lite import build_efficientnet_lite
 
@@ -53,7 +55,6 @@ def build_zoo_model(name: str):
 
 def zoo_model_path(name: str) -> Path:
     """The dreamable .onnx of zoo model ``name``, built into the model home on first use."""
-    from onnxdream.models.cache import checkpoint_digest, ensure_built
     from onnxdream.models.efficientnet_lite import BUILDER_VERSION
 
     entry = get_entry(name)

@@ -1,10 +1,12 @@
 """The framework-free gradient compiler (onnx + numpy only).
 
-The model contract is in contract.py.
+The model contract is in contract.py; reading and writing ONNX files in onnxfile.py.
 """
 
-from onnxdream.exporters.graph.compiler import compile_features, compile_gradient, save_model
-from onnxdream.exporters.graph.contract import ModelInfo, graph_params, load_model
+from __future__ import annotations
+
+from onnxdream.exporters.graph.compiler import compile_features, compile_gradient
+from onnxdream.exporters.graph.contract import ModelInfo, graph_params
 from onnxdream.exporters.graph.layers import LayerInfo, list_layers
 from onnxdream.exporters.graph.objective import (
     LayerSpec,
@@ -19,6 +21,7 @@ from onnxdream.exporters.graph.objective import (
     parse_objective,
     weighted_channels,
 )
+from onnxdream.exporters.graph.onnxfile import load_model, save_model
 
 __all__ = [
     "LayerInfo", "LayerSpec", "ModelInfo", "Objective", "Term", "channel", "class_logit",

@@ -4,6 +4,10 @@ Walks the forward nodes in reverse topological order, asks the rule registered f
 for the gradients of its inputs, and sums the gradients that meet at a tensor. Only the nodes on
 a path from the input being differentiated to the target are visited; a node on such a path
 whose op has no rule is an error, never a silently dropped path.
+
+The rules live in :mod:`.rules`, one module per op family, each registered with :func:`rule`;
+what autodiff knows of ops besides (:data:`~.ops.NON_DIFFERENTIABLE`, the float types) is in
+:mod:`.ops`.
 """
 
 from __future__ import annotations
@@ -17,17 +21,8 @@ from onnx import helper, numpy_helper
 
 from onnxdream.core.errors import UnsupportedOpError
 from onnxdream.exporters.graph.builder import GraphBuilder
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-               onnx.TensorProto.BFLOAT16}
-
-# Ops whose outputs carry no gradient (integer/boolean results, shapes, piecewise constants).
-NON_DIFFERENTIABLE = {
-    "Shape", "Size", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Greater",
-    "GreaterOrEqual", "Not", "And", "Or", "Xor", "NonZero", "ConstantOfShape", "Range",
-    "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf", "RandomNormalLike", "RandomUniformLike",
-    "EyeLike", "Constant", "BitShift", "Mod",
-}
+from onnxdream.exporters.graph.ops import FLOAT_TYPES, NON_DIFFERENTIABLE, node_inputs
+from onnxdream.exporters.graph.shapes import infer_shapes
 
 Rule = Callable[["RuleContext", Sequence["str | None"]], Sequence["str | None"]]
 RULES: dict[str, Rule] = {}
@@ -42,29 +37,6 @@ def rule(*op_types: str):
         return fn
 
     return register
-
-
-def infer_shapes(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
-    """onnx shape inference that also works past protobuf's 2 GB limit.
-
-    Large weights are swapped for graph inputs of the same type and shape (inference needs their
-    shapes, not their values); returns the model unchanged where inference fails.
-    """
-    big = [i for i in model.graph.initializer if i.ByteSize() > 1 << 20]
-    light = model
-    if big:
-        light = onnx.ModelProto()
-        _copy_without(model, light, big)
-        names = {i.name for i in big}
-        keep = [i for i in light.graph.initializer if i.name not in names]
-        del light.graph.initializer[:]
-        light.graph.initializer.extend(keep)
-        light.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
-                                 for i in big)
-    try:
-        return onnx.shape_inference.infer_shapes(light, data_prop=data_prop)
-    except Exception:  # noqa: BLE001 - shape inference is best effort
-        return light
 
 
 _SLICE_TO_END = 1 << 31  # an end at least this large runs to the end of the axis
@@ -130,22 +102,6 @@ def _with_unit_slices(inferred: onnx.ModelProto, rounds: int = 3) -> onnx.ModelP
             break
         g = inferred.graph
     return inferred
-
-
-def _copy_without(model: onnx.ModelProto, dst: onnx.ModelProto, big) -> None:
-    """Copy ``model`` into ``dst`` without serialising its large initializers."""
-    names = {i.name for i in big}
-    dst.CopyFrom(onnx.ModelProto())
-    for attr in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(dst, attr, getattr(model, attr))
-    dst.opset_import.extend(model.opset_import)
-    g = model.graph
-    dst.graph.name = g.name
-    dst.graph.node.extend(g.node)
-    dst.graph.input.extend(g.input)
-    dst.graph.output.extend(g.output)
-    dst.graph.value_info.extend(g.value_info)
-    dst.graph.initializer.extend(i for i in g.initializer if i.name not in names)
 
 
 @dataclass
@@ -272,20 +228,6 @@ class RuleContext:
         return g
 
 
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Explicit inputs plus the outer-scope tensors its subgraphs (If/Loop/Scan) read."""
-    names = [i for i in node.input if i]
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
-            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
-        for g in graphs:
-            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for n in g.node:
-                names.extend(i for i in node_inputs(n) if i not in defined)
-                defined.update(n.output)
-    return names
-
-
 def active_tensors(nodes: Sequence[onnx.NodeProto], wrt: str, info: GraphInfo) -> set[str]:
     """Tensors that depend differentiably on ``wrt``."""
     active = {wrt}
@@ -333,8 +275,9 @@ def differentiate(
     MaxPool indices). ``blame(node)`` names the layer(s) that need a node, for error messages.
     Returns the name of the gradient tensor.
     """
-    # Importing the rule modules registers them.
-    from onnxdream.exporters.graph import rules_math, rules_nn, rules_resize, rules_shape  # noqa: F401
+    # Importing the rule modules registers them (they import this module for @rule: the
+    # registry's one cycle, closed here at call time).
+    from onnxdream.exporters.graph.rules import math, nn, resize, shape  # noqa: F401
 
     active = active_tensors(nodes, wrt, info)
     if target not in active:

@@ -10,7 +10,7 @@ providers lack, with the same values (up to float rounding; ``tests/test_web.py`
 
 - MaxPool's ``Indices`` output and the ScatterElements(add) of its backward (onnxruntime-web's
   WebGPU provider has no ``Indices``; OpenVINO runs them slowly): strided pools get the
-  mask-based phase backward (:func:`.fast_adjoints.emit_maxpool_backward`) that the default
+  mask-based phase backward (:func:`.passes.fast_adjoints.emit_maxpool_backward`) that the default
   profile uses only at stride 1 (it costs CPU time at large sizes).
 - The antialiased Resize that fits a region mask to its layer (WebGPU has no ``antialias``):
   a plain linear Resize after the block average on the layer's stride, which has already
@@ -18,14 +18,13 @@ providers lack, with the same values (up to float rounding; ``tests/test_web.py`
   ones, is the same either way).
 
 ScatterND(add), which OpenVINO refuses, is avoided by every target where it can be: a Gather
-with constant, distinct indices scatters its gradient without a reduction (``rules_shape.py``).
+with constant, distinct indices scatters its gradient without a reduction (``rules/shape.py``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,7 +32,7 @@ from onnx import helper
 
 from onnxdream.core.errors import ModelError, ObjectiveError
 from onnxdream.exporters.graph import contract
-from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate, node_inputs
+from onnxdream.exporters.graph.autodiff import GraphInfo, differentiate
 from onnxdream.exporters.graph.builder import GraphBuilder
 from onnxdream.exporters.graph.contract import (
     CHANNEL_WEIGHTS,
@@ -44,8 +43,6 @@ from onnxdream.exporters.graph.contract import (
     WEIGHTS,
     ModelInfo,
     image_input,
-    load_model,
-    opset_of,
     param_input,
 )
 from onnxdream.exporters.graph.layers import layer_names, pre_activation, resolve_layer
@@ -57,6 +54,9 @@ from onnxdream.exporters.graph.objective import (
     emit_term,
     guide_channels,
 )
+from onnxdream.exporters.graph.onnxfile import load_model, opset_of
+from onnxdream.exporters.graph.ops import node_inputs
+from onnxdream.exporters.graph.optimize import optimize as optimize_graph
 from onnxdream.exporters.graph.receptive_field import receptive_field
 
 
@@ -208,9 +208,7 @@ def compile_gradient(
         "objective": obj.describe(), "terms": [t.__dict__ for t in obj.terms],
         "layers": layer_tensor, "pre_relu": pre_relu, "border": border, "target": target})
     if optimize:  # same values, fewer/faster nodes (see optimize.py)
-        from onnxdream.exporters.graph.optimize import optimize as _optimize
-
-        out = _optimize(out, portable=target == "portable")
+        out = optimize_graph(out, portable=target == "portable")
         if target == "portable" and (problems := portability_problems(out)):
             raise ModelError("the portable target cannot avoid " + "; ".join(problems[:3]),
                              field="target")
@@ -320,20 +318,3 @@ def _batch(image: onnx.ValueInfoProto):
     if d and d[0].HasField("dim_value"):
         return d[0].dim_value
     return d[0].dim_param if d and d[0].dim_param else "batch"
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write atomically (onnxdream.core.atomic); large models keep their weights beside the file."""
-    from onnxdream.core.atomic import write_atomic
-
-    path = Path(path)
-    if not path.parent.exists():
-        raise ModelError(f"cannot write {path}: the directory {path.parent} does not exist")
-
-    def write(tmp: Path) -> None:
-        if sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000:
-            onnx.save(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
-        else:
-            onnx.save(model, str(tmp))
-
-    return write_atomic(path, write)

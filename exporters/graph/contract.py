@@ -7,7 +7,8 @@ visualisation, the CUDA step loop) and the browser all meet here.
 
 **A dreamable model** is an ONNX file with
 
-- opset >= 18 (:data:`MIN_OPSET`; older models are converted on load, see :func:`load_model`);
+- opset >= 18 (:data:`.onnxfile.MIN_OPSET`; older models are converted on load, see
+  :func:`load_model`, which :mod:`.onnxfile` owns with the atomic :func:`~.onnxfile.save_model`);
 - exactly one graph input that is not an initializer: :data:`IMAGE` (``image``), float32
   ``[N, 3, H, W]``, RGB in [0, 1]. The model's preprocessing (mean/std, BGR, ...) is *inside*
   the graph. ``H``/``W`` are symbolic when the model serves any size (``dynamic_hw``), else fixed;
@@ -102,6 +103,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,10 +113,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxdream.core.errors import LayerError, ModelError
-from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE
+from onnxdream.core.errors import LayerError, ModelError, UnwrappedModelError
+from onnxdream.exporters.graph.foreign import guess_flags
+from onnxdream.exporters.graph.onnxfile import load_model
+from onnxdream.exporters.graph.ops import NON_DIFFERENTIABLE
 
-MIN_OPSET = 18
 FORMAT_VERSION = "1"
 DEFAULT_SIZE = 224  # the native side when a model says nothing
 
@@ -149,96 +152,6 @@ CHANNEL_WEIGHTS = "channel_weights"
 MASK = "mask"
 STEP_MASK = "step_mask"
 GUIDE_PREFIX = "guide."
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-
-
-def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Load an ONNX model from a path (or pass a ModelProto through), at opset >= 18."""
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        path = Path(model)
-        if not path.exists():
-            raise ModelError(f"no such model file: {path}")
-        if path.is_dir():
-            raise ModelError(f"{path} is a directory, not an ONNX model file")
-        try:
-            proto = onnx.load(str(path))
-        except Exception as exc:  # noqa: BLE001 - protobuf raises many types
-            why = str(exc).splitlines()[0][:120] if str(exc) else "corrupt"
-            raise ModelError(f"{path} is not a valid ONNX model ({type(exc).__name__}: "
-                             f"{why})") from None
-        if not proto.graph.node:
-            raise ModelError(f"{path} is not a valid ONNX model (it has no graph nodes)")
-    if len(proto.graph.input) < 1:
-        raise ModelError("the model has no input")
-    check_initializers(proto)
-    return ensure_opset(proto)
-
-
-def check_initializers(proto: onnx.ModelProto) -> None:
-    """ModelError naming the first initializer whose stored values do not match its declared
-    shape (a truncated or hostile file: ``dims`` of 10^12 and no data would otherwise make
-    numpy try to allocate terabytes). Externally stored tensors are checked where they are read."""
-    for t in proto.graph.initializer:
-        declared = 1
-        for d in t.dims:
-            if d < 0:
-                raise ModelError(f"model initializer '{t.name[:80]}' has a negative dimension "
-                                 f"{list(t.dims)}: the file is corrupt")
-            declared *= d
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        stored = _stored_values(t)
-        if stored is not None and stored != declared:
-            raise ModelError(f"model initializer '{t.name[:80]}' declares {declared:,} values "
-                             f"(shape {list(t.dims)}) but holds {stored:,}: the file is corrupt "
-                             "or truncated")
-
-
-def _stored_values(t: onnx.TensorProto) -> int | None:
-    """How many values ``t`` stores inline (None when that cannot be told: packed 4-bit types)."""
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    if t.data_type in _PACKED_TYPES:
-        return None
-    if t.raw_data:
-        return len(t.raw_data) // itemsize
-    per_value = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) \
-        else 1
-    for values in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data,
-                   t.string_data):
-        if len(values):
-            return len(values) // per_value
-    return 0
-
-
-_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
-                                                        "UINT2") if hasattr(onnx.TensorProto, n)}
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 1
-
-
-def ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    if opset_of(model) >= MIN_OPSET:
-        return model
-    from onnx import version_converter
-
-    try:
-        return version_converter.convert_version(model, MIN_OPSET)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"the model uses opset {opset_of(model)} and could not be converted to "
-                         f"opset {MIN_OPSET} ({exc}); re-export it at opset {MIN_OPSET}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,24 +199,15 @@ def require_dreamable(model: onnx.ModelProto, name: str = "the model") -> None:
     inputs = [i for i in model.graph.input if i.name not in inits and not is_param(i.name)]
     if len(inputs) == 1 and is_dreamable_input(inputs[0]):
         return
-    from onnxdream.core.errors import UnwrappedModelError
-    from onnxdream.exporters.graph.importer import guess_flags
-
-    flags, what = guess_flags(model)
+    flags, what = guess_flags(model, DEFAULT_SIZE)
     file = Path(name).name if name != "the model" else "MODEL.onnx"  # no directories: the
     stem = Path(file).stem  # server shows this too
-    command = " ".join(["onnxdream import onnx", _quote(file), "-o",
-                        _quote(f"{stem}-dreamable.onnx"), *map(_quote, flags)])
+    command = " ".join(["onnxdream import onnx", shlex.quote(file), "-o",
+                        shlex.quote(f"{stem}-dreamable.onnx"), *map(shlex.quote, flags)])
     raise UnwrappedModelError(
         f"{Path(name).name} is not a dreamable model ({what}, not image [N,3,H,W] RGB in "
         f"[0,1]): wrap it once with `{command}` (flags guessed: check --preprocess, how the "
         "network expects its pixels)", command)
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def layer_table(model: onnx.ModelProto) -> dict[str, str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxdream.exporters.graph.autodiff import FLOAT_TYPES, NON_DIFFERENTIABLE, node_inputs
+from onnxdream.exporters.graph.ops import FLOAT_TYPES, NON_DIFFERENTIABLE, node_inputs
 
 #: ops that carry learned weights: a tensor is a layer only downstream of one of them
 LEARNED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "BatchNormalization",

@@ -12,9 +12,8 @@ rank 3, for transformers) computed from the image by the network's own layers be
 under its tensor name or a short alias of it (:func:`layer_aliases`); the metadata records the
 native size, whether other sizes run, the preprocessing, the labels and a default layer.
 
-:func:`import_onnx` does it; :func:`guess_flags` says which flags an unwrapped file probably
-needs (the hint that ``dream``/``predict``/``compile`` give for one, see
-:func:`onnxdream.exporters.graph.contract.require_dreamable`).
+:func:`import_onnx` does it. What the model is before wrapping (its input's layout, its logits)
+is read with :mod:`.foreign`, which also guesses the flags an unwrapped file probably needs.
 """
 
 from __future__ import annotations
@@ -30,16 +29,27 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxdream.core.errors import ModelError, SettingsError, first_line
+from onnxdream.core.labels import imagenet_labels
 from onnxdream.exporters.graph import contract
-from onnxdream.exporters.graph.autodiff import FLOAT_TYPES, infer_shapes, node_inputs
 from onnxdream.exporters.graph.builder import GraphBuilder
+from onnxdream.exporters.graph.foreign import (
+    channel_dim,
+    find_logits,
+    graph_inputs,
+    infer_layout,
+    shape_text,
+    shapes_at,
+    spatial_dims,
+)
 from onnxdream.exporters.graph.import_layers import (
     default_layer,
     layer_aliases,
     scan_layers,
 )
-from onnxdream.exporters.graph.layers import producers
+from onnxdream.exporters.graph.onnxfile import load_model, opset_of, save_model
+from onnxdream.exporters.graph.ops import FLOAT_TYPES, node_inputs
 from onnxdream.exporters.graph.preprocessing import Preprocess, parse_preprocess
+from onnxdream.exporters.graph.shapes import dims_of
 
 LAYOUTS = ("nchw", "nhwc")
 
@@ -68,21 +78,7 @@ class ImportResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading the foreign model
-
-
-def dims_of(vi: onnx.ValueInfoProto) -> list:
-    """A value's dims: ints where fixed, the symbol (or None) where not."""
-    tt = vi.type.tensor_type
-    if not tt.HasField("shape"):
-        return []
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tt.shape.dim]
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
+# reading the foreign model and the options
 
 
 def choose_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueInfoProto:
@@ -100,7 +96,7 @@ def choose_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueI
         if len(floats) != 1:
             what = "no float input" if not floats else f"{len(floats)} float inputs"
             raise SettingsError("input", f"is needed: the model has {what} (inputs: "
-                                + ", ".join(f"{i.name!r} {_shape(dims_of(i))}" for i in inputs)
+                                + ", ".join(f"{i.name!r} {shape_text(dims_of(i))}" for i in inputs)
                                 + ")")
         vi = floats[0]
     if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
@@ -112,29 +108,9 @@ def choose_input(model: onnx.ModelProto, name: str | None = None) -> onnx.ValueI
                          "dreamable model has exactly one")
     dims = dims_of(vi)
     if len(dims) != 4:
-        raise ModelError(f"the input {vi.name!r} is {_shape(dims)}: an image input has 4 axes "
+        raise ModelError(f"the input {vi.name!r} is {shape_text(dims)}: an image input has 4 axes "
                          "([N, C, H, W] or [N, H, W, C])")
     return vi
-
-
-def infer_layout(dims: Sequence) -> str | None:
-    """``"nchw"`` or ``"nhwc"`` from an input's dims where a channel axis of 3 (or 1) tells;
-    None when ambiguous."""
-    for channels in (3, 1):
-        first, last = dims[1] == channels, dims[3] == channels
-        if first != last:
-            return "nchw" if first else "nhwc"
-        if first and last:
-            return None
-    return None
-
-
-def _spatial(dims: Sequence, layout: str) -> tuple:
-    return (dims[2], dims[3]) if layout == "nchw" else (dims[1], dims[2])
-
-
-def _channels(dims: Sequence, layout: str):
-    return dims[1] if layout == "nchw" else dims[3]
 
 
 def parse_size(text: str | Sequence[int] | None) -> tuple[int, int] | None:
@@ -159,8 +135,6 @@ def read_labels(path: str | os.PathLike | None) -> list[str] | None:
     if path is None:
         return None
     if str(path).lower() == "imagenet" and not Path(path).exists():
-        from onnxdream.core.labels import imagenet_labels
-
         return imagenet_labels()
     p = Path(path)
     try:
@@ -212,47 +186,6 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return t
 
 
-def find_logits(model: onnx.ModelProto, shapes: dict, requested: str | None
-                ) -> tuple[str | None, str | None]:
-    """(the logits tensor or None, a note on how it was chosen)."""
-    prod = producers(model)
-    if requested is not None:
-        if requested.lower() == "none":
-            return None, None
-        known = set(prod) | {o.name for o in model.graph.output}
-        if requested not in known:
-            from onnxdream.core.errors import did_you_mean
-
-            raise SettingsError("logits", f"names no tensor of the model: {requested!r}"
-                                + did_you_mean(requested, sorted(known)))
-        shape = shapes.get(requested)
-        if shape is not None and len(shape) != 2:
-            raise SettingsError("logits", f"must name an [N, classes] tensor; {requested!r} is "
-                                f"{_shape(shape)}")
-        return requested, None
-    rank2 = [o.name for o in model.graph.output
-             if o.type.tensor_type.elem_type in FLOAT_TYPES
-             and len(shapes.get(o.name) or dims_of(o)) == 2]
-    if not rank2:
-        return None, None
-    if len(rank2) > 1:
-        return None, (f"several [N, K] outputs ({', '.join(rank2)}): no logits; name them with "
-                      "--logits")
-    name = rank2[0]
-    src = name
-    while src in prod and prod[src].op_type in ("Identity", "Flatten", "Reshape", "Squeeze"):
-        src = prod[src].input[0]
-    node = prod.get(src)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        src = node.input[0]  # back through the reshapes an opset conversion adds
-        while (src in prod and prod[src].op_type in ("Identity", "Flatten", "Reshape", "Squeeze")
-               and len(shapes.get(prod[src].input[0]) or ()) == 2):
-            src = prod[src].input[0]
-        return src, (f"the output {name!r} is a {node.op_type.lower()}, not logits: using its "
-                     f"input {src!r}")
-    return name, None
-
-
 # ---------------------------------------------------------------------------------------------
 # the wrapper
 
@@ -280,7 +213,7 @@ def import_onnx(
     """
     src_name = Path(model).name if not isinstance(model, onnx.ModelProto) else "the model"
     # a missing, corrupt or empty file is a ModelError; opset >= 18 (converted if older)
-    proto = contract.load_model(model if not isinstance(model, onnx.ModelProto) else _copy(model))
+    proto = load_model(model if not isinstance(model, onnx.ModelProto) else _copy(model))
     if contract.metadata(proto).get(contract.FORMAT_KEY):
         raise ModelError(f"{src_name} is already a dreamable model (it has onnxdream metadata); "
                          "use it as it is")
@@ -301,19 +234,19 @@ def import_onnx(
     dims = dims_of(vi)
     lay, channels = _layout_and_channels(vi.name, dims, layout, notes)
     native, fixed = _native_size(vi.name, dims, lay, want_size)
-    shapes, _ = _infer(proto, vi.name, dims, lay, native)
+    shapes, _ = shapes_at(proto, vi.name, dims, lay, native)
     logit_tensor, note = find_logits(proto, shapes, logits)
     notes += [note] if note else []
 
     tensors = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
     taken = tensors | {i.name for i in proto.graph.initializer} | {n.name for n in proto.graph.node}
-    builder = GraphBuilder(contract.opset_of(proto), "import", taken)
+    builder = GraphBuilder(opset_of(proto), "import", taken)
     network_input, logit_tensor = _free_reserved_names(proto, vi.name, logit_tensor, builder)
     wrapper, batch = _wrap_input(proto, network_input, dims[0], prep, lay, channels,
                                  native if fixed else None, builder)
     _expose_logits(proto, logit_tensor, builder)
 
-    shapes, dtypes = _infer(proto, contract.IMAGE, [1, 3, *native], "nchw", native)
+    shapes, dtypes = shapes_at(proto, contract.IMAGE, [1, 3, *native], "nchw", native)
     scan = scan_layers(proto, contract.IMAGE, shapes, dtypes, wrapper)
     aliases = layer_aliases(scan.order, {contract.IMAGE, contract.LOGITS} | tensors)
     table = {aliases.get(t, t): t for t in scan.order}
@@ -363,8 +296,6 @@ def import_onnx(
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"the wrapped model is not valid ONNX ({first_line(exc)})") from None
     if out is not None:
-        from onnxdream.exporters.graph.compiler import save_model
-
         result.path = save_model(proto, out)
     return result
 
@@ -373,14 +304,14 @@ def _layout_and_channels(name: str, dims: list, layout: str | None, notes: list[
                          ) -> tuple[str, int]:
     lay = layout.lower() if layout else infer_layout(dims)
     if lay is None:
-        raise SettingsError("layout", f"is needed: the input {name!r} is {_shape(dims)}, "
+        raise SettingsError("layout", f"is needed: the input {name!r} is {shape_text(dims)}, "
                             "which does not tell channels-first (nchw) from channels-last (nhwc)")
-    channels = _channels(dims, lay)
+    channels = channel_dim(dims, lay)
     if not isinstance(channels, int) or channels <= 0:
         channels = 3
         notes.append(f"the input's channel axis is not fixed: assumed 3 ({lay})")
     if channels not in (1, 3):
-        raise ModelError(f"the input {name!r} {_shape(dims)} has {channels} channels in "
+        raise ModelError(f"the input {name!r} {shape_text(dims)} has {channels} channels in "
                          f"{lay.upper()}: an image network takes 3 (RGB/BGR) or 1 (grey)"
                          + ("" if layout else "; or give --layout"))
     if channels == 1:
@@ -391,7 +322,7 @@ def _layout_and_channels(name: str, dims: list, layout: str | None, notes: list[
 def _native_size(name: str, dims: list, lay: str, want: tuple[int, int] | None
                  ) -> tuple[tuple[int, int], bool]:
     """(native (h, w), whether the input fixes it)."""
-    h, w = (d if isinstance(d, int) and d > 0 else None for d in _spatial(dims, lay))
+    h, w = (d if isinstance(d, int) and d > 0 else None for d in spatial_dims(dims, lay))
     if h is not None and w is not None:
         if want is not None and want != (h, w):
             raise SettingsError("size", f"is {want[0]}x{want[1]} but the input {name!r} is "
@@ -399,7 +330,7 @@ def _native_size(name: str, dims: list, lay: str, want: tuple[int, int] | None
         return (h, w), True
     if h is not None or w is not None:
         if want is None:
-            raise SettingsError("size", f"is needed: the input {name!r} {_shape(dims)} fixes "
+            raise SettingsError("size", f"is needed: the input {name!r} {shape_text(dims)} fixes "
                                 "one side only; give the size the network runs at, HxW")
         return want, True
     return want or (contract.DEFAULT_SIZE, contract.DEFAULT_SIZE), False
@@ -491,37 +422,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     return m
-
-
-def _shape(dims: Sequence) -> str:
-    return "[" + ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in dims) + "]"
-
-
-def _infer(model: onnx.ModelProto, inp: str, dims: Sequence, layout: str,
-           native: tuple[int, int]) -> tuple[dict, dict]:
-    """Shapes and dtypes of every tensor with ``inp`` set to one image at the native size."""
-    probe = _copy(model)
-    concrete = [1, 3, native[0], native[1]] if layout == "nchw" else [1, native[0], native[1], 3]
-    channels = _channels(dims, layout) if len(dims) == 4 else 3
-    if isinstance(channels, int) and channels > 0:
-        concrete[1 if layout == "nchw" else 3] = channels
-    for i in probe.graph.input:
-        if i.name == inp:
-            d = i.type.tensor_type.shape.dim
-            for axis, v in enumerate(concrete):
-                d[axis].Clear()
-                d[axis].dim_value = v
-    del probe.graph.value_info[:]
-    inferred = infer_shapes(probe)
-    shapes, dtypes = {}, {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        dtypes[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                    for d in tt.shape.dim)
-    return shapes, dtypes
 
 
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -623,45 +523,3 @@ def _probe(result: ImportResult, size_assumed: bool, batch_symbolic: bool) -> No
             meta[contract.DYNAMIC_HW_KEY] = "0"
             contract.write_metadata(proto, meta)
             result.notes.append(f"runs only at {h}x{w} (at {hh}x{ww}: {first_line(exc, 100)})")
-
-
-# ---------------------------------------------------------------------------------------------
-# the hint for an unwrapped model
-
-
-def guess_flags(model: onnx.ModelProto) -> tuple[list[str], str]:
-    """(the ``import onnx`` flags an unwrapped model probably needs, what its input is)."""
-    inputs = graph_inputs(model)
-    floats = [i for i in inputs if i.type.tensor_type.elem_type in FLOAT_TYPES]
-    flags: list[str] = []
-    vi = floats[0] if floats else (inputs[0] if inputs else None)
-    if vi is None:
-        return flags, "no input"
-    if len(floats) != 1:
-        flags += ["--input", vi.name]
-    dims = dims_of(vi)
-    what = f"input {vi.name!r} {_shape(dims)}"
-    if len(dims) == 4:
-        lay = infer_layout(dims)
-        if lay == "nhwc":
-            flags += ["--layout", "nhwc"]
-            what += " NHWC"
-        elif lay is None:
-            flags += ["--layout", "nchw|nhwc"]
-        h, w = _spatial(dims, lay or "nchw")
-        if isinstance(h, int) != isinstance(w, int):
-            flags += ["--size", "HxW"]
-    producer = (model.producer_name or "").lower()
-    prep = ("torch" if "torch" in producer else "tf" if "tf2onnx" in producer
-            or "keras" in producer else "unit")
-    flags += ["--preprocess", prep]
-    try:
-        shapes, _ = (_infer(model, vi.name, dims, infer_layout(dims) or "nchw",
-                            (contract.DEFAULT_SIZE, contract.DEFAULT_SIZE))
-                     if len(dims) == 4 else ({}, {}))
-        tensor, note = find_logits(model, shapes, None)
-    except Exception:  # noqa: BLE001 - a hint is best effort
-        tensor, note = None, None
-    if tensor is None and note:  # several [N, K] outputs: the user picks
-        flags += ["--logits", "TENSOR"]
-    return flags, what

@@ -1,6 +1,6 @@
 """Layers of a dreamable model: name lookup, listing, pre-activation lookup.
 
-Loading and the name → tensor table are the contract's (:mod:`.contract`).
+Loading is :mod:`.onnxfile`'s and the name → tensor table the contract's (:mod:`.contract`).
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from dataclasses import dataclass
 import onnx
 
 from onnxdream.core.errors import LayerError, closest
-from onnxdream.exporters.graph.autodiff import infer_shapes
 from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
 from onnxdream.exporters.graph.contract import (
     DEFAULT_SIZE,
     image_input,
     layer_table,
-    load_model,
     native_size,
 )
+from onnxdream.exporters.graph.foreign import infer_layout
+from onnxdream.exporters.graph.onnxfile import load_model
+from onnxdream.exporters.graph.ops import producers
+from onnxdream.exporters.graph.shapes import dims_of, infer_shapes
 
 
 def layer_names(model: onnx.ModelProto, table: dict[str, str] | None = None) -> dict[str, str]:
@@ -43,10 +45,6 @@ def resolve_layer(table: dict[str, str], name: str, model: onnx.ModelProto) -> s
     hint = (f"; closest: {', '.join(near)}" if near else
             f"; layers: {', '.join(names[:8])}{', …' if len(names) > 8 else ''}")
     raise LayerError(f"unknown layer '{name}'{hint} (run `onnxdream layers MODEL` for the list)")
-
-
-def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in model.graph.node for o in n.output if o}
 
 
 def _through_identity(tensor: str, prod: dict[str, onnx.NodeProto]) -> str:
@@ -96,8 +94,6 @@ class LayerInfo:
 
 def list_layers(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
     """Every dreamable layer with its op type and output shape at the native input size."""
-    from onnxdream.exporters.graph.importer import dims_of, infer_layout
-
     proto = load_model(model)
     table = layer_table(proto)
     fixed = onnx.ModelProto()

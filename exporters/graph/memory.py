@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxdream.exporters.graph.autodiff import infer_shapes
 from onnxdream.exporters.graph.contract import IMAGE, image_input
+from onnxdream.exporters.graph.shapes import infer_shapes
 
 __all__ = ["ActivationPeak", "activation_peak"]
 

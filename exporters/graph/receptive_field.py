@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from onnxdream.exporters.graph.autodiff import NON_DIFFERENTIABLE, node_inputs
+from onnxdream.exporters.graph.ops import NON_DIFFERENTIABLE, node_inputs
 
 # ops that keep every output position tied to a bounded input window
 _POINTWISE = {
@@ -18,8 +18,6 @@ _WINDOWED = {"Conv", "MaxPool", "AveragePool"}
 
 
 def _const(model: onnx.ModelProto, name: str):
-    from onnx import numpy_helper
-
     for i in model.graph.initializer:
         if i.name == name:
             return numpy_helper.to_array(i)

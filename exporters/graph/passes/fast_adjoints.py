@@ -1,5 +1,5 @@
 """Faster exact forms of two adjoints, emitted by the optimiser's ``maxpool`` and
-``strided_conv`` passes (:mod:`.optimize`).
+``strided_conv`` passes (:mod:`.adjoints`; run by :mod:`onnxdream.exporters.graph.optimize`).
 
 - **MaxPool backward without Indices.** onnxruntime computes MaxPool's ``Indices`` with a slow
   scalar kernel (~10x the plain MaxPool), and the rule's ScatterElements is slow too. A stride-1
