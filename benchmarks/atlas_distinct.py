@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def photo(name: str) -> Path:
-    for d in (REPO.parent / "shared" / "images", REPO.parents[1] / "shared" / "images",
-              REPO / "examples"):
-        if (d / name).exists():
-            return d / name
-    raise SystemExit(f"test photo {name} not found")
+    """A test photo from examples/ (sources and licences in examples/README.md)."""
+    path = REPO / "examples" / name
+    if not path.is_file():
+        raise SystemExit(f"test photo {name} is not in {path.parent}")
+    return path
 
 
 def main() -> None:

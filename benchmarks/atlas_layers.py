@@ -30,7 +30,8 @@ from onnxdream.dream.atlas import feature_layers
 from onnxdream.dream.visualize import grid
 from onnxdream.media.imageio import load_image, resize
 from onnxdream.media.imagewrite import save_image
-from onnxdream.runtime.gradient import GradientModel, resolve_model_path
+from onnxdream.runtime.gradient import GradientModel
+from onnxdream.runtime.opening import resolve_model_path
 from onnxdream.settings.options import DreamSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +39,11 @@ PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
 
 
 def photo(name: str) -> Path:
-    for d in (REPO.parent / "shared" / "images", REPO.parents[1] / "shared" / "images",
-              REPO / "examples"):
-        if (d / name).exists():
-            return d / name
-    raise SystemExit(f"test photo {name} not found")
+    """A test photo from examples/ (sources and licences in examples/README.md)."""
+    path = REPO / "examples" / name
+    if not path.is_file():
+        raise SystemExit(f"test photo {name} is not in {path.parent}")
+    return path
 
 
 def fit(rgb: np.ndarray, side: int) -> np.ndarray:

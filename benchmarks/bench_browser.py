@@ -70,9 +70,7 @@ def serve(root: Path, isolate: bool) -> tuple[str, object]:
 
 
 def photo(size: int) -> Image.Image:
-    src = REPO.parent / "shared" / "images" / "chelsea.png"
-    src = src if src.exists() else REPO / "examples" / "chelsea.png"
-    with Image.open(src) as im:
+    with Image.open(REPO / "examples" / "chelsea.png") as im:
         return im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -231,7 +229,7 @@ def run_openvino(args, models: dict[str, str], work: Path) -> list[dict]:
     for key, model in models.items():
         for target in ("default", "portable"):
             path = work / f"{key}-{target}-grad.onnx"
-            from onnxdream.runtime.gradient import resolve_model_path
+            from onnxdream.runtime.opening import resolve_model_path
 
             save_model(compile_gradient(resolve_model_path(model), [MODELS[key][1]],
                                         target=target), path)

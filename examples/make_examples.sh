@@ -2,8 +2,8 @@
 # Remake the README's pictures from their commands (examples/README.md lists each one), with the
 # current defaults. Run from the repository root with onnxdream[video] installed:
 #   sh examples/make_examples.sh            (about 10 minutes on a 2-core CPU)
-# The 2048-px comparison needs astronaut.png (scikit-image's sample data, public domain):
-#   python examples/make_size_example.py PATH/astronaut.png -o examples/size-2048.jpg
+# The 2048-px comparison, from examples/astronaut.png (scikit-image's sample data, public domain):
+#   python examples/make_size_example.py examples/astronaut.png -o examples/size-2048.jpg
 set -eu
 E=examples
 mkdir -p out

@@ -22,8 +22,22 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+
+
+def needs_ray() -> None:
+    """Skip without Ray Data, WITHOUT importing it here: Ray reads its environment once, when
+    imported, and a test that starts a private instance needs its own token set before that."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not any((Path(d) / "data").is_dir()
+                               for d in spec.submodule_search_locations or []):
+        pytest.skip("ray[data] is not installed (the [ray] extra)")
 
 
 def free_port() -> int:
