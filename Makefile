@@ -1,9 +1,9 @@
 # onnxdream: the two front-door commands.
 #   make demo  - installs onnxdream[cpu] (no deep learning framework) and dreams on a photo
-#   make test  - installs the test extras (torch, torchvision, keras, ...), runs ruff, then
+#   make test  - installs the test extras (torch, torchvision, keras, ...), runs make lint, then
 #                every test except the slow ones (see CONTRIBUTING.md); fetches Chromium and
 #                onnxruntime-web (npm) for the browser tests when they are missing
-#   make lint  - ruff only
+#   make lint  - ruff, and lint-imports (the layers contract in pyproject.toml)
 PYTHON ?= python3
 DEMO_VENV := .venv-demo
 TEST_VENV := .venv
@@ -65,6 +65,7 @@ ORT_CACHE := .cache/onnxruntime-web
 
 lint: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff check .
+	$(TEST_VENV)/bin/lint-imports
 
 test: lint .chromium .ort-web
 	$(TEST_VENV)/bin/python -m pytest -q --durations=10
