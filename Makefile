@@ -68,7 +68,7 @@ lint: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/lint-imports
 
 test: lint .chromium .ort-web
-	$(TEST_VENV)/bin/python -m pytest -q --durations=30
+	$(TEST_VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=30
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) *.egg-info build
